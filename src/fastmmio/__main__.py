@@ -1,0 +1,3 @@
+from fastmmio.cli import main
+
+raise SystemExit(main())

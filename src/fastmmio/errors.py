@@ -1,0 +1,31 @@
+"""Errors that reach the user as one clear line and exit status 2.
+
+Every error a user can cause or meet (a missing /dev/kvm, an unsupported capability, a
+rejected ioeventfd, a bad profile file or argument, a guest stopped by the watchdog when the
+caller asked for a hard failure) derives from :class:`FastmmioError`; the CLI prints
+``fastmmio: <message>`` and exits with :attr:`FastmmioError.exit_status`.
+"""
+
+from __future__ import annotations
+
+
+class FastmmioError(Exception):
+    """Base of every error the CLI reports without a traceback."""
+
+    exit_status = 2
+
+
+class HostError(FastmmioError):
+    """This host cannot do what was asked: no /dev/kvm, no permission, a capability missing."""
+
+
+class UsageError(FastmmioError):
+    """A bad command-line argument or a bad input file (route name, profile field, ...)."""
+
+
+class ProfileError(UsageError):
+    """A CPU cost profile file is malformed; the message names the file and the field."""
+
+
+class GuestError(FastmmioError):
+    """The guest did something the run could not complete (shutdown, watchdog, KVM error)."""

@@ -1,0 +1,1 @@
+"""Guest images: paging structures, GDT, boot state and programs, built with iced-x86."""
