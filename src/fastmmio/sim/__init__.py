@@ -1,0 +1,1 @@
+"""The simulator: an Intel VMX/EPT processor model (vmx/) under a model of KVM (kvm/)."""

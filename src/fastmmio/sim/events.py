@@ -1,0 +1,57 @@
+"""The event vocabulary shared by the models and the cost model.
+
+Models only *count* events (``collections.Counter`` keyed by these names); the cost model
+(:mod:`fastmmio.costs`) prices them. A name is dotted, most general part first, so a cost
+profile can price a whole family by prefix. The names follow the SDM and KVM.
+
+Processor (sim/vmx):
+    walk.ref.guest.<level>      a guest paging-structure entry read from memory
+                                <level> in pml4e, pdpte, pde, pte
+    walk.ref.ept.<level>        an EPT paging-structure entry read from memory
+                                (every guest-structure reference and the final GPA go through EPT)
+    walk.served.<where>         where a walk reference's cache line was found:
+                                l1, l2, llc, mem (the walk data-cache model)
+    tlb.combined.hit / .miss    combined-translation (linear -> HPA) look-ups
+    tlb.guest_physical.hit / .miss   guest-physical-translation (GPA -> HPA) look-ups
+    psc.combined.<level>.hit / .miss       combined paging-structure caches (pml4e, pdpte, pde)
+    psc.guest_physical.<level>.hit / .miss guest-physical paging-structure caches (EPT levels)
+    inv.<cause>                 invalidations performed (ept_violation, vmexit_novpid,
+                                vmentry_novpid, invept_single, invept_all, invvpid_<type>,
+                                mov_cr3, invlpg)
+    exit.<REASON>               VM exits by SDM basic exit reason name (EPT_VIOLATION,
+                                EPT_MISCONFIG, IO_INSTRUCTION, CPUID, HLT, VMCALL, ...)
+    vmentry                     VM entries (the other half of each exit's round trip)
+
+KVM (sim/kvm):
+    kvm.handler.<name>          exit handler invoked: ept_violation, ept_misconfig, io, cpuid, hlt
+    kvm.mmu.page_fault          kvm_mmu_page_fault entered
+    kvm.mmu.fast_page_fault     fast_page_fault attempted; .fixed when it resolved the fault
+    kvm.mmu.slow_path           the slow path ran (memslot look-up, pfn, map)
+    kvm.mmu.memslot_lookup      a memslot look-up
+    kvm.mmu.spte_install        a present SPTE written; .mmio an MMIO SPTE written
+    kvm.mmu.mmio_spte_stale     an MMIO SPTE whose generation no longer matched
+    kvm.mmu.bad_page            the bad-page / read-only-write path was taken
+    kvm.bus.lookup.<BUS>        kvm_io_bus_write/read on KVM_PIO_BUS, KVM_MMIO_BUS, KVM_FAST_MMIO_BUS
+    kvm.bus.probe               one binary-search step or device tried (cost grows with devices)
+    kvm.eventfd.signal          an ioeventfd fired (eventfd_signal)
+    kvm.emulate                 the x86 emulator ran (x86_emulate_instruction)
+    kvm.emulate.fetch           instruction bytes fetched through the guest's tables
+    kvm.emulate.decode          an instruction decoded
+    kvm.skip.vmcs_length        RIP advanced by the VM-exit instruction length
+    kvm.skip.decode             RIP advanced by decoding (EMULTYPE_SKIP, when the length is undefined)
+    kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio
+    kvm.coalesced.append        an access appended to the coalesced MMIO/PIO ring (no exit)
+
+Guest (sim/cpu):
+    guest.insn                  guest instructions executed natively (between exits)
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+PAGING_LEVELS = ("pml4e", "pdpte", "pde", "pte")
+PSC_LEVELS = ("pml4e", "pdpte", "pde")
+SERVED_BY = ("l1", "l2", "llc", "mem")
+
+Events = Counter  # the type every model returns: event name -> count
