@@ -29,3 +29,17 @@ class ProfileError(UsageError):
 
 class GuestError(FastmmioError):
     """The guest did something the run could not complete (shutdown, watchdog, KVM error)."""
+
+
+class IoEventFdError(FastmmioError):
+    """KVM_IOEVENTFD refused a registration (or the simulator's model of it did).
+
+    ``errno_name`` is the kernel's answer (EINVAL, EEXIST, ENOENT); ``rule`` says in words which
+    rule of ``kvm_assign_ioeventfd()`` / ``kvm_deassign_ioeventfd()`` was broken. Both backends
+    raise this same type, so one set of test cases runs against both.
+    """
+
+    def __init__(self, errno_name: str, rule: str):
+        self.errno_name = errno_name
+        self.rule = rule
+        super().__init__(f"ioeventfd rejected ({errno_name}): {rule}")
