@@ -1,0 +1,107 @@
+"""GDT and 64-bit TSS: the descriptors a long-mode guest at CPL0 or CPL3 needs.
+
+Descriptor formats: Intel SDM Vol. 3A 3.4.5 "Segment Descriptors" (Figure 3-8), 5.2.1 for the
+L flag of a 64-bit code segment, 7.2.3 "TSS Descriptor in 64-bit mode" (Figure 7-4, a 16-byte
+system descriptor of type 9 = available 64-bit TSS, 0xB once busy) and 7.7 "Task Management
+in 64-bit Mode" (Figure 7-11, the 104-byte TSS).
+
+The selectors follow the SYSCALL/SYSRET layout (kernel CS, kernel SS, user SS, user CS), so a
+later program could use STAR without reordering.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from fastmmio import layout
+from fastmmio.guest.image import Segment
+
+SEL_NULL = 0x00
+SEL_KERNEL_CODE = 0x08
+SEL_KERNEL_DATA = 0x10
+SEL_USER_DATA = 0x18 | 3
+SEL_USER_CODE = 0x20 | 3
+SEL_TSS = 0x28
+
+TSS_SIZE = 104  # 64-bit TSS, SDM Figure 7-11
+TSS_LIMIT = TSS_SIZE - 1
+KERNEL_STACK_TOP = layout.STACK_TOP - 0x800  # RSP0: used only if the guest ever entered CPL0
+
+TYPE_CODE_XR_A = 0xB  # execute/read, accessed
+TYPE_DATA_RW_A = 0x3  # read/write, accessed
+TYPE_TSS64_AVAIL = 0x9
+TYPE_TSS64_BUSY = 0xB
+
+
+def code_segment(dpl: int) -> Segment:
+    """A 64-bit code segment (L=1, D=0: SDM 5.2.1) with the given DPL."""
+    sel = SEL_USER_CODE if dpl == 3 else SEL_KERNEL_CODE
+    return Segment(selector=sel, type=TYPE_CODE_XR_A, dpl=dpl, db=0, s=1, l=1, g=1)
+
+
+def data_segment(dpl: int) -> Segment:
+    """A flat read/write data segment (also used for SS, whose DPL must equal CPL)."""
+    sel = SEL_USER_DATA if dpl == 3 else SEL_KERNEL_DATA
+    return Segment(selector=sel, type=TYPE_DATA_RW_A, dpl=dpl, db=1, s=1, l=0, g=1)
+
+
+def tss_segment() -> Segment:
+    """TR's hidden state: the busy 64-bit TSS (a VM entry requires type 11, SDM 26.3.1.2)."""
+    return Segment(
+        selector=SEL_TSS, base=layout.TSS_GPA, limit=TSS_LIMIT, type=TYPE_TSS64_BUSY,
+        dpl=0, db=0, s=0, l=0, g=0,
+    )
+
+
+def ldt_segment() -> Segment:
+    """LDTR: null and unusable."""
+    return Segment(selector=0, base=0, limit=0, type=0x2, present=0, s=0, g=0, unusable=1)
+
+
+def descriptor(seg: Segment) -> int:
+    """Encode a code/data segment as the 8-byte descriptor of SDM Figure 3-8."""
+    limit = seg.limit >> 12 if seg.g else seg.limit
+    d = limit & 0xFFFF
+    d |= (seg.base & 0xFFFFFF) << 16
+    d |= (seg.type & 0xF) << 40
+    d |= (seg.s & 1) << 44
+    d |= (seg.dpl & 3) << 45
+    d |= (seg.present & 1) << 47
+    d |= ((limit >> 16) & 0xF) << 48
+    d |= (seg.avl & 1) << 52
+    d |= (seg.l & 1) << 53
+    d |= (seg.db & 1) << 54
+    d |= (seg.g & 1) << 55
+    d |= ((seg.base >> 24) & 0xFF) << 56
+    return d
+
+
+def tss_descriptor(base: int, limit: int, busy: bool = True) -> tuple[int, int]:
+    """The 16-byte 64-bit TSS descriptor of SDM Figure 7-4, as two qwords."""
+    seg = Segment(
+        selector=SEL_TSS, base=base & 0xFFFF_FFFF, limit=limit,
+        type=TYPE_TSS64_BUSY if busy else TYPE_TSS64_AVAIL, dpl=0, db=0, s=0, l=0, g=0,
+    )
+    return descriptor(seg), (base >> 32) & 0xFFFF_FFFF
+
+
+def build_gdt() -> bytes:
+    """Null, kernel code64, kernel data, user data, user code64 (DPL3), 64-bit TSS."""
+    entries = [
+        0,
+        descriptor(code_segment(0)),
+        descriptor(data_segment(0)),
+        descriptor(data_segment(3)),
+        descriptor(code_segment(3)),
+        *tss_descriptor(layout.TSS_GPA, TSS_LIMIT),
+    ]
+    return struct.pack(f"<{len(entries)}Q", *entries)
+
+
+def build_tss() -> bytes:
+    """A 64-bit TSS: RSP0 set, no IST, I/O permission bitmap base beyond the limit (no
+    bitmap: with RFLAGS.IOPL=3 port I/O at CPL3 is allowed without one, SDM 19.5.1/19.5.2)."""
+    tss = bytearray(TSS_SIZE)
+    struct.pack_into("<Q", tss, 4, KERNEL_STACK_TOP)  # RSP0
+    struct.pack_into("<H", tss, 102, TSS_SIZE)  # I/O map base address
+    return bytes(tss)
