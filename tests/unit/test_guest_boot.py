@@ -86,13 +86,33 @@ def test_gdt_layout_and_tss_descriptor():
     assert gdt.SEL_TSS == 5 * 8
 
 
+def allowed(tss: bytes, port: int, width: int) -> bool:
+    """The I/O permission check of SDM Vol. 1 18.5.2: every bit for ports port..port+width-1
+    must be 0 and lie within the TSS limit."""
+    base = struct.unpack_from("<H", tss, 102)[0]
+    limit = len(tss) - 1
+    for p in range(port, port + width):
+        byte = base + p // 8
+        if byte > limit or tss[byte] >> (p % 8) & 1:
+            return False
+    return True
+
+
 def test_tss_contents():
-    """104-byte 64-bit TSS (SDM Figure 7-11): RSP0 at offset 4, I/O map base at 102 pointing
-    past the limit (no I/O bitmap)."""
+    """64-bit TSS (SDM Figure 7-11): RSP0 at offset 4, I/O map base at 102; a full I/O
+    permission bitmap allowing every port, then an all-ones byte (Vol. 1 18.5.2)."""
     tss = gdt.build_tss()
-    assert len(tss) == gdt.TSS_SIZE == 104
+    assert gdt.TSS_SIZE == 104 and len(tss) == gdt.TSS_LIMIT + 1
     assert struct.unpack_from("<Q", tss, 4)[0] == gdt.KERNEL_STACK_TOP
-    assert struct.unpack_from("<H", tss, 102)[0] > gdt.TSS_LIMIT
+    assert struct.unpack_from("<H", tss, 102)[0] == gdt.TSS_SIZE
+    for port in (0, layout.DONE_PORT, layout.DOORBELL_PORT, layout.COALESCED_PORT, 0xFFFC):
+        assert allowed(tss, port, 4)
+    assert tss[-1] == 0xFF
+
+
+def test_tss_does_not_reach_the_next_structure():
+    assert layout.TSS_GPA + gdt.TSS_LIMIT + 1 <= layout.IDT_GPA
+    assert layout.GDT_GPA + len(gdt.build_gdt()) <= layout.TSS_GPA
 
 
 def test_regions_do_not_overlap_and_sit_in_the_ram_slot():

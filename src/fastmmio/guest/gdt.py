@@ -24,7 +24,9 @@ SEL_USER_CODE = 0x20 | 3
 SEL_TSS = 0x28
 
 TSS_SIZE = 104  # 64-bit TSS, SDM Figure 7-11
-TSS_LIMIT = TSS_SIZE - 1
+IO_BITMAP_OFFSET = TSS_SIZE  # the I/O permission bitmap follows the TSS proper
+IO_BITMAP_SIZE = 0x10000 // 8  # one bit per port, 0 = allowed
+TSS_LIMIT = IO_BITMAP_OFFSET + IO_BITMAP_SIZE  # covers the bitmap and its 0xFF terminator byte
 KERNEL_STACK_TOP = layout.STACK_TOP - 0x800  # RSP0: used only if the guest ever entered CPL0
 
 TYPE_CODE_XR_A = 0xB  # execute/read, accessed
@@ -99,9 +101,17 @@ def build_gdt() -> bytes:
 
 
 def build_tss() -> bytes:
-    """A 64-bit TSS: RSP0 set, no IST, I/O permission bitmap base beyond the limit (no
-    bitmap: with RFLAGS.IOPL=3 port I/O at CPL3 is allowed without one, SDM 19.5.1/19.5.2)."""
-    tss = bytearray(TSS_SIZE)
+    """A 64-bit TSS (RSP0 set, no IST) followed by an I/O permission bitmap that allows every
+    port, and the all-ones byte that must follow the bitmap (SDM Vol. 1 18.5.2 "I/O
+    Permission Bit Map").
+
+    On bare metal and VMX, RFLAGS.IOPL=3 alone lets CPL3 code do port I/O (Vol. 1 18.5.1) and
+    the bitmap is never read. PVM runs the guest with the hardware IOPL at 0; the #GP goes to
+    KVM's emulator, which (measured on this project's host) refused IN/OUT at CPL3 until the
+    TSS carried a bitmap allowing the port, as ``emulator_io_port_access_allowed()`` reads it.
+    """
+    tss = bytearray(TSS_LIMIT + 1)
     struct.pack_into("<Q", tss, 4, KERNEL_STACK_TOP)  # RSP0
-    struct.pack_into("<H", tss, 102, TSS_SIZE)  # I/O map base address
+    struct.pack_into("<H", tss, 102, IO_BITMAP_OFFSET)  # I/O map base address
+    tss[TSS_LIMIT] = 0xFF  # terminator: the processor may read one byte past the last port
     return bytes(tss)
