@@ -1,0 +1,478 @@
+"""The vCPU run loop: KVM_RUN, exit dispatch to the userspace device model, coalesced-ring
+draining, eventfd and stats accounting, and a watchdog.
+
+One batch (:meth:`RunLoop.run_batch`): the host writes N at ``MAILBOX_ITERATIONS`` and
+resumes the vCPU; every KVM_RUN return is an exit to userspace. ``KVM_EXIT_IO`` and
+``KVM_EXIT_MMIO`` go to the device model (a write is recorded, a read is answered with
+``MachineSpec.device_read_value`` truncated to the access width); the guest's ``OUT
+DONE_PORT`` ends the batch. Anything else (``KVM_EXIT_SHUTDOWN``, ``KVM_EXIT_INTERNAL_ERROR``,
+``KVM_EXIT_FAIL_ENTRY``, HLT, ...) stops the session with a :class:`GuestError` saying what
+the guest was doing.
+
+Watchdog. KVM_RUN is called through ctypes (GIL released, no EINTR retry). While a batch runs,
+the calling thread blocks the watchdog signal, and KVM_SET_SIGNAL_MASK makes KVM unblock it
+inside KVM_RUN only (the scheme QEMU uses for its SIG_IPI). When the bound passes, a timer
+thread sets ``kvm_run.immediate_exit`` and sends the signal to the vCPU thread with
+``pthread_kill``: KVM_RUN returns EINTR (``vcpu_run()`` sees ``signal_pending()``), the signal
+stays pending and blocked in userspace, is never delivered to a handler, and is consumed with
+``sigtimedwait`` before the mask is restored. Nothing global (no signal handler) changes, and
+it works from any thread.
+
+Hot-path notes: every view into ``struct kvm_run`` is a ctypes object created once, the
+KVM_RUN ioctl is a ctypes function with fixed argtypes, per-exit work is a few attribute reads
+and, for sampled exits only, one ExitRecord.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from fastmmio import layout
+from fastmmio.errors import GuestError
+from fastmmio.real import binding as B
+from fastmmio.result import BatchResult, ExitRecord
+
+if TYPE_CHECKING:
+    from fastmmio.machine import MachineSpec
+    from fastmmio.real.objects import IoEventFd, Vcpu, Vm
+
+WATCHDOG_SIGNAL = signal.SIGUSR2
+DEFAULT_EXIT_SAMPLE = 64
+
+_MMIO_DATA_OFFSET = B.kvm_run.u.offset + B._kvm_run_mmio.data.offset
+_RING_ENTRY = ctypes.sizeof(B.kvm_coalesced_mmio)
+_RING_HEADER = ctypes.sizeof(B.kvm_coalesced_mmio_ring)
+
+
+def _guest_error(kind: str, message: str, rip: int | None = None, exit_reason: int | None = None) -> GuestError:
+    exc = GuestError(message)
+    exc.kind = kind  # type: ignore[attr-defined]  # "watchdog", "shutdown", "internal-error", ...
+    exc.rip = rip  # type: ignore[attr-defined]
+    exc.exit_reason = exit_reason  # type: ignore[attr-defined]
+    return exc
+
+
+class Watchdog:
+    """A timer thread that, once armed, interrupts one thread's KVM_RUN after a deadline.
+
+    ``arm(seconds, thread_id, on_fire)``; ``disarm()`` returns whether it fired. After
+    ``disarm()`` returns, no further signal is sent for that arming."""
+
+    def __init__(self, signum: int = WATCHDOG_SIGNAL):
+        self.signum = signum
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._tid = 0
+        self._on_fire = None
+        self._fired = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, seconds: float, thread_id: int, on_fire) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name="fastmmio-watchdog", daemon=True)
+                self._thread.start()
+            self._deadline = time.monotonic() + seconds
+            self._tid = thread_id
+            self._on_fire = on_fire
+            self._fired = False
+            self._cond.notify()
+
+    def disarm(self) -> bool:
+        with self._cond:
+            self._deadline = None
+            self._on_fire = None
+            return self._fired
+
+    def _main(self) -> None:
+        with self._cond:
+            while not self._stop:
+                if self._deadline is None:
+                    self._cond.wait()
+                    continue
+                remaining = self._deadline - time.monotonic()
+                if remaining > 0:
+                    self._cond.wait(remaining)
+                    continue
+                self._fired = True
+                self._deadline = None
+                if self._on_fire is not None:
+                    self._on_fire()
+                signal.pthread_kill(self._tid, self.signum)
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._deadline = None
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+
+class RunLoop:
+    """Runs one vCPU of a VM built from a MachineSpec, batch by batch."""
+
+    def __init__(
+        self,
+        vm: "Vm",
+        vcpu: "Vcpu",
+        spec: "MachineSpec",
+        eventfds: dict[str, "IoEventFd"],
+        watchdog_s: float,
+        exit_sample: int = DEFAULT_EXIT_SAMPLE,
+        watchdog_signal: int = WATCHDOG_SIGNAL,
+    ):
+        assert vcpu.run is not None and vcpu.run_map is not None
+        self.vm = vm
+        self.vcpu = vcpu
+        self.spec = spec
+        self.eventfds = eventfds
+        self.watchdog_s = watchdog_s
+        self.exit_sample = exit_sample
+        self.watchdog = Watchdog(watchdog_signal)
+        self.stopped: GuestError | None = None  # set once the session can no longer run
+        self.exit_histogram: Counter = Counter()  # last batch: (kind, addr, size, is_write, data) -> n
+        self.coalesced_sample: list[ExitRecord] = []  # last batch: coalesced entries, capped
+
+        run = vcpu.run
+        self._map = vcpu.run_map
+        self._fd = vcpu.fd
+        self._exit_reason = B.u32.from_buffer(self._map, B.kvm_run.exit_reason.offset)
+        self._immediate_exit = B.u8.from_buffer(self._map, B.kvm_run.immediate_exit.offset)
+        self._io = run.io
+        self._mmio = run.mmio
+        self._read_bytes = (spec.device_read_value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        ring_off = vcpu.coalesced_ring_offset() if vm.coalesced else None
+        if ring_off is not None:
+            self._ring_off = ring_off
+            self._ring_first = B.u32.from_buffer(self._map, ring_off)
+            self._ring_last = B.u32.from_buffer(self._map, ring_off + 4)
+            self._ring_max = B.coalesced_max_entries(_page_size())
+        else:
+            self._ring_off = 0
+            self._ring_first = self._ring_last = None
+            self._ring_max = 0
+        self._vm_stats = vm.stats()
+        self._vcpu_stats = vcpu.stats()
+        # The mask KVM installs during KVM_RUN: the thread's current mask without the watchdog
+        # signal, so that only inside KVM_RUN the pending signal can interrupt the guest.
+        current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        bits = 0
+        for s in current:
+            if s != watchdog_signal:
+                bits |= 1 << (int(s) - 1)
+        vcpu.set_signal_mask(bits)
+
+    # ---------------------------------------------------------------------------------------
+
+    def release_views(self) -> None:
+        """Drop every ctypes view into the vCPU mapping so that it can be unmapped."""
+        self._exit_reason = self._immediate_exit = None  # type: ignore[assignment]
+        self._io = self._mmio = None
+        self._ring_first = self._ring_last = None
+        self._map = None
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.release_views()
+
+    # ---------------------------------------------------------------------------------------
+
+    def _drain_ring(self, sample: list[ExitRecord]) -> int:
+        """Consume every entry of the coalesced MMIO ring (kvm_coalesced_mmio_ring: the kernel
+        appends at ``last``, userspace consumes from ``first``); returns how many."""
+        first = self._ring_first.value
+        last = self._ring_last.value
+        if first == last:
+            return 0
+        n = (last - first) % self._ring_max
+        room = self.exit_sample - len(sample)
+        if room > 0:
+            m = self._map
+            i = first
+            for _ in range(min(n, room)):
+                off = self._ring_off + _RING_HEADER + i * _RING_ENTRY
+                addr, ln, pio = struct.unpack_from("<QII", m, off)
+                data = int.from_bytes(m[off + 16 : off + 16 + min(ln, 8)], "little")
+                sample.append(ExitRecord("coalesced-pio" if pio else "coalesced-mmio", addr, ln, True, data))
+                i = (i + 1) % self._ring_max
+        self._ring_first.value = last
+        return n
+
+    def run_batch(self, iterations: int) -> BatchResult:
+        if self.stopped is not None:
+            raise _guest_error(
+                "stopped", f"this session was stopped earlier and cannot run again: {self.stopped}"
+            )
+        if iterations < 0:
+            raise ValueError("iterations must be >= 0")
+        vm, vcpu = self.vm, self.vcpu
+        vm.write(layout.MAILBOX_GPA + layout.MAILBOX_ITERATIONS, struct.pack("<Q", iterations))
+        for ev in self.eventfds.values():
+            ev.read()  # start every counter at zero
+        vm_before = self._vm_stats.snapshot() if self._vm_stats else {}
+        vcpu_before = self._vcpu_stats.snapshot() if self._vcpu_stats else {}
+
+        # locals for the hot loop
+        run_ioctl, get_errno, KVM_RUN, fd = B.run_ioctl, B.get_errno, B.KVM_RUN, self._fd
+        clock = time.perf_counter_ns
+        exit_reason, io, mmio, m = self._exit_reason, self._io, self._mmio, self._map
+        EXIT_IO, EXIT_MMIO, OUT = B.KVM_EXIT_IO, B.KVM_EXIT_MMIO, B.KVM_EXIT_IO_OUT
+        done_port = self.spec.done_port
+        read_bytes = self._read_bytes
+        has_ring = self._ring_first is not None
+        ring_first, ring_last = self._ring_first, self._ring_last
+        cap = self.exit_sample
+        sample: list[ExitRecord] = []
+        coalesced_sample: list[ExitRecord] = []
+        hist: Counter = Counter()
+        n_io = n_mmio = n_coalesced = 0
+        inside = 0
+        error: GuestError | None = None
+        done = False
+
+        wd = self.watchdog
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [wd.signum])
+        wd.arm(self.watchdog_s, threading.get_ident(), self._on_watchdog)
+        t_start = clock()
+        try:
+            while True:
+                t0 = clock()
+                r = run_ioctl(fd, KVM_RUN, 0)
+                inside += clock() - t0
+                if has_ring and ring_first.value != ring_last.value:
+                    n_coalesced += self._drain_ring(coalesced_sample)
+                if r < 0:
+                    e = get_errno()
+                    if e == errno.EINTR or e == errno.EAGAIN:
+                        if wd._fired:
+                            break
+                        continue  # another signal: Python runs its handler at the next bytecode
+                    error = _guest_error("kvm-run", f"KVM_RUN failed: {B.errno_name(e)} ({e})")
+                    break
+                reason = exit_reason.value
+                if reason == EXIT_IO:
+                    port = io.port
+                    size = io.size
+                    off = io.data_offset
+                    if io.direction == OUT:
+                        if port == done_port:
+                            done = True
+                            break
+                        n_io += 1
+                        count = io.count
+                        data = int.from_bytes(m[off : off + size], "little")
+                        hist[("io", port, size, True, data)] += count
+                        if len(sample) < cap:
+                            sample.append(ExitRecord("io", port, size, True, data, count))
+                    else:
+                        n_io += 1
+                        count = io.count
+                        m[off : off + size * count] = read_bytes[:size] * count
+                        data = int.from_bytes(read_bytes[:size], "little")
+                        hist[("io", port, size, False, data)] += count
+                        if len(sample) < cap:
+                            sample.append(ExitRecord("io", port, size, False, data, count))
+                elif reason == EXIT_MMIO:
+                    n_mmio += 1
+                    size = mmio.len
+                    addr = mmio.phys_addr
+                    if mmio.is_write:
+                        data = int.from_bytes(m[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + size], "little")
+                        hist[("mmio", addr, size, True, data)] += 1
+                        if len(sample) < cap:
+                            sample.append(ExitRecord("mmio", addr, size, True, data))
+                    else:
+                        m[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + size] = read_bytes[:size]
+                        data = int.from_bytes(read_bytes[:size], "little")
+                        hist[("mmio", addr, size, False, data)] += 1
+                        if len(sample) < cap:
+                            sample.append(ExitRecord("mmio", addr, size, False, data))
+                else:
+                    error = self._exit_error(reason)
+                    break
+        finally:
+            t_end = clock()
+            fired = wd.disarm() and not done  # a late firing after the done OUT is harmless
+            self._immediate_exit.value = 0
+            # consume a watchdog signal that is still pending, then restore the mask
+            while signal.sigtimedwait([wd.signum], 0) is not None:
+                pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        # After an I/O or MMIO exit the completion is pending until the next KVM_RUN.
+        vcpu.pending_completion = exit_reason.value in (EXIT_IO, EXIT_MMIO) and error is None and not fired
+
+        self.exit_histogram = hist
+        self.coalesced_sample = coalesced_sample
+        if fired:
+            error = _guest_error(
+                "watchdog",
+                f"watchdog: the guest did not reach the done port ({done_port:#x}) within "
+                f"{self.watchdog_s:g} s; stopped {self.describe_guest()}; this batch: "
+                f"{n_io + n_mmio} userspace exits, {self._eventfd_total_peek()} eventfd signals",
+                rip=self._rip(),
+            )
+        if error is not None:
+            self.stopped = error
+            raise error
+
+        ticks_raw = vm.read(layout.MAILBOX_GPA + layout.MAILBOX_T0, 16)
+        t0_guest, t1_guest = struct.unpack("<QQ", ticks_raw)
+        signals = {name: ev.read() for name, ev in self.eventfds.items()}
+        stats: dict[str, int] = {}
+        if self._vcpu_stats is not None:
+            stats.update(self._vcpu_stats.delta(vcpu_before))
+        if self._vm_stats is not None:
+            stats.update({f"vm.{k}": v for k, v in self._vm_stats.delta(vm_before).items()})
+        events = {
+            "kvm.user_exit.io": n_io,
+            "kvm.user_exit.mmio": n_mmio,
+            "kvm.coalesced.append": n_coalesced,
+            "kvm.eventfd.signal": sum(signals.values()),
+        }
+        host_ns = t_end - t_start
+        return BatchResult(
+            iterations=iterations,
+            ticks=(t1_guest - t0_guest) & 0xFFFF_FFFF_FFFF_FFFF,
+            user_exits=n_io + n_mmio,
+            eventfd_signals=signals,
+            exits=sample,
+            coalesced_entries=n_coalesced,
+            kvm_stats=stats,
+            events={k: v for k, v in events.items() if v},
+            host_ns=host_ns,
+            host_ns_outside_run=max(0, host_ns - inside),
+        )
+
+    # ---------------------------------------------------------------------------------------
+
+    def _on_watchdog(self) -> None:
+        """Runs on the watchdog thread: make the next (or current) KVM_RUN return at once."""
+        if self._immediate_exit is not None:
+            self._immediate_exit.value = 1
+
+    def _eventfd_total_peek(self) -> int:
+        return sum(ev.read() for ev in self.eventfds.values())
+
+    def _rip(self) -> int | None:
+        try:
+            return self.vcpu.get_regs().rip
+        except OSError:
+            return None
+
+    def describe_guest(self) -> str:
+        """``at RIP=... (instruction) CPLn``, as far as the vCPU state can be read."""
+        return describe_guest(self.vm, self.vcpu)
+
+    def _exit_error(self, reason: int) -> GuestError:
+        run = self.vcpu.run
+        assert run is not None
+        name = B.EXIT_REASON_NAMES.get(reason, f"exit reason {reason}")
+        where = self.describe_guest()
+        if reason == B.KVM_EXIT_SHUTDOWN:
+            msg = (
+                f"guest shut down ({name}: a triple fault; under PVM also any exception or HLT "
+                f"in native CPL3 code) {where}"
+            )
+            kind = "shutdown"
+        elif reason == B.KVM_EXIT_INTERNAL_ERROR:
+            sub = run.internal.suberror
+            subname = B.INTERNAL_ERROR_NAMES.get(sub, f"suberror {sub}")
+            detail = ""
+            if sub == B.KVM_INTERNAL_ERROR_EMULATION and run.emulation_failure.flags & (
+                B.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+            ):
+                ef = run.emulation_failure
+                detail = f"; instruction bytes {bytes(ef.insn_bytes[: ef.insn_size]).hex(' ')}"
+            else:
+                nd = min(run.internal.ndata, 16)
+                if nd:
+                    detail = "; data " + " ".join(f"{run.internal.data[i]:#x}" for i in range(nd))
+            msg = f"KVM could not run the guest ({name}, {subname}{detail}) {where}"
+            kind = "internal-error"
+        elif reason == B.KVM_EXIT_FAIL_ENTRY:
+            fe = run.fail_entry
+            msg = (
+                f"VM entry failed ({name}: hardware entry failure reason "
+                f"{fe.hardware_entry_failure_reason:#x} on CPU {fe.cpu}) {where}"
+            )
+            kind = "fail-entry"
+        elif reason == B.KVM_EXIT_HLT:
+            msg = f"guest halted ({name}) {where}"
+            kind = "hlt"
+        else:
+            msg = f"unexpected exit {name} {where}"
+            kind = "unexpected-exit"
+        return _guest_error(kind, msg, rip=self._rip(), exit_reason=reason)
+
+
+def _page_size() -> int:
+    import mmap
+
+    return mmap.PAGESIZE
+
+
+# --------------------------------------------------------------------------------------------
+# What the guest was doing
+# --------------------------------------------------------------------------------------------
+
+
+def guest_linear_to_physical(vm: "Vm", cr3: int, linear: int) -> int | None:
+    """Walk the guest's 4-level IA-32e paging structures (SDM Vol. 3A 4.5) in guest memory:
+    the GPA of ``linear``, or None when an entry is not present or outside every memslot."""
+    table = cr3 & 0x000F_FFFF_FFFF_F000
+    for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
+        index = (linear >> shift) & 0x1FF
+        try:
+            entry = int.from_bytes(vm.read(table + 8 * index, 8), "little")
+        except Exception:
+            return None
+        if not entry & 1:
+            return None
+        frame = entry & 0x000F_FFFF_FFFF_F000
+        if level in (3, 2) and entry & (1 << 7):  # 1 GiB / 2 MiB page (PS)
+            size = 1 << shift
+            return (frame & ~(size - 1)) | (linear & (size - 1))
+        table = frame
+    return table | (linear & 0xFFF)
+
+
+def describe_guest(vm: "Vm", vcpu: "Vcpu") -> str:
+    try:
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+    except OSError as exc:
+        return f"(registers unreadable: {B.errno_name(exc.errno or 0)})"
+    rip = regs.rip
+    cpl = sregs.cs.dpl
+    insn = "?"
+    gpa = guest_linear_to_physical(vm, sregs.cr3, rip) if sregs.cr0 & (1 << 31) else rip
+    if gpa is not None:
+        try:
+            code = vm.read(gpa, 15)
+        except Exception:
+            try:
+                code = vm.read(gpa, 1)
+            except Exception:
+                code = b""
+        if code:
+            try:
+                from iced_x86 import Decoder, Formatter, FormatterSyntax
+
+                dec = Decoder(64 if sregs.cs.l else 32, code, ip=rip)
+                ins = dec.decode()
+                insn = Formatter(FormatterSyntax.INTEL).format(ins)
+            except Exception:  # pragma: no cover - decoder missing or garbage
+                insn = code[:8].hex(" ")
+    else:
+        insn = "not mapped"
+    return f"at RIP={rip:#x} ({insn}) CPL{cpl}"
