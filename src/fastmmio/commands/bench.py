@@ -1,0 +1,169 @@
+"""``fastmmio bench``: measure routes on this host's KVM, kvm-unit-tests style.
+
+Exit status: 0 when every route passed its checks, 1 when a route failed one, 2 for a usage or
+host error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from fastmmio.bench import DEFAULT_RUNS, DEFAULT_TARGET_TICKS, BenchOptions, bench_routes
+from fastmmio.errors import HostError, UsageError
+from fastmmio.report.bench import bench_table, json_records, kut_lines
+from fastmmio.result import BatchResult
+from fastmmio.routes import Route, get_route, load_catalogue
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="measure routes on this host's KVM (cycles per notification, kvm-unit-tests style)",
+        description="Run each route's doorbell loop on /dev/kvm: calibrate N by doubling from 64 "
+        "until a batch takes the target number of TSC ticks (or use a fixed N), run it R times, "
+        "report the median cycles per notification and check that the route took its path "
+        "(eventfd counts, user exits, exit records, read-only memory, read values).",
+    )
+    p.add_argument("routes", nargs="*", metavar="ROUTE",
+                   help="route names (default: every route this host supports)")
+    p.add_argument("--cpl", type=int, choices=(0, 3),
+                   help="guest privilege level (default: from host detection; 3 under PVM)")
+    n = p.add_mutually_exclusive_group()
+    n.add_argument("--iterations", "-n", type=_positive, metavar="N",
+                   help="fixed N accesses per batch (no calibration)")
+    n.add_argument("--target-ticks", type=_positive, metavar="T", default=DEFAULT_TARGET_TICKS,
+                   help=f"calibration goal per batch in TSC ticks (default 2^28 = "
+                   f"{DEFAULT_TARGET_TICKS}; kvm-unit-tests uses 2^30)")
+    p.add_argument("--runs", "-r", type=_positive, default=DEFAULT_RUNS, metavar="R",
+                   help=f"measured batches per route; the median is reported (default {DEFAULT_RUNS})")
+    p.add_argument("--json", type=Path, metavar="FILE",
+                   help="also write a host record and one record per route as JSON")
+    p.add_argument("--format", choices=("table", "kut"), default="table",
+                   help="table (default) or kvm-unit-tests lines 'NAME CYCLES'")
+    p.add_argument("--device", default="/dev/kvm", metavar="PATH", help="KVM device (default /dev/kvm)")
+    p.add_argument("--list", action="store_true", help="list the routes and exit")
+    p.set_defaults(func=run)
+
+
+def unsupported_reason(kvm, route: Route) -> str | None:
+    """Why this host's KVM cannot run ``route`` (a missing capability), or None."""
+    from fastmmio.real import binding as B
+
+    if route.variant is not None:
+        return f"needs the KVM variant {route.variant!r}: only the simulator runs it"
+    needs: list[tuple[int, ...]] = []
+    if route.target_region == "ro-slot":
+        needs.append((B.KVM_CAP_READONLY_MEM,))
+    if route.ioeventfd is not None:
+        needs.append((B.KVM_CAP_IOEVENTFD,))
+        if route.ioeventfd.length == 0:
+            needs.append((B.KVM_CAP_IOEVENTFD_ANY_LENGTH, B.KVM_CAP_IOEVENTFD_NO_LENGTH))
+    if route.coalesced == "mmio":
+        needs.append((B.KVM_CAP_COALESCED_MMIO,))
+    if route.coalesced == "pio":
+        needs.append((B.KVM_CAP_COALESCED_PIO,))
+    for alternatives in needs:
+        if not any(kvm.check_extension(cap) for cap in alternatives):
+            names = " or ".join(B.CAP_NAMES.get(c, str(c)) for c in alternatives)
+            return f"this host's KVM lacks {names}"
+    return None
+
+
+def _select_routes(args: argparse.Namespace, kvm) -> tuple[list[Route], list[tuple[Route, str]]]:
+    if args.routes:
+        routes = [get_route(name) for name in args.routes]  # UsageError lists valid names
+        for r in routes:
+            reason = unsupported_reason(kvm, r)
+            if reason:
+                raise HostError(f"route {r.name}: {reason}")
+        return routes, []
+    chosen, skipped = [], []
+    for r in load_catalogue():
+        reason = unsupported_reason(kvm, r)
+        (skipped.append((r, reason)) if reason else chosen.append(r))
+    return chosen, skipped
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.list:
+        for r in load_catalogue():
+            kut = f"  [{r.kut}]" if r.kut else ""
+            print(f"{r.name:22} {r.description}{kut}")
+        return 0
+    # Validate route names and the output path before touching the device.
+    for name in args.routes:
+        get_route(name)
+    if args.json is not None and not args.json.parent.is_dir():
+        raise UsageError(f"cannot write {args.json}: {args.json.parent} is not a directory")
+    from fastmmio.real.backend import RealBackend
+    from fastmmio.real.objects import Kvm
+
+    backend = RealBackend(device=args.device)
+    backend.check()  # HostError: missing device, no permission, capability missing
+    host = backend.host_info(cpl=args.cpl)
+    if args.cpl is None:
+        print(f"fastmmio: guest CPL{host.guest_cpl}: {host.cpl_reason}", file=sys.stderr)
+    with Kvm(args.device) as kvm:
+        routes, skipped = _select_routes(args, kvm)
+    for r, reason in skipped:
+        print(f"fastmmio: skipping {r.name}: {reason}", file=sys.stderr)
+    if not routes:
+        raise HostError("no route of the catalogue can run on this host")
+
+    options = BenchOptions(
+        iterations=args.iterations,
+        target_ticks=args.target_ticks if args.iterations is None else DEFAULT_TARGET_TICKS,
+        runs=args.runs,
+    )
+    err = Console(stderr=True)
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+    with progress:
+        task = progress.add_task("bench", total=len(routes), detail="")
+
+        def on_batch(route: Route, phase: str, batch: BatchResult) -> None:
+            progress.update(task, description=route.name,
+                            detail=f"{phase} N={batch.iterations}")
+
+        results = bench_routes(
+            backend, routes, host.guest_cpl, options,
+            on_batch=on_batch, on_result=lambda _r: progress.advance(task),
+        )
+
+    if args.format == "kut":
+        for line in kut_lines(results):
+            print(line)
+    else:
+        term = Console()
+        out = term if term.is_terminal else Console(width=160)
+        out.print(bench_table(results, host))
+    failed = [r for r in results if not r.correct]
+    for r in failed:
+        for line in r.checks:
+            if line.startswith("FAIL"):
+                print(f"fastmmio: {r.route}: {line}", file=sys.stderr)
+    if args.json:
+        try:
+            args.json.write_text(json.dumps(json_records(results, host), indent=2) + "\n")
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.json}: {exc.strerror}") from None
+    return 1 if failed else 0

@@ -1,0 +1,103 @@
+"""Output of ``fastmmio bench``: a rich table, kvm-unit-tests lines, JSON records.
+
+The cycle figure is what kvm-unit-tests' x86/vmexit.c prints: TSC ticks per notification
+over the whole batch, loop overhead included. The KVM statistics are the binary-stats deltas
+(KVM_GET_STATS_FD) of the last batch divided by N, so that 1.00 means "once per doorbell"; the
+backend reports only non-zero deltas, so a statistic missing from a non-empty set is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from fastmmio.result import HostInfo, RunResult
+
+STAT_COLUMNS = ("exits", "io_exits", "mmio_exits", "insn_emulation")
+
+
+def _fmt_cycles(x: float) -> str:
+    return "-" if math.isnan(x) else f"{x:,.0f}"
+
+
+def _short(x: float) -> str:
+    """Compact figure for the spread column: 812, 66.3k, 1.25M."""
+    if x >= 1e6:
+        return f"{x / 1e6:.3g}M"
+    if x >= 1e4:
+        return f"{x / 1e3:.1f}k"
+    return f"{x:.0f}"
+
+
+def _per(n: int, value: float) -> str:
+    return f"{value / n:.2f}" if n else "-"
+
+
+def host_line(host: HostInfo) -> str:
+    tsc = f"TSC {host.tsc_khz / 1000:.0f} MHz" if host.tsc_khz else "TSC unknown"
+    nested = ", nested" if host.nested else ""
+    return f"{host.cpu_model}; KVM {host.kvm_kind}{nested}; {tsc}; guest CPL{host.guest_cpl}"
+
+
+def bench_table(results: list[RunResult], host: HostInfo | None = None) -> Table:
+    """One row per route; failed checks are listed under the table by the caller."""
+    table = Table(
+        title="fastmmio bench: cycles per notification (TSC ticks, loop included, as kvm-unit-tests)",
+        caption=host_line(host) if host else None,
+        title_justify="left",
+        caption_justify="left",
+    )
+    table.add_column("route", no_wrap=True)
+    table.add_column("cycles", justify="right", no_wrap=True)
+    table.add_column("min-max", justify="right", no_wrap=True)
+    table.add_column("N", justify="right")
+    table.add_column("user exits\n/notif", justify="right")
+    table.add_column("eventfd\nsignals", justify="right")
+    for name in STAT_COLUMNS:
+        table.add_column(name.replace("_", " ") + "\n/notif", justify="right")
+    table.add_column("correct", justify="center")
+    for r in results:
+        n = r.iterations
+        lo, hi = r.cycles_spread
+        spread = "-" if math.isnan(lo) else f"{_short(lo)}-{_short(hi)}"
+        ok = Text("yes", style="green") if r.correct else Text("NO", style="bold red")
+        table.add_row(
+            r.route,
+            _fmt_cycles(r.cycles),
+            spread,
+            str(n) if n else "-",
+            _per(n, r.user_exits),
+            str(r.eventfd_signals) if n else "-",
+            *(_per(n, r.kvm_stats.get(s, 0)) if r.kvm_stats and n else "-" for s in STAT_COLUMNS),
+            ok,
+        )
+    return table
+
+
+def kut_lines(results: list[RunResult]) -> list[str]:
+    """``NAME CYCLES`` lines, as x86/vmexit.c prints them, for routes with a counterpart."""
+    lines = []
+    for r in results:
+        kut = r.extra.get("kut")
+        if kut and not math.isnan(r.cycles):
+            lines.append(f"{kut} {int(r.cycles)}")
+    return lines
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: a route that could not be measured gets null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def json_records(results: list[RunResult], host: HostInfo) -> list[dict[str, Any]]:
+    """``--json``: one host record ``{"host": {...}}`` first, then one record per route."""
+    return [{"host": host.to_json()}] + [_clean(r.to_json()) for r in results]
