@@ -485,6 +485,34 @@ _ioctl_ul = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=
 _ioctl_ul.restype = ctypes.c_int
 _ioctl_ul.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_munmap = _libc.munmap
+_munmap.restype = ctypes.c_int
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def mmap_shared(fd: int, size: int, offset: int = 0) -> int:
+    """``mmap(NULL, size, PROT_READ|PROT_WRITE, MAP_SHARED, fd, offset)`` through libc: the
+    address. Unlike Python's mmap object it keeps no duplicate of ``fd`` and has no buffer
+    exports that could stop :func:`munmap`; the caller must not touch views after unmapping."""
+    import mmap as _m
+
+    addr = _mmap(None, size, _m.PROT_READ | _m.PROT_WRITE, _m.MAP_SHARED, fd, offset)
+    if addr is None or addr == _MAP_FAILED:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mmap of fd {fd}: {os.strerror(e)}")
+    return addr
+
+
+def munmap(addr: int, size: int) -> None:
+    if _munmap(addr, size) < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"munmap: {os.strerror(e)}")
+
+
 # The KVM_RUN entry point: a separate function object with fixed argtypes, called from the hot
 # loop as ``run_ioctl(fd, KVM_RUN, 0)``; it returns -1 and leaves errno in ctypes.get_errno().
 run_ioctl = _ioctl_ul

@@ -205,9 +205,25 @@ RULE_BUS_FULL = "the I/O bus has no room for another device (kvm_io_bus_register
 class IoEventFd:
     """An eventfd (non-blocking) and the KVM_IOEVENTFD registration it is meant for."""
 
-    def __init__(self, name: str, pio: bool, addr: int, length: int, datamatch: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        pio: bool,
+        addr: int,
+        length: int,
+        datamatch: int | None = None,
+        *,
+        eventfd: int | None = None,
+        extra_flags: int = 0,
+    ):
+        """``eventfd``: register an eventfd someone else owns (several registrations may share
+        one eventfd, as in KVM); otherwise a new non-blocking eventfd is created and owned.
+        ``extra_flags``: raw bits OR'ed into ``kvm_ioeventfd.flags`` (for testing KVM's
+        refusal of unknown flags)."""
         self.name, self.pio, self.addr, self.length, self.datamatch = name, pio, addr, length, datamatch
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.extra_flags = extra_flags
+        self.owns_fd = eventfd is None
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) if eventfd is None else eventfd
         self.assigned = False
 
     @property
@@ -222,6 +238,7 @@ class IoEventFd:
             flags |= B.KVM_IOEVENTFD_FLAG_DATAMATCH
         if deassign:
             flags |= B.KVM_IOEVENTFD_FLAG_DEASSIGN
+        flags |= self.extra_flags
         return B.kvm_ioeventfd(
             datamatch=(self.datamatch or 0) & 0xFFFF_FFFF_FFFF_FFFF,
             addr=self.addr & 0xFFFF_FFFF_FFFF_FFFF,
@@ -244,10 +261,22 @@ class IoEventFd:
         match = "wildcard" if self.datamatch is None else f"datamatch {self.datamatch:#x}"
         return f"'{self.name}' ({kind} {self.addr:#x}, length {self.length}, {match})"
 
+    def same_registration(self, other: "IoEventFd") -> bool:
+        """What kvm_deassign_ioeventfd_idx() compares: eventfd, bus, address, length, and the
+        datamatch value unless wildcard."""
+        return (
+            self.fd == other.fd
+            and self.pio == other.pio
+            and self.addr == other.addr
+            and self.length == other.length
+            and self.datamatch == other.datamatch
+        )
+
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            if self.owns_fd:
+                os.close(fd)
 
     def __enter__(self) -> "IoEventFd":
         return self
@@ -283,6 +312,8 @@ def explain_ioeventfd_error(err: int, ev: IoEventFd, registered: list[IoEventFd]
             return f"{RULE_LENGTH}; got {ev.length}"
         if ev.addr + ev.length > 0xFFFF_FFFF_FFFF_FFFF:
             return f"{RULE_WRAP}; {ev.addr:#x}+{ev.length}"
+        if ev.args().flags & ~B.KVM_IOEVENTFD_VALID_FLAG_MASK:
+            return f"{RULE_FLAGS}; flags {ev.args().flags:#x}"
         if ev.length == 0 and ev.datamatch is not None:
             return RULE_LEN0_DATAMATCH
     elif err == errno.EEXIST:
@@ -328,7 +359,8 @@ class Vm:
         except OSError as exc:
             raise HostError(f"KVM_CREATE_VM failed on {kvm.device} ({B.errno_name(exc.errno or 0)})") from None
         self.memslots: dict[int, MemSlot] = {}
-        self.ioeventfds: list[IoEventFd] = []
+        self.ioeventfds: list[IoEventFd] = []  # owned: closed with the VM
+        self.registered: list[IoEventFd] = []  # currently assigned, in order
         self.coalesced: list[CoalescedZoneReg] = []
         self.vcpus: list[Vcpu] = []
         self._stats: KvmStats | None = None
@@ -367,8 +399,9 @@ class Vm:
             B.ioeventfd(self.fd, ev.args())
         except OSError as exc:
             e = exc.errno or 0
-            raise IoEventFdError(B.errno_name(e), explain_ioeventfd_error(e, ev, self.ioeventfds, False)) from None
+            raise IoEventFdError(B.errno_name(e), explain_ioeventfd_error(e, ev, self.registered, False)) from None
         ev.assigned = True
+        self.registered.append(ev)
         if ev not in self.ioeventfds:
             self.ioeventfds.append(ev)
         return ev
@@ -381,17 +414,19 @@ class Vm:
             B.ioeventfd(self.fd, ev.args(deassign=True))
         except OSError as exc:
             e = exc.errno or 0
-            raise IoEventFdError(B.errno_name(e), explain_ioeventfd_error(e, ev, self.ioeventfds, True)) from None
+            raise IoEventFdError(B.errno_name(e), explain_ioeventfd_error(e, ev, self.registered, True)) from None
+        for i, reg in enumerate(self.registered):
+            if reg.same_registration(ev):
+                reg.assigned = False
+                del self.registered[i]
+                break
         ev.assigned = False
 
     def add_ioeventfd(
         self, name: str, pio: bool, addr: int, length: int, datamatch: int | None = None
     ) -> IoEventFd:
         """Create an eventfd and register it; the VM owns it (closed with the VM)."""
-        if pio:
-            self.kvm.require(B.KVM_CAP_IOEVENTFD, "port I/O ioeventfds")
-        else:
-            self.kvm.require(B.KVM_CAP_IOEVENTFD, "MMIO ioeventfds")
+        self.kvm.require(B.KVM_CAP_IOEVENTFD, f"ioeventfd '{name}'")
         if length == 0 and not self.kvm.check_extension(B.KVM_CAP_IOEVENTFD_NO_LENGTH):
             raise HostError(f"{self.kvm.device} lacks KVM_CAP_IOEVENTFD_NO_LENGTH, needed for length-0 ioeventfd '{name}'")
         ev = IoEventFd(name, pio, addr, length, datamatch)
@@ -456,6 +491,7 @@ class Vm:
         for ev in self.ioeventfds:
             ev.close()
         self.ioeventfds = []
+        self.registered = []
         for ms in self.memslots.values():
             ms.close()
         self.memslots = {}
@@ -478,8 +514,10 @@ class Vcpu:
     def __init__(self, vm: Vm, vcpu_id: int):
         self.vm = vm
         self.id = vcpu_id
-        self.run_map: mmap.mmap | None = None
+        self.run_map: ctypes.Array | None = None  # the whole vCPU mapping, as c_char[size]
         self.run: B.kvm_run | None = None
+        self._run_addr = 0
+        self._run_size = 0
         self._stats: KvmStats | None = None
         try:
             self.fd = B.create_vcpu(vm.fd, vcpu_id)
@@ -487,8 +525,10 @@ class Vcpu:
             raise HostError(f"KVM_CREATE_VCPU {vcpu_id} failed ({B.errno_name(exc.errno or 0)})") from None
         try:
             size = vm.kvm.vcpu_mmap_size
-            self.run_map = mmap.mmap(self.fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self.run = B.kvm_run.from_buffer(self.run_map)
+            self._run_addr = B.mmap_shared(self.fd, size)
+            self._run_size = size
+            self.run_map = (ctypes.c_char * size).from_address(self._run_addr)
+            self.run = B.kvm_run.from_address(self._run_addr)
         except BaseException:
             self.close()
             raise
@@ -568,11 +608,13 @@ class Vcpu:
         return self._stats
 
     def close(self) -> None:
-        """Unmap kvm_run (dropping the ctypes view first), close stats and the vCPU fd."""
+        """Unmap kvm_run, close stats and the vCPU fd. Views made from ``run``/``run_map``
+        must not be used afterwards (the run loop drops its own first)."""
         self.run = None
-        if self.run_map is not None:
-            m, self.run_map = self.run_map, None
-            m.close()
+        self.run_map = None
+        if self._run_addr:
+            addr, self._run_addr = self._run_addr, 0
+            B.munmap(addr, self._run_size)
         if self._stats is not None:
             self._stats.close()
             self._stats = None

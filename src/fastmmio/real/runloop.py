@@ -146,16 +146,17 @@ class RunLoop:
         run = vcpu.run
         self._map = vcpu.run_map
         self._fd = vcpu.fd
-        self._exit_reason = B.u32.from_buffer(self._map, B.kvm_run.exit_reason.offset)
-        self._immediate_exit = B.u8.from_buffer(self._map, B.kvm_run.immediate_exit.offset)
+        base = ctypes.addressof(self._map)
+        self._exit_reason = B.u32.from_address(base + B.kvm_run.exit_reason.offset)
+        self._immediate_exit = B.u8.from_address(base + B.kvm_run.immediate_exit.offset)
         self._io = run.io
         self._mmio = run.mmio
         self._read_bytes = (spec.device_read_value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
         ring_off = vcpu.coalesced_ring_offset() if vm.coalesced else None
         if ring_off is not None:
             self._ring_off = ring_off
-            self._ring_first = B.u32.from_buffer(self._map, ring_off)
-            self._ring_last = B.u32.from_buffer(self._map, ring_off + 4)
+            self._ring_first = B.u32.from_address(base + ring_off)
+            self._ring_last = B.u32.from_address(base + ring_off + 4)
             self._ring_max = B.coalesced_max_entries(_page_size())
         else:
             self._ring_off = 0

@@ -1,0 +1,80 @@
+"""Shared pytest setup.
+
+Tests that need a working KVM device live in ``tests/kvm/`` and carry the ``kvm`` marker (every
+item collected there gets it automatically). They are skipped, with the reason, when
+``/dev/kvm`` (or ``$FASTMMIO_KVM_DEVICE``) is missing or unusable: the device is opened, its
+API version checked, and a VM with one vCPU created and destroyed, once per test session.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import pytest
+
+KVM_DEVICE = os.environ.get("FASTMMIO_KVM_DEVICE", "/dev/kvm")
+_KVM_DIR = Path(__file__).parent / "kvm"
+
+
+@functools.lru_cache(maxsize=None)
+def kvm_unusable_reason(device: str = KVM_DEVICE) -> str | None:
+    """None when ``device`` can run a guest here, else one line saying why not."""
+    if not os.path.exists(device):
+        return f"{device} does not exist (no KVM on this host)"
+    try:
+        from fastmmio.errors import FastmmioError
+        from fastmmio.real.objects import Kvm
+    except ImportError as exc:  # pragma: no cover - the real backend not importable
+        return f"fastmmio.real cannot be imported: {exc}"
+    try:
+        with Kvm(device) as kvm:
+            with kvm.create_vm() as vm:
+                vm.create_vcpu(0)
+    except FastmmioError as exc:
+        return f"{device} is unusable: {exc}"
+    except OSError as exc:
+        return f"{device} is unusable: {exc}"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _KVM_DIR in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.kvm)
+    kvm_items = [item for item in items if item.get_closest_marker("kvm")]
+    if not kvm_items:
+        return
+    reason = kvm_unusable_reason()
+    if reason:
+        skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
+        for item in kvm_items:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kvm_device() -> str:
+    """The KVM device path; skips the test when it is unusable."""
+    reason = kvm_unusable_reason()
+    if reason:
+        pytest.skip(f"needs KVM: {reason}")
+    return KVM_DEVICE
+
+
+@pytest.fixture
+def open_fds():
+    """A function returning the set of this process's open file descriptors."""
+
+    def snapshot() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    return snapshot
+
+
+@pytest.fixture(scope="session")
+def guest_cpl() -> int:
+    """The CPL guests run at on this host (fastmmio.real.host: CPL3 on PVM, else CPL0)."""
+    from fastmmio.real.host import detect_host
+
+    return detect_host(KVM_DEVICE).guest_cpl
