@@ -1,0 +1,59 @@
+"""Host detection rules (fastmmio.real.host) on synthetic sysfs and cpuinfo."""
+
+from __future__ import annotations
+
+import pytest
+
+from fastmmio.errors import UsageError
+from fastmmio.real import host
+
+
+def _modules(tmp_path, *names):
+    for n in names:
+        (tmp_path / n).mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "modules,kind",
+    [
+        ((), "none"),
+        (("kvm", "kvm_intel"), "vmx"),
+        (("kvm", "kvm_amd"), "svm"),
+        (("kvm", "kvm_pvm"), "pvm"),
+        (("kvm", "kvm_intel", "kvm_pvm"), "pvm"),  # PVM serves /dev/kvm where both are loaded
+    ],
+)
+def test_kvm_kind_from_loaded_vendor_module(tmp_path, modules, kind):
+    assert host.kvm_kind(_modules(tmp_path, *modules)) == kind
+
+
+def test_cpl3_on_pvm_with_reason():
+    """FACTS.md §6: PVM runs only 64-bit CPL3 guest code natively; CPL0 is emulated."""
+    cpl, why = host.choose_cpl("pvm")
+    assert cpl == 3 and "CPL3" in why and "emulator" in why
+
+
+@pytest.mark.parametrize("kind", ["vmx", "svm", "none"])
+def test_cpl0_elsewhere(kind):
+    assert host.choose_cpl(kind)[0] == 0
+
+
+def test_cpl_override_and_bad_value():
+    assert host.choose_cpl("pvm", 0) == (0, "chosen by the caller")
+    assert host.choose_cpl("vmx", 3)[0] == 3
+    with pytest.raises(UsageError):
+        host.choose_cpl("vmx", 1)
+
+
+def test_cpuinfo_first_processor_only():
+    text = "processor\t: 0\nmodel name\t: CPU A\nflags\t\t: fpu vmx hypervisor\n\nprocessor\t: 1\nmodel name\t: CPU B\n"
+    f = host.cpuinfo_fields(text)
+    assert f["model name"] == "CPU A" and "hypervisor" in f["flags"].split()
+
+
+def test_detect_host_without_device(tmp_path):
+    """A missing device is not an error for detection (only for running): no TSC from KVM."""
+    info = host.detect_host(str(tmp_path / "nokvm"))
+    assert info.kernel and info.guest_cpl in (0, 3)
+    assert info.to_json()["kvm_kind"] == info.kvm_kind
