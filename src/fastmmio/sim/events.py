@@ -11,13 +11,21 @@ Processor (sim/vmx):
                                 (every guest-structure reference and the final GPA go through EPT)
     walk.served.<where>         where a walk reference's cache line was found:
                                 l1, l2, llc, mem (the walk data-cache model)
+    walk.ad.guest.<level>       a guest entry's accessed/dirty flags written (a write through EPT)
+    walk.ad.ept.<level>         an EPT entry's accessed/dirty flags written (EPTP bit 6 set)
     tlb.combined.hit / .miss    combined-translation (linear -> HPA) look-ups
+    tlb.combined.dirty_assist   a write hit a cached translation whose dirty flag was clear:
+                                the processor walked again to set it (also .guest_physical)
+    tlb.linear.* / psc.linear.* the same look-ups for linear mappings (EPT not in use)
+    fault.<kind>                translations refused without a VM exit or with one:
+                                page_fault (guest #PF), ept_misconfig, gp (non-canonical)
     tlb.guest_physical.hit / .miss   guest-physical-translation (GPA -> HPA) look-ups
     psc.combined.<level>.hit / .miss       combined paging-structure caches (pml4e, pdpte, pde)
     psc.guest_physical.<level>.hit / .miss guest-physical paging-structure caches (EPT levels)
     inv.<cause>                 invalidations performed (ept_violation, vmexit_novpid,
-                                vmentry_novpid, invept_single, invept_all, invvpid_<type>,
-                                mov_cr3, invlpg)
+                                vmentry_novpid, invept_single, invept_all, invvpid_<type>
+                                with <type> address, single, all, single_retain_globals,
+                                mov_cr3, mov_cr4, mov_cr0, invlpg)
     exit.<REASON>               VM exits by SDM basic exit reason name (EPT_VIOLATION,
                                 EPT_MISCONFIG, IO_INSTRUCTION, CPUID, HLT, VMCALL, ...)
     vmentry                     VM entries (the other half of each exit's round trip)

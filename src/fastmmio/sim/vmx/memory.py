@@ -167,6 +167,13 @@ class PageAllocator:
 
     def alloc_pages(self, count: int, align: int = PAGE_SIZE) -> int:
         """``count`` contiguous zeroed pages aligned to ``align`` bytes (a power of two)."""
+        hpa = self.reserve(count, align)
+        self.memory.back(hpa, count * PAGE_SIZE)
+        return hpa
+
+    def reserve(self, count: int, align: int = PAGE_SIZE) -> int:
+        """Like :meth:`alloc_pages` but without backing the pages: the caller backs what it
+        touches with :meth:`HostMemory.back` (large, sparsely used memslots)."""
         if count <= 0 or align < PAGE_SIZE or align & (align - 1):
             raise HostMemoryError(f"bad allocation: {count} pages aligned to {align:#x}")
         hpa = (self._next + align - 1) & ~(align - 1)
@@ -176,7 +183,6 @@ class PageAllocator:
                 f"host memory exhausted: {count} pages at {hpa:#x} exceed limit {self.limit:#x}"
             )
         self._next = end
-        self.memory.back(hpa, count * PAGE_SIZE)
         self.allocated += count
         return hpa
 

@@ -1,0 +1,390 @@
+"""The simulated logical processor (the vCPU view): translation through its caches, VM exits
+and entries, and the instructions and events that invalidate cached translation information.
+
+This is what the simulator CPU and the KVM model call. It knows nothing of KVM: it only
+implements what the SDM says a VMX processor with EPT does.
+
+Invalidations (SDM Vol. 3, 2016: 4.10.4.1 and 28.3.3.1):
+
+=====================================  ========================================================
+operation                              invalidates
+=====================================  ========================================================
+VM exit / VM entry, "enable VPID" = 0  linear and combined mappings of VPID 0000H, all PCIDs,
+                                       all EP4TAs (28.3.3.1); nothing when "enable VPID" = 1
+                                       (28.3.3.2)
+INVEPT single-context (type 1)         guest-physical mappings of the EP4TA, combined mappings
+                                       of the EP4TA for all VPIDs and PCIDs
+INVEPT all-context (type 2)            all guest-physical and combined mappings
+INVVPID individual address (type 0)    linear and combined mappings of the VPID that would
+                                       translate the address, all PCIDs, all EP4TAs
+INVVPID single context (type 1)        linear and combined mappings of the VPID
+INVVPID all contexts (type 2)          linear and combined mappings of every VPID but 0000H
+INVVPID single context, retaining      as type 1 except global translations
+globals (type 3)
+MOV to CR3                             TLB entries of the current VPID and the PCID being
+                                       established (000H without CR4.PCIDE), except global
+                                       ones, and all its paging-structure-cache entries; none
+                                       when CR4.PCIDE = 1 and source bit 63 = 1 (4.10.4.1)
+INVLPG                                 TLB entries for the page (current VPID and PCID, global
+                                       ones for any PCID) and all paging-structure-cache
+                                       entries of the current PCID (4.10.4.1); all EP4TAs
+                                       (28.3.3.1)
+MOV to CR4 changing PGE, or PCIDE 1->0 all TLB and PSC entries of the current VPID (4.10.4.1)
+MOV to CR0 changing PG 1->0            the same
+=====================================  ========================================================
+
+None of these touches guest-physical mappings except INVEPT and EPT violations (28.3.3.2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastmmio.sim.vmx.errors import VmxError
+from fastmmio.sim.vmx.exits import (
+    EXIT_EPT_MISCONFIG,
+    EXIT_EPT_VIOLATION,
+    EXIT_REASONS,
+    ExitInfo,
+)
+from fastmmio.sim.vmx.layouts import EPTP, MT_UC, MT_WB, eptp_ep4ta
+from fastmmio.sim.vmx.memory import HostMemory
+from fastmmio.sim.vmx.walker import (
+    FETCH,
+    GLOBAL_PCID,
+    NO_EPT,
+    READ,
+    WRITE,
+    Fault,
+    Walker,
+)
+
+__all__ = ["Processor", "Fault", "ExitInfo", "READ", "WRITE", "FETCH",
+           "INVEPT_SINGLE", "INVEPT_ALL", "INVVPID_ADDRESS", "INVVPID_SINGLE",
+           "INVVPID_ALL", "INVVPID_SINGLE_RETAIN_GLOBALS"]
+
+INVEPT_SINGLE, INVEPT_ALL = 1, 2
+INVVPID_ADDRESS, INVVPID_SINGLE, INVVPID_ALL, INVVPID_SINGLE_RETAIN_GLOBALS = 0, 1, 2, 3
+_INVVPID_NAMES = {0: "address", 1: "single", 2: "all", 3: "single_retain_globals"}
+
+_CR0_PG = 1 << 31
+_CR4_PGE = 1 << 7
+_CR4_PCIDE = 1 << 17
+_CR4_SMEP = 1 << 20
+
+
+class Processor(Walker):
+    """One logical processor in VMX non-root operation with EPT.
+
+    Construct with the host memory and a cache configuration name (``sdm-max``, ``none``,
+    ``skylake-sp``, ``golden-cove``) or a :class:`~fastmmio.sim.vmx.caches.TranslationCacheConfig`.
+    Then set the guest state (``load_guest_state`` or the setters) and the EPTP, and call
+    :meth:`translate` for every guest memory access.
+
+    Keyword arguments: ``maxphyaddr``; ``ept`` ("enable EPT"); ``execute_only`` (EPT
+    execute-only translations supported, IA32_VMX_EPT_VPID_CAP bit 0); ``ept_1g`` / ``guest_1g``
+    (1 GiB pages supported); ``vpid_enabled`` and ``vpid``; ``set_ad_bits`` (write guest
+    accessed/dirty flags); ``seed`` (random replacement).
+    """
+
+    def __init__(self, memory: HostMemory, config: Any = "sdm-max", **kw: Any):
+        super().__init__(memory, config, **kw)
+        if self.vpid_enabled and not 1 <= self.vpid <= 0xFFFF:
+            raise VmxError(f"VPID must be 1..65535 when enabled, got {self.vpid}")
+
+    # ---------------------------------------------------------------------------------------
+    # state loading (VM entry loads guest state; the VMM sets controls)
+    # ---------------------------------------------------------------------------------------
+
+    def load_guest_state(self, *, cr0: int | None = None, cr3: int | None = None,
+                         cr4: int | None = None, efer: int | None = None,
+                         cpl: int | None = None) -> None:
+        """Load guest control registers without any invalidation (as VM entry loads them
+        from the guest-state area, SDM 26.3.2.1; VM entry's own invalidation is in
+        :meth:`vmentry`)."""
+        if cr0 is not None:
+            self.cr0 = cr0
+        if cr3 is not None:
+            self.cr3 = cr3 & ~(1 << 63)
+        if cr4 is not None:
+            self.cr4 = cr4
+        if efer is not None:
+            self.efer = efer
+        if cpl is not None:
+            if cpl not in (0, 1, 2, 3):
+                raise VmxError(f"CPL must be 0..3, got {cpl}")
+            self.cpl = cpl
+        self._derive()
+
+    def set_cpl(self, cpl: int) -> None:
+        if cpl not in (0, 1, 2, 3):
+            raise VmxError(f"CPL must be 0..3, got {cpl}")
+        self.cpl = cpl
+        self._user = cpl == 3
+
+    def set_eptp(self, eptp: int) -> None:
+        """Set the EPTP VM-execution control (no invalidation: mappings are tagged by EP4TA).
+        Only a 4-level walk and UC/WB paging-structure memory types are accepted (the
+        checks VM entry makes, SDM 26.2.1.1)."""
+        f = EPTP.decode(eptp)
+        if f["walk_length_minus_1"] != 3:
+            raise VmxError(f"EPTP {eptp:#x}: only a 4-level EPT walk is modelled")
+        if f["memtype"] not in (MT_UC, MT_WB):
+            raise VmxError(f"EPTP {eptp:#x}: memory type must be UC (0) or WB (6)")
+        if f["rsvd11_7"] or eptp >> self.maxphyaddr:
+            raise VmxError(f"EPTP {eptp:#x}: reserved bits set")
+        self.eptp = eptp
+        self._derive()
+
+    def set_vpid(self, vpid: int, enabled: bool = True) -> None:
+        """Set the "enable VPID" control and the VPID field (no invalidation by itself)."""
+        if enabled and not 1 <= vpid <= 0xFFFF:
+            raise VmxError(f"VPID must be 1..65535 when enabled, got {vpid}")
+        self.vpid_enabled = enabled
+        self.vpid = vpid
+        self._derive_tags()
+
+    # ---------------------------------------------------------------------------------------
+    # VM exits and entries
+    # ---------------------------------------------------------------------------------------
+
+    def exit_info(self, fault: Fault, instruction_length: int | None = None) -> ExitInfo:
+        """The exit information an EPT violation or misconfiguration leaves (27.2.1):
+        qualification (0 for a misconfiguration), GPA, GLA when qualification bit 7 is set.
+        ``instruction_length`` is what the processor writes although the architecture leaves
+        it undefined for these exits (bare metal fills it; pass None to model a CPU that
+        does not)."""
+        if fault.kind == "ept_violation":
+            gla = fault.linear if fault.qualification & (1 << 7) else None
+            return ExitInfo(EXIT_EPT_VIOLATION, fault.qualification, fault.gpa, gla,
+                            instruction_length)
+        if fault.kind == "ept_misconfig":
+            return ExitInfo(EXIT_EPT_MISCONFIG, 0, fault.gpa, None, instruction_length)
+        raise VmxError(f"{fault!r} is not a VM exit (a guest fault is delivered to the guest)")
+
+    def vmexit(self, info: ExitInfo | int) -> ExitInfo:
+        """A VM exit: counts ``exit.<REASON>``; with "enable VPID" = 0 it invalidates linear
+        and combined mappings for VPID 0000H (all PCIDs, all EP4TAs; SDM 28.3.3.1).
+        ``info`` may be a bare exit-reason number."""
+        if isinstance(info, int):
+            if info not in EXIT_REASONS:
+                raise VmxError(f"unknown basic exit reason {info}")
+            info = ExitInfo(info, instruction_length_defined=False)
+        self._counts[f"exit.{info.name}"] += 1
+        if not self.vpid_enabled:
+            self._drop_linear_combined(lambda t: t[0] == 0, "vmexit_novpid")
+        return info
+
+    def vmentry(self) -> None:
+        """A VM entry: counts ``vmentry``; with "enable VPID" = 0 it invalidates linear and
+        combined mappings for VPID 0000H (SDM 28.3.3.1)."""
+        self._counts["vmentry"] += 1
+        if not self.vpid_enabled:
+            self._drop_linear_combined(lambda t: t[0] == 0, "vmentry_novpid")
+
+    # ---------------------------------------------------------------------------------------
+    # invalidating instructions
+    # ---------------------------------------------------------------------------------------
+
+    def invept(self, inv_type: int, eptp: int | None = None) -> None:
+        """INVEPT (SDM 28.3.3.1, Chapter 30): type 1 single-context for ``eptp``'s EP4TA,
+        type 2 all-context."""
+        if inv_type == INVEPT_SINGLE:
+            if eptp is None:
+                raise VmxError("INVEPT single-context needs an EPTP")
+            ep4ta = eptp_ep4ta(eptp)
+            self.gtlb.drop_tags(lambda t: t == ep4ta)
+            for _, cache, _ in self._epsc_order:
+                cache.drop_tags(lambda t: t == ep4ta)
+            self._drop_linear_combined(lambda t: t[2] == ep4ta, None)
+            self._counts["inv.invept_single"] += 1
+            self._notify("invept_single")
+        elif inv_type == INVEPT_ALL:
+            self.gtlb.clear()
+            for _, cache, _ in self._epsc_order:
+                cache.clear()
+            self._drop_linear_combined(lambda t: t[2] != NO_EPT, None)
+            self._counts["inv.invept_all"] += 1
+            self._notify("invept_all")
+        else:
+            raise VmxError(f"INVEPT type must be 1 or 2, got {inv_type}")
+
+    def invvpid(self, inv_type: int, vpid: int, la: int = 0) -> None:
+        """INVVPID (SDM 28.3.3.1, Chapter 30): type 0 individual address, 1 single context,
+        2 all contexts (VPID ignored), 3 single context retaining globals. Types 0, 1 and 3
+        with VPID 0 fail (VMfailValid), as does type 0 with a non-canonical address."""
+        if inv_type not in _INVVPID_NAMES:
+            raise VmxError(f"INVVPID type must be 0..3, got {inv_type}")
+        if inv_type != INVVPID_ALL and vpid == 0:
+            raise VmxError("INVVPID with VPID 0 fails (VMfailValid, SDM Chapter 30)")
+        if inv_type == INVVPID_ADDRESS:
+            if not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
+                raise VmxError(f"INVVPID address {la:#x} is not canonical (VMfailValid)")
+            self.tlb.discard_addr(la, lambda t: t[0] == vpid)
+            for lvl, cache, _ in self._psc_order:
+                key = (la & ((1 << 48) - 1)) >> {2: 21, 3: 30, 4: 39}[lvl]
+                cache.discard_key(key, lambda t: t[0] == vpid)
+            self._counts["inv.invvpid_address"] += 1
+            self._notify("invvpid_address")
+        elif inv_type == INVVPID_SINGLE:
+            self._drop_linear_combined(lambda t: t[0] == vpid, "invvpid_single")
+        elif inv_type == INVVPID_ALL:
+            self._drop_linear_combined(lambda t: t[0] != 0, "invvpid_all")
+        else:
+            self.tlb.drop_tags(lambda t: t[0] == vpid and t[1] != GLOBAL_PCID)
+            for _, cache, _ in self._psc_order:
+                cache.drop_tags(lambda t: t[0] == vpid)
+            self._counts["inv.invvpid_single_retain_globals"] += 1
+            self._notify("invvpid_single_retain_globals")
+
+    def mov_cr3(self, value: int) -> None:
+        """Guest MOV to CR3 (SDM 4.10.4.1; for combined mappings all EP4TAs, 28.3.3.1)."""
+        pcide = bool(self.cr4 & _CR4_PCIDE)
+        noflush = pcide and bool(value >> 63 & 1)
+        if not noflush:
+            vpid = self.effective_vpid
+            pcid = value & 0xFFF if pcide else 0
+            self.tlb.drop_tags(lambda t: t[0] == vpid and t[1] == pcid)
+            for _, cache, _ in self._psc_order:
+                cache.drop_tags(lambda t: t[0] == vpid and t[1] == pcid)
+            self._counts["inv.mov_cr3"] += 1
+            self._notify("mov_cr3")
+        self.cr3 = value & ~(1 << 63)
+        self._derive_tags()
+
+    def invlpg(self, la: int) -> None:
+        """Guest INVLPG (SDM 4.10.4.1; all EP4TAs, 28.3.3.1). A non-canonical operand is a
+        no-op (INVLPG of a non-canonical address does not fault)."""
+        vpid, pcid = self.effective_vpid, self.pcid
+        self.tlb.discard_addr(la, lambda t: t[0] == vpid and t[1] in (pcid, GLOBAL_PCID))
+        for _, cache, _ in self._psc_order:
+            cache.drop_tags(lambda t: t[0] == vpid and t[1] == pcid)
+        self._counts["inv.invlpg"] += 1
+        self._notify("invlpg")
+
+    def mov_cr4(self, value: int) -> None:
+        """Guest MOV to CR4: changing PGE, or clearing PCIDE, invalidates all TLB (global
+        included) and PSC entries of the current VPID (4.10.4.1); changing SMEP from 0 to 1
+        (or PAE) those of the current PCID."""
+        old = self.cr4
+        vpid = self.effective_vpid
+        if (old ^ value) & _CR4_PGE or (old & _CR4_PCIDE and not value & _CR4_PCIDE):
+            self._drop_linear_combined(lambda t: t[0] == vpid, "mov_cr4")
+        elif (value & ~old & _CR4_SMEP) or ((old ^ value) & 0x20):
+            pcid = self.pcid
+            self._drop_linear_combined(
+                lambda t: t[0] == vpid and t[1] in (pcid, GLOBAL_PCID), "mov_cr4")
+        self.cr4 = value
+        self._derive()
+
+    def mov_cr0(self, value: int) -> None:
+        """Guest MOV to CR0: clearing PG invalidates all TLB and PSC entries (4.10.4.1)."""
+        if self.cr0 & _CR0_PG and not value & _CR0_PG:
+            vpid = self.effective_vpid
+            self._drop_linear_combined(lambda t: t[0] == vpid, "mov_cr0")
+        self.cr0 = value
+        self._derive()
+
+    def _drop_linear_combined(self, pred: Any, cause: str | None) -> None:
+        self.tlb.drop_tags(pred)
+        for _, cache, _ in self._psc_order:
+            cache.drop_tags(pred)
+        if cause is not None:
+            self._counts[f"inv.{cause}"] += 1
+            self._notify(cause)
+
+    # ---------------------------------------------------------------------------------------
+    # memory accesses through translation (for the emulator and tests)
+    # ---------------------------------------------------------------------------------------
+
+    def read_linear(self, la: int, size: int, access: int = READ) -> int | Fault:
+        """Read ``size`` bytes at linear ``la`` (split at a page boundary); a Fault if a
+        translation fails."""
+        return self._linear_io(la, size, access, None)
+
+    def write_linear(self, la: int, size: int, value: int) -> Fault | None:
+        """Write ``size`` bytes at linear ``la``; a Fault (nothing written) if a translation
+        fails, else None."""
+        r = self._linear_io(la, size, WRITE, value)
+        return r if isinstance(r, Fault) else None
+
+    def _linear_io(self, la: int, size: int, access: int, value: int | None) -> int | Fault:
+        if size not in (1, 2, 4, 8):
+            raise VmxError(f"access size must be 1, 2, 4 or 8, got {size}")
+        first = min(size, 0x1000 - (la & 0xFFF))
+        h1 = self.translate(la, access)
+        if isinstance(h1, Fault):
+            return h1
+        h2 = None
+        if first < size:
+            h2 = self.translate(la + first, access)
+            if isinstance(h2, Fault):
+                return h2
+        mem = self.memory
+        if value is None:
+            data = mem.read_bytes(h1, first)
+            if h2 is not None:
+                data += mem.read_bytes(h2, size - first)
+            return int.from_bytes(data, "little")
+        raw = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        mem.write_bytes(h1, raw[:first])
+        if h2 is not None:
+            mem.write_bytes(h2, raw[first:])
+        return 0
+
+    # ---------------------------------------------------------------------------------------
+    # introspection
+    # ---------------------------------------------------------------------------------------
+
+    def cached_counts(self) -> dict[str, int]:
+        """How many entries each structure holds now (for reports and tests)."""
+        out = {"tlb.combined": len(self.tlb), "tlb.guest_physical": len(self.gtlb)}
+        for lvl, cache, name in self._psc_order:
+            out[f"psc.combined.{name}"] = len(cache)
+        for lvl, cache, name in self._epsc_order:
+            out[f"psc.guest_physical.{name}"] = len(cache)
+        return out
+
+    def has_translation(self, la: int) -> bool:
+        """Whether a combined (or linear) translation for ``la`` is cached for the current
+        tags (does not count as a look-up)."""
+        tlb = self.tlb
+        for s in tlb.shifts:
+            c, m = tlb.by_shift[s]
+            key = (la >> s) | m
+            for tag in (self._ctag, self._gtag):
+                t = c.tables.get(tag)
+                if t is not None and key in t:
+                    return True
+        return False
+
+    def has_gpa_translation(self, gpa: int) -> bool:
+        """Whether a guest-physical translation for ``gpa`` is cached for the current EP4TA."""
+        g = self.gtlb
+        for s in g.shifts:
+            c, m = g.by_shift[s]
+            t = c.tables.get(self._etag)
+            if t is not None and ((gpa >> s) | m) in t:
+                return True
+        return False
+
+    def has_psc(self, structure: str, level: str, addr: int) -> bool:
+        """Whether a paging-structure-cache entry is cached for the current tags:
+        ``structure`` is ``combined`` (``addr`` linear) or ``guest_physical`` (``addr`` a GPA);
+        ``level`` is ``pml4e``, ``pdpte`` or ``pde``."""
+        lvl = {"pde": 2, "pdpte": 3, "pml4e": 4}[level]
+        shift = {2: 21, 3: 30, 4: 39}[lvl]
+        if structure == "combined":
+            c = self.psc.get(lvl)
+            tag: Any = self._ctag
+            key = (addr & ((1 << 48) - 1)) >> shift
+        elif structure == "guest_physical":
+            c = self.epsc.get(lvl)
+            tag = self._etag
+            key = addr >> shift
+        else:
+            raise VmxError(f"structure must be combined or guest_physical, got {structure!r}")
+        if c is None:
+            return False
+        t = c.tables.get(tag)
+        return t is not None and key in t
