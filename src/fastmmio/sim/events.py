@@ -42,12 +42,17 @@ KVM (sim/kvm):
     kvm.bus.lookup.<BUS>        kvm_io_bus_write/read on KVM_PIO_BUS, KVM_MMIO_BUS, KVM_FAST_MMIO_BUS
     kvm.bus.probe               one binary-search step or device tried (cost grows with devices)
     kvm.eventfd.signal          an ioeventfd fired (eventfd_signal)
-    kvm.emulate                 the x86 emulator ran (x86_emulate_instruction)
+    kvm.emulate                 the x86 emulator executed an instruction (x86_emulate_insn; a
+                                userspace-completed read executes twice; EMULTYPE_SKIP does not count)
     kvm.emulate.fetch           instruction bytes fetched through the guest's tables
     kvm.emulate.decode          an instruction decoded
+    kvm.emulate.walk            a software walk of the guest's page tables by KVM (gva_to_gpa)
+    kvm.emulate.walk.ref        one guest paging-structure entry read by that walk
+    kvm.emulate.failure         emulation failed (handle_emulation_failure)
+    kvm.emulate.exception       the emulator queued an exception for the guest (#PF, #GP, #UD)
     kvm.skip.vmcs_length        RIP advanced by the VM-exit instruction length
     kvm.skip.decode             RIP advanced by decoding (EMULTYPE_SKIP, when the length is undefined)
-    kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio
+    kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio, internal_error
     kvm.coalesced.append        an access appended to the coalesced MMIO/PIO ring (no exit)
 
 Guest (sim/cpu):
