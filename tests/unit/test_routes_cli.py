@@ -60,3 +60,20 @@ def test_list_needs_no_device(capsys):
     status, out, _ = run_cli(capsys, "--device", MISSING, "--list")
     assert status == 0
     assert "mmio-eventfd-len0" in out and "[mmio-wildcard-eventfd:pci-mem]" in out
+
+
+def test_watchdog_covers_the_batch_the_options_ask_for():
+    """The watchdog must not stop a batch the user asked for: calibration overshoots the goal
+    by up to 2x; a fixed N is bounded by the slowest access measured (an exit to userspace)."""
+    import argparse
+
+    from fastmmio.commands.bench import WORST_TICKS_PER_ACCESS, watchdog_seconds
+    from fastmmio.real.backend import DEFAULT_WATCHDOG_S
+
+    ns = argparse.Namespace(iterations=None, target_ticks=1 << 28)
+    assert watchdog_seconds(ns, 2_300_000) == DEFAULT_WATCHDOG_S
+    ns.target_ticks = 1 << 36  # ~30 s per batch at 2.3 GHz
+    assert watchdog_seconds(ns, 2_300_000) > 2 * (1 << 36) / 2.3e9
+    ns = argparse.Namespace(iterations=1_000_000, target_ticks=1 << 28)
+    assert watchdog_seconds(ns, 2_300_000) > 1_000_000 * WORST_TICKS_PER_ACCESS / 2.3e9
+    assert watchdog_seconds(ns, None) >= watchdog_seconds(ns, 2_300_000)

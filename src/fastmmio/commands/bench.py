@@ -85,6 +85,25 @@ def unsupported_reason(kvm, route: Route) -> str | None:
     return None
 
 
+# A bound on one access, for the watchdog only: the slowest route measured on PVM (an exit to
+# userspace) costs about 200k TSC ticks, and this leaves 2.5x room.
+WORST_TICKS_PER_ACCESS = 500_000
+
+
+def watchdog_seconds(args: argparse.Namespace, tsc_khz: int | None) -> float:
+    """How long one batch may run before the backend's watchdog stops the guest: the real
+    backend's default, or more when the goal (calibration overshoots it by up to 2x) or a
+    large fixed N needs it."""
+    from fastmmio.real.backend import DEFAULT_WATCHDOG_S
+
+    hz = (tsc_khz or 1_000_000) * 1000  # unknown TSC: assume a slow 1 GHz
+    if args.iterations is not None:
+        need = args.iterations * WORST_TICKS_PER_ACCESS / hz
+    else:
+        need = 2 * args.target_ticks / hz
+    return max(DEFAULT_WATCHDOG_S, 2 * need + 5)
+
+
 def _select_routes(args: argparse.Namespace, kvm) -> tuple[list[Route], list[tuple[Route, str]]]:
     if args.routes:
         routes = [get_route(name) for name in args.routes]  # UsageError lists valid names
@@ -112,11 +131,12 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None and not args.json.parent.is_dir():
         raise UsageError(f"cannot write {args.json}: {args.json.parent} is not a directory")
     from fastmmio.real.backend import RealBackend
+    from fastmmio.real.host import detect_host
     from fastmmio.real.objects import Kvm
 
-    backend = RealBackend(device=args.device)
-    backend.check()  # HostError: missing device, no permission, capability missing
-    host = backend.host_info(cpl=args.cpl)
+    RealBackend(device=args.device).check()  # HostError: missing device, no permission, ...
+    host = detect_host(args.device, cpl=args.cpl)
+    backend = RealBackend(device=args.device, watchdog_s=watchdog_seconds(args, host.tsc_khz))
     if args.cpl is None:
         print(f"fastmmio: guest CPL{host.guest_cpl}: {host.cpl_reason}", file=sys.stderr)
     with Kvm(args.device) as kvm:
