@@ -47,6 +47,9 @@ WATCHDOG_SIGNAL = signal.SIGUSR2
 DEFAULT_EXIT_SAMPLE = 64
 
 _MMIO_DATA_OFFSET = B.kvm_run.u.offset + B._kvm_run_mmio.data.offset
+# struct kvm_run's io and mmio exit members, unpacked in one call each
+_IO_EXIT = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_MMIO_EXIT = struct.Struct("<Q8sIB")  # phys_addr, data[8], len, is_write
 _RING_ENTRY = ctypes.sizeof(B.kvm_coalesced_mmio)
 _RING_HEADER = ctypes.sizeof(B.kvm_coalesced_mmio_ring)
 
@@ -151,7 +154,10 @@ class RunLoop:
         self._immediate_exit = B.u8.from_address(base + B.kvm_run.immediate_exit.offset)
         self._io = run.io
         self._mmio = run.mmio
-        self._read_bytes = (spec.device_read_value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        value = (spec.device_read_value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
+        # by access width: the bytes a userspace read returns, and their value
+        self._read_bytes = {w: value[:w] for w in range(1, 9)}
+        self._read_value = {w: int.from_bytes(value[:w], "little") for w in range(1, 9)}
         ring_off = vcpu.coalesced_ring_offset() if vm.coalesced else None
         if ring_off is not None:
             self._ring_off = ring_off
@@ -235,7 +241,11 @@ class RunLoop:
         cap = self.exit_sample
         sample: list[ExitRecord] = []
         coalesced_sample: list[ExitRecord] = []
-        hist: Counter = Counter()
+        hist: dict = {}
+        hist_get = hist.get
+        unpack_io, unpack_mmio = _IO_EXIT.unpack_from, _MMIO_EXIT.unpack_from
+        IO_OFF = MMIO_OFF = B.kvm_run.u.offset
+        read_value = self._read_value
         n_io = n_mmio = n_coalesced = 0
         inside = 0
         error: GuestError | None = None
@@ -262,42 +272,36 @@ class RunLoop:
                     break
                 reason = exit_reason.value
                 if reason == EXIT_IO:
-                    port = io.port
-                    size = io.size
-                    off = io.data_offset
-                    if io.direction == OUT:
+                    direction, size, port, count, off = unpack_io(m, IO_OFF)
+                    if direction == OUT:
                         if port == done_port:
                             done = True
                             break
-                        n_io += 1
-                        count = io.count
                         data = int.from_bytes(m[off : off + size], "little")
-                        hist[("io", port, size, True, data)] += count
-                        if len(sample) < cap:
-                            sample.append(ExitRecord("io", port, size, True, data, count))
+                        is_write = True
                     else:
-                        n_io += 1
-                        count = io.count
-                        m[off : off + size * count] = read_bytes[:size] * count
-                        data = int.from_bytes(read_bytes[:size], "little")
-                        hist[("io", port, size, False, data)] += count
-                        if len(sample) < cap:
-                            sample.append(ExitRecord("io", port, size, False, data, count))
+                        m[off : off + size * count] = read_bytes[size] * count
+                        data = read_value[size]
+                        is_write = False
+                    n_io += 1
+                    key = ("io", port, size, is_write, data)
+                    hist[key] = hist_get(key, 0) + count
+                    if len(sample) < cap:
+                        sample.append(ExitRecord("io", port, size, is_write, data, count))
                 elif reason == EXIT_MMIO:
-                    n_mmio += 1
-                    size = mmio.len
-                    addr = mmio.phys_addr
-                    if mmio.is_write:
-                        data = int.from_bytes(m[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + size], "little")
-                        hist[("mmio", addr, size, True, data)] += 1
-                        if len(sample) < cap:
-                            sample.append(ExitRecord("mmio", addr, size, True, data))
+                    addr, raw, size, is_write = unpack_mmio(m, MMIO_OFF)
+                    if is_write:
+                        data = int.from_bytes(raw[:size], "little")
+                        is_write = True
                     else:
-                        m[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + size] = read_bytes[:size]
-                        data = int.from_bytes(read_bytes[:size], "little")
-                        hist[("mmio", addr, size, False, data)] += 1
-                        if len(sample) < cap:
-                            sample.append(ExitRecord("mmio", addr, size, False, data))
+                        m[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + size] = read_bytes[size]
+                        data = read_value[size]
+                        is_write = False
+                    n_mmio += 1
+                    key = ("mmio", addr, size, is_write, data)
+                    hist[key] = hist_get(key, 0) + 1
+                    if len(sample) < cap:
+                        sample.append(ExitRecord("mmio", addr, size, is_write, data))
                 else:
                     error = self._exit_error(reason)
                     break
@@ -312,7 +316,7 @@ class RunLoop:
         # After an I/O or MMIO exit the completion is pending until the next KVM_RUN.
         vcpu.pending_completion = exit_reason.value in (EXIT_IO, EXIT_MMIO) and error is None and not fired
 
-        self.exit_histogram = hist
+        self.exit_histogram = Counter(hist)
         self.coalesced_sample = coalesced_sample
         if fired:
             error = _guest_error(
