@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import signal
 import struct
 import threading
@@ -146,14 +147,11 @@ class RunLoop:
         self.exit_histogram: Counter = Counter()  # last batch: (kind, addr, size, is_write, data) -> n
         self.coalesced_sample: list[ExitRecord] = []  # last batch: coalesced entries, capped
 
-        run = vcpu.run
         self._map = vcpu.run_map
         self._fd = vcpu.fd
         base = ctypes.addressof(self._map)
         self._exit_reason = B.u32.from_address(base + B.kvm_run.exit_reason.offset)
         self._immediate_exit = B.u8.from_address(base + B.kvm_run.immediate_exit.offset)
-        self._io = run.io
-        self._mmio = run.mmio
         value = (spec.device_read_value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little")
         # by access width: the bytes a userspace read returns, and their value
         self._read_bytes = {w: value[:w] for w in range(1, 9)}
@@ -163,7 +161,7 @@ class RunLoop:
             self._ring_off = ring_off
             self._ring_first = B.u32.from_address(base + ring_off)
             self._ring_last = B.u32.from_address(base + ring_off + 4)
-            self._ring_max = B.coalesced_max_entries(_page_size())
+            self._ring_max = B.coalesced_max_entries(mmap.PAGESIZE)
         else:
             self._ring_off = 0
             self._ring_first = self._ring_last = None
@@ -184,7 +182,6 @@ class RunLoop:
     def release_views(self) -> None:
         """Drop every ctypes view into the vCPU mapping so that it can be unmapped."""
         self._exit_reason = self._immediate_exit = None  # type: ignore[assignment]
-        self._io = self._mmio = None
         self._ring_first = self._ring_last = None
         self._map = None
 
@@ -232,7 +229,7 @@ class RunLoop:
         # locals for the hot loop
         run_ioctl, get_errno, KVM_RUN, fd = B.run_ioctl, B.get_errno, B.KVM_RUN, self._fd
         clock = time.perf_counter_ns
-        exit_reason, io, mmio, m = self._exit_reason, self._io, self._mmio, self._map
+        exit_reason, m = self._exit_reason, self._map
         EXIT_IO, EXIT_MMIO, OUT = B.KVM_EXIT_IO, B.KVM_EXIT_MMIO, B.KVM_EXIT_IO_OUT
         done_port = self.spec.done_port
         read_bytes = self._read_bytes
@@ -418,12 +415,6 @@ class RunLoop:
             msg = f"unexpected exit {name} {where}"
             kind = "unexpected-exit"
         return _guest_error(kind, msg, rip=self._rip(), exit_reason=reason)
-
-
-def _page_size() -> int:
-    import mmap
-
-    return mmap.PAGESIZE
 
 
 # --------------------------------------------------------------------------------------------
