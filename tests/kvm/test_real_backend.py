@@ -40,23 +40,6 @@ def mailbox(session, offset: int) -> int:
 # ---- the device ---------------------------------------------------------------------------
 
 
-def test_missing_device_is_host_error(tmp_path):
-    """ENOENT on the device path: one-line HostError, no traceback material."""
-    path = str(tmp_path / "no-kvm")
-    with pytest.raises(HostError) as info:
-        RealBackend(device=path).check()
-    assert path in str(info.value) and "ENOENT" in str(info.value)
-    with pytest.raises(HostError):
-        RealBackend(device=path).open(machine("empty", 3))
-
-
-def test_non_kvm_device_is_host_error():
-    """A device that is not KVM answers KVM_GET_API_VERSION with an error: HostError."""
-    with pytest.raises(HostError) as info:
-        O.Kvm("/dev/null")
-    assert "not a KVM device" in str(info.value)
-
-
 def test_missing_capability_is_host_error(kvm_device):
     """Kvm.require names the capability and what needed it."""
     with O.Kvm(kvm_device) as kvm:

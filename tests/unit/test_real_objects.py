@@ -10,7 +10,10 @@ import struct
 
 import pytest
 
+from fastmmio.errors import HostError
 from fastmmio.real import binding as B
+from fastmmio.real.backend import RealBackend
+from fastmmio.routes import build_machine, get_route
 from fastmmio.real import objects as O
 from fastmmio.real.runloop import guest_linear_to_physical
 from fastmmio.real.stats import KvmStats
@@ -161,3 +164,20 @@ def test_guest_page_walk_for_error_messages():
     assert guest_linear_to_physical(vm, 0x1000, 0x10123) == 0x9123
     assert guest_linear_to_physical(vm, 0x1000, 0x200456) == 0x456
     assert guest_linear_to_physical(vm, 0x1000, 0x11000) is None
+
+
+def test_missing_device_is_host_error(tmp_path):
+    """ENOENT on the device path: one-line HostError, no traceback material."""
+    path = str(tmp_path / "no-kvm")
+    with pytest.raises(HostError) as info:
+        RealBackend(device=path).check()
+    assert path in str(info.value) and "ENOENT" in str(info.value)
+    with pytest.raises(HostError):
+        RealBackend(device=path).open(build_machine(get_route("empty"), 3))
+
+
+def test_non_kvm_device_is_host_error():
+    """A device that is not KVM answers KVM_GET_API_VERSION with an error: HostError."""
+    with pytest.raises(HostError) as info:
+        O.Kvm("/dev/null")
+    assert "not a KVM device" in str(info.value)
