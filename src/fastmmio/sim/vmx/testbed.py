@@ -35,6 +35,7 @@ class Testbed:
         self.ram_hpa = self.alloc.reserve(ram_size // PAGE_SIZE, align=1 << 30)
         self.ept = PageTableBuilder.ept(self.memory, self.alloc)
         self._next_table_gpa = ram_size
+        self.extra: dict[int, int] = {}  # GPA page -> HPA page, outside guest RAM
         self.guest = PageTableBuilder("guest", self._alloc_guest_table(), self.read_gpa_u64,
                                       self.write_gpa_u64, self._alloc_guest_table)
         self.proc = Processor(self.memory, config, **proc_kw)
@@ -42,6 +43,9 @@ class Testbed:
         self.proc.load_guest_state(cr3=self.guest.root)
 
     def gpa_to_hpa(self, gpa: int) -> int:
+        extra = self.extra.get(gpa >> 12)
+        if extra is not None:
+            return extra | (gpa & (PAGE_SIZE - 1))
         if not 0 <= gpa < self.ram_size:
             raise HostMemoryError(f"GPA {gpa:#x} is outside guest RAM")
         hpa = self.ram_hpa + gpa
@@ -67,6 +71,41 @@ class Testbed:
         ``page_size`` (``r``/``w``/``x``/``memtype`` as for :meth:`PageTableBuilder.map`)."""
         for off in range(0, size, page_size):
             self.ept.map(gpa + off, self.ram_hpa + gpa + off, page_size, **perm)
+
+    def map_gpa(self, gpa: int, page_size: int = PAGE_SIZE, **perm: Any) -> int:
+        """Give the page of ``gpa`` (outside guest RAM) fresh host memory, EPT-mapped with a
+        leaf of ``page_size`` (the host block is aligned to it; only the first 4 KiB page is
+        backed). Returns the host-physical address of ``gpa``."""
+        base = gpa & ~(page_size - 1)
+        hpa_base = self.alloc.reserve(page_size // PAGE_SIZE, align=page_size)
+        self.ept.map(base, hpa_base, page_size, **perm)
+        hpa = hpa_base + (gpa - base)
+        self.memory.back(hpa & ~(PAGE_SIZE - 1))
+        self.extra[gpa >> 12] = hpa & ~(PAGE_SIZE - 1)
+        return hpa
+
+    def spread_walk(self, la: int, guest_page: int = PAGE_SIZE, ept_page: int = PAGE_SIZE,
+                    region: int = 1 << 39, **guest_kw: Any) -> dict[str, int]:
+        """Map ``la`` through a fresh guest hierarchy whose every paging structure, and the
+        data page, sits in its own EPT PML4E region (GPA ``k * region``), so that no two
+        guest-physical translations of one walk share an EPT paging-structure-cache entry.
+        CR3 is switched to the new PML4 table. Returns the GPAs used (pml4, pdpt, pd, pt,
+        data)."""
+        levels = {PAGE_SIZE: 4, 1 << 21: 3, 1 << 30: 2}[guest_page]
+        names = ["pml4", "pdpt", "pd", "pt"][:levels]
+        gpas = {n: (i + 1) * region for i, n in enumerate(names)}
+        gpas["data"] = (len(names) + 1) * region + (la & (guest_page - 1) & ~(PAGE_SIZE - 1))
+        for n in names:
+            self.map_gpa(gpas[n], ept_page)
+        self.map_gpa(gpas["data"], ept_page)
+        queue = [gpas[n] for n in names[1:]]
+        builder = PageTableBuilder("guest", gpas["pml4"], self.read_gpa_u64,
+                                   self.write_gpa_u64, lambda: queue.pop(0))
+        builder.map(la & ~(guest_page - 1), gpas["data"] & ~(guest_page - 1), guest_page,
+                    **guest_kw)
+        self.guest = builder
+        self.proc.load_guest_state(cr3=gpas["pml4"])
+        return gpas
 
     def map_all_ept(self, page_size: int = 1 << 21) -> None:
         """EPT-map all of guest RAM read/write/execute."""

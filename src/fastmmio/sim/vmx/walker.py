@@ -235,7 +235,7 @@ class Walker:
         self.dcache = DataCacheModel(cfg.data_cache) if cfg.data_cache else None
 
         # architectural state
-        self.cr0 = 0x8000_0011  # PG | ET | PE
+        self.cr0 = 0x8001_0011  # PG | WP | ET | PE
         self.cr3 = 0
         self.cr4 = 0x20  # PAE
         self.efer = 0xD00  # NXE | LMA | LME
