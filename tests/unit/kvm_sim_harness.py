@@ -76,3 +76,50 @@ class Env:
     def raw(self, data: bytes, at: int = layout.CODE_GPA) -> None:
         assert self.gmem.write_guest(at, data)
         self.regs["rip"] = at
+
+
+def ept_violation_error_code(qual: int) -> int:
+    """The page-fault error code __vmx_handle_ept_violation builds from the qualification
+    (read -> PFERR_USER, write -> PFERR_WRITE, fetch -> PFERR_FETCH, any of bits 3-5 ->
+    PFERR_PRESENT; GLA valid: bit 8 -> GUEST_FINAL else GUEST_PAGE)."""
+    ec = (1 << 2 if qual & 1 else 0) | (1 << 1 if qual & 2 else 0) | (1 << 4 if qual & 4 else 0)
+    if qual & 0x38:
+        ec |= 1
+    if qual & (1 << 7):
+        ec |= (1 << 32) if qual & (1 << 8) else (1 << 33)
+    return ec
+
+
+class MmuEnv(Env):
+    """Env plus the TDP MMU and H3's processor walking the MMU's SPTEs as its EPT."""
+
+    def __init__(self, cpl: int = 0, mmio_caching: bool = True, ad_enabled: bool = True,
+                 slot_zap_all: bool = True, cache_config: str = "sdm-max"):
+        super().__init__(cpl=cpl)
+        from fastmmio.sim.kvm.mmu import TdpMmu
+        from fastmmio.sim.vmx.processor import Processor
+
+        self.mmu = TdpMmu(self.mem, self.alloc, self.slots, self.ev, mmio_caching=mmio_caching,
+                          ad_enabled=ad_enabled, slot_zap_all=slot_zap_all, mmio_info=self.mmio_info)
+        self.proc = Processor(self.mem, cache_config)
+        self.proc.set_eptp(self.mmu.eptp)
+        self.proc.load_guest_state(cr0=self.regs["cr0"], cr3=self.regs["cr3"], cr4=self.regs["cr4"],
+                                   efer=self.regs["efer"], cpl=cpl)
+
+    def access(self, la: int, access: int, limit: int = 16):
+        """Translate ``la``; on every EPT violation run kvm_mmu_page_fault and retry, until a
+        host-physical address, an EPT misconfiguration, or a fault result other than
+        FIXED/SPURIOUS/RETRY. Returns (final, [PageFaultResult...])."""
+        from fastmmio.sim.kvm.mmu import RetPf
+
+        results = []
+        for _ in range(limit):
+            self.mmu.service_requests(self.proc)
+            r = self.proc.translate(la, access)
+            if isinstance(r, int) or r.kind != "ept_violation":
+                return r, results
+            pf = self.mmu.page_fault(r.gpa, ept_violation_error_code(r.qualification))
+            results.append(pf)
+            if pf.ret not in (RetPf.FIXED, RetPf.SPURIOUS, RetPf.RETRY):
+                return r, results
+        raise AssertionError("no progress")

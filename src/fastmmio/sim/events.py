@@ -39,6 +39,13 @@ KVM (sim/kvm):
     kvm.mmu.spte_install        a present SPTE written; .mmio an MMIO SPTE written
     kvm.mmu.mmio_spte_stale     an MMIO SPTE whose generation no longer matched
     kvm.mmu.bad_page            the bad-page / read-only-write path was taken
+    kvm.mmu.mmio_info_hit       handle_mmio_page_fault answered from the per-vCPU MMIO info
+    kvm.mmu.spte_walk           a lockless walk of the SPTEs (get_mmio_spte, fast_page_fault)
+    kvm.mmu.spurious            a fault the SPTE already allowed (RET_PF_SPURIOUS)
+    kvm.mmu.retry               handle_mmio_page_fault found no MMIO SPTE (RET_PF_RETRY)
+    kvm.mmu.table_alloc         an SPTE table page allocated
+    kvm.mmu.zap                 a leaf SPTE (present or MMIO) zapped
+    kvm.mmu.zap_all_fast        kvm_mmu_zap_all_fast (new root; the vCPU reloads its EPTP)
     kvm.bus.lookup.<BUS>        kvm_io_bus_write/read on KVM_PIO_BUS, KVM_MMIO_BUS, KVM_FAST_MMIO_BUS
     kvm.bus.probe               one binary-search step or device tried (cost grows with devices)
     kvm.eventfd.signal          an ioeventfd fired (eventfd_signal)
