@@ -1,0 +1,345 @@
+"""The guest's CPU: unicorn executes the guest image, the processor model translates.
+
+unicorn runs in ``UC_TLB_VIRTUAL`` mode: every translation it needs comes from
+:meth:`Processor.translate` through the ``UC_HOOK_TLB_FILL`` hook, so the processor model sees
+(and counts) every walk, and decides every EPT violation and misconfiguration. unicorn's
+physical address space *is* the model's host-physical memory: every page of
+:class:`~fastmmio.sim.vmx.memory.HostMemory` that backs a memslot is mapped into unicorn with
+``mem_map_ptr`` over the same ``bytearray``, so guest stores and the model's reads see one
+memory.
+
+What becomes a VM exit, and how it is delivered to the hypervisor model (``handler``):
+
+* a refused translation (EPT violation or misconfiguration): unicorn stops with RIP on the
+  faulting instruction; the exit information (qualification, GPA, GLA, and the instruction
+  length the processor writes although the SDM leaves it undefined, 27.2.4) goes to
+  ``handler.ept_exit``; the handler may change registers (skip, emulate) before re-entry;
+* ``IN``/``OUT`` (I/O instruction, reason 30) and ``CPUID`` (10): hooked where they execute,
+  handled inline, and the guest continues (KVM's fast PIO and CPUID paths re-enter at once);
+* a guest exception (#PF, #GP, #UD, ...): the guest image installs no handlers, so delivery
+  fails into a triple fault, as on the real KVM here: the CPU stops with ``shutdown``.
+
+unicorn keeps a TLB of its own in front of the model. It is flushed at every VM exit and
+entry, so after each entry the first access to every page asks the model again (a hit in the
+model's TLB, or a walk when the model has invalidated, e.g. with VPID off); between exits,
+repeated accesses to a page are served by unicorn's TLB, which stands for a hit in the model's
+combined TLB (guest programs here touch a few pages, so no capacity eviction is lost). The
+first instruction fetch after each entry is translated explicitly for the same reason
+(unicorn's translated-block cache skips fetch translations).
+
+unicorn itself runs at CPL0; the guest's CPL (3 on a PVM host) is the model's, which applies
+the U/S rules of every walk. An I/O-instruction hook cannot stop unicorn at the next
+instruction (the stop takes effect at the end of the translated block), so stops requested
+from a hook (the guest's final ``OUT`` to the done port) take effect at the end of that block:
+guest programs end a batch with ``OUT`` followed by a jump.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+from iced_x86 import Decoder
+from unicorn import (
+    UC_ARCH_X86,
+    UC_HOOK_INSN,
+    UC_HOOK_INTR,
+    UC_HOOK_TLB_FILL,
+    UC_MODE_64,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
+    Uc,
+    UcError,
+)
+from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+from unicorn import x86_const as X
+
+from fastmmio.guest.image import BootState
+from fastmmio.sim.vmx.exits import (
+    EXIT_CPUID,
+    EXIT_IO_INSTRUCTION,
+    ExitInfo,
+    io_qualification,
+)
+from fastmmio.sim.vmx.memory import PAGE_SIZE, HostMemory
+from fastmmio.sim.vmx.processor import FETCH, READ, WRITE, Fault, Processor
+
+GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
+        "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+_UC_GPRS = tuple(getattr(X, f"UC_X86_REG_{r.upper()}") for r in GPRS)
+_UC_REGS = _UC_GPRS + (X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS)
+_REG_NAMES = GPRS + ("rip", "rflags")
+_UC_BY_NAME = dict(zip(_REG_NAMES, _UC_REGS))
+
+# unicorn's memory access types in the TLB-fill hook (uc_mem_type)
+_UC_MEM_READ, _UC_MEM_WRITE, _UC_MEM_FETCH = 16, 17, 18
+_ACCESS = {_UC_MEM_READ: READ, _UC_MEM_WRITE: WRITE, _UC_MEM_FETCH: FETCH}
+_PERMS = {READ: UC_PROT_READ, WRITE: UC_PROT_READ | UC_PROT_WRITE, FETCH: UC_PROT_EXEC}
+
+# emu_start's "until": an address guest code never reaches. unicorn translates its page when
+# it stops; that translation is served from a scratch page outside the model's memory and
+# never reaches the processor model.
+_END = 0x1
+_END_PAGE = _END >> 12
+_SCRATCH_HPA = (1 << 46) - 0x1000
+
+
+class ExitHandler(Protocol):
+    """The hypervisor model as the CPU sees it (implemented by :mod:`fastmmio.sim.kvm`).
+
+    Each method receives the exit information and the register file (a dict of GPRs, ``rip``
+    and ``rflags`` read from the CPU at the exit) and returns whether the guest may go on
+    (True) or KVM_RUN returns to the VMM for good (False: the CPU stops). Register changes the
+    handler makes are written back before re-entry.
+    """
+
+    def io_exit(self, info: ExitInfo, regs: dict[str, int], port: int, size: int,
+                is_in: bool, value: int) -> bool: ...
+
+    def cpuid_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
+
+    def ept_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
+
+
+@dataclass
+class CpuStop:
+    """Why :meth:`GuestCpu.run` returned."""
+
+    kind: str  # "handler" (the handler stopped it), "shutdown", "hlt", "budget", "host-error"
+    rip: int
+    detail: str = ""
+
+
+class GuestCpu:
+    """One vCPU: unicorn for instructions, :class:`Processor` for translations."""
+
+    def __init__(self, memory: HostMemory, processor: Processor, boot: BootState,
+                 handler: ExitHandler, *, fill_instruction_length: bool = True):
+        self.memory = memory
+        self.processor = processor
+        self.handler = handler
+        self.fill_instruction_length = fill_instruction_length
+        self.events: Counter[str] = processor.events  # one counter for the whole machine
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        self._mapped: dict[int, object] = {}  # pfn -> ctypes view keeping the buffer exported
+        self._pending_fault: Fault | None = None
+        self._pending_exception: str | None = None
+        self._entry_fault: Fault | None = None
+        self._stop: CpuStop | None = None
+        self._hook_error: BaseException | None = None
+        self._scratch = (ctypes.c_char * PAGE_SIZE)()
+        self.uc.mem_map_ptr(_SCRATCH_HPA, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC,
+                            ctypes.addressof(self._scratch))
+        self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
+        self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT)
+        self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
+        self.uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
+        self.uc.hook_add(UC_HOOK_INTR, self._hook_intr)
+        self.set_regs({"rip": boot.rip, "rsp": boot.rsp, "rflags": boot.rflags, **boot.gprs})
+
+    # -- memory --------------------------------------------------------------------------------
+
+    def map_host_range(self, hpa: int, size: int) -> None:
+        """Map the backed host pages of ``[hpa, hpa+size)`` into unicorn's physical space."""
+        for pfn in range(hpa >> 12, (hpa + size + PAGE_SIZE - 1) >> 12):
+            if pfn in self._mapped:
+                continue
+            page = self.memory.page(pfn << 12)
+            view = (ctypes.c_char * PAGE_SIZE).from_buffer(page)
+            self.uc.mem_map_ptr(pfn << 12, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC,
+                                ctypes.addressof(view))
+            self._mapped[pfn] = view
+
+    # -- registers -----------------------------------------------------------------------------
+
+    def regs(self) -> dict[str, int]:
+        return dict(zip(_REG_NAMES, self.uc.reg_read_batch(_UC_REGS)))
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        for name, value in regs.items():
+            self.uc.reg_write(_UC_BY_NAME[name], value)
+
+    def _write_back(self, before: dict[str, int], after: dict[str, int]) -> None:
+        changed = {k: v for k, v in after.items() if k in _UC_BY_NAME and before.get(k) != v}
+        if changed:
+            self.set_regs(changed)
+
+    # -- the run loop --------------------------------------------------------------------------
+
+    def flush_tlb(self) -> None:
+        """Drop unicorn's own TLB so the next access to every page asks the model again."""
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def _vmentry(self) -> None:
+        self.processor.vmentry()
+        self.flush_tlb()
+
+    def run(self, insn_budget: int = 0, timeout_us: int = 0) -> CpuStop:
+        """Run the guest until the handler stops it, the guest shuts down or halts, or the
+        budget (instructions, or microseconds of host time) runs out: the simulator's watchdog.
+        """
+        self._stop = None
+        self._fetch_after_entry()
+        while self._stop is None:
+            if self._entry_fault is not None:
+                fault, self._entry_fault = self._entry_fault, None
+                self._ept_exit(fault)
+                continue
+            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            self._pending_fault = None
+            self._pending_exception = None
+            try:
+                self.uc.emu_start(rip, _END, timeout_us, insn_budget)
+            except UcError as exc:
+                if self._hook_error is not None:
+                    err, self._hook_error = self._hook_error, None
+                    raise err
+                if self._pending_fault is not None:
+                    self._ept_exit(self._pending_fault)
+                    continue
+                if self._pending_exception is not None:
+                    return self._set_stop("shutdown", self._pending_exception)
+                return self._set_stop("shutdown", f"unicorn: {exc}")
+            if self._hook_error is not None:
+                err, self._hook_error = self._hook_error, None
+                raise err
+            if self._stop is not None:
+                break
+            if self._pending_exception is not None:
+                return self._set_stop("shutdown", self._pending_exception)
+            # emu_start returned by itself: budget or timeout exhausted, or HLT.
+            new_rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            if self._last_insn_is_hlt(new_rip):
+                return self._set_stop("hlt", "HLT with no interrupt to wake the vCPU")
+            return self._set_stop("budget", "instruction or time budget exhausted")
+        return self._stop
+
+    def _set_stop(self, kind: str, detail: str) -> CpuStop:
+        self._stop = CpuStop(kind, self.uc.reg_read(X.UC_X86_REG_RIP), detail)
+        return self._stop
+
+    def _last_insn_is_hlt(self, rip: int) -> bool:
+        hpa = self.processor.translate(rip - 1, FETCH)
+        return isinstance(hpa, int) and self.memory.read(hpa, 1) == 0xF4
+
+    def _fetch_after_entry(self) -> None:
+        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+        r = self.processor.translate(rip, FETCH)
+        if isinstance(r, Fault) and r.is_vm_exit:
+            self._entry_fault = r  # the exit happens before any instruction runs
+
+    def _ept_exit(self, fault: Fault) -> None:
+        regs = self.regs()
+        length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
+        info = self.processor.exit_info(fault, length)
+        self.processor.vmexit(info)
+        self.flush_tlb()
+        before = dict(regs)
+        go_on = self.handler.ept_exit(info, regs)
+        self._write_back(before, regs)
+        if not go_on:
+            self._set_stop("handler", info.name)
+            return
+        self._vmentry()
+        self._fetch_after_entry()
+
+    def _insn_length(self, rip: int) -> int | None:
+        hpa = self.processor.translate(rip, FETCH)
+        if not isinstance(hpa, int):
+            return None
+        n = min(15, PAGE_SIZE - (hpa & 0xFFF))
+        code = self.memory.read_bytes(hpa, n)
+        insn = Decoder(64, code, ip=rip).decode()
+        return insn.len or None
+
+    # -- hooks (exceptions are kept and re-raised after emu_start: unicorn would lose them) ---
+
+    def _tlb_fill(self, uc: Uc, vaddr: int, mem_type: int, entry, _user) -> bool:
+        if vaddr >> 12 == _END_PAGE:
+            entry.paddr = _SCRATCH_HPA
+            entry.perms = UC_PROT_READ | UC_PROT_EXEC
+            return True
+        try:
+            access = _ACCESS.get(mem_type, READ)
+            r = self.processor.translate(vaddr, access)
+            if isinstance(r, int):
+                if not r >> 12 in self._mapped:
+                    self._pending_exception = f"access to unbacked host page {r:#x}"
+                    return False
+                entry.paddr = r & ~0xFFF
+                entry.perms = _PERMS[access]
+                return True
+            if r.is_vm_exit:
+                self._pending_fault = r
+            else:
+                self._pending_exception = f"guest {r!r} with no handler: triple fault"
+            return False
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+            self._hook_error = exc
+            return False
+
+    def _io(self, port: int, size: int, is_in: bool, value: int) -> None:
+        regs = self.regs()
+        info = ExitInfo(EXIT_IO_INSTRUCTION, io_qualification(port, size, is_in),
+                        instruction_length=self._insn_length(regs["rip"]))
+        self.processor.vmexit(info)
+        before = dict(regs)
+        go_on = self.handler.io_exit(info, regs, port, size, is_in, value)
+        regs["rip"] = before["rip"]  # the handler skipped the instruction; unicorn advances RIP
+        self._write_back(before, regs)
+        self._resume_or_stop(go_on, info)
+
+    def _resume_or_stop(self, go_on: bool, info: ExitInfo) -> None:
+        if go_on:
+            self._vmentry()
+        else:
+            self.flush_tlb()
+            self._set_stop("handler", info.name)
+            self.uc.emu_stop()
+
+    def _hook_out(self, uc: Uc, port: int, size: int, value: int, _user) -> None:
+        try:
+            self._io(port, size, False, value)
+        except BaseException as exc:  # noqa: BLE001
+            self._hook_error = exc
+            uc.emu_stop()
+
+    def _hook_in(self, uc: Uc, port: int, size: int, _user) -> int:
+        """IN completes in unicorn with the value the handler left in RAX (KVM's
+        complete_fast_pio_in writes it there before re-entry)."""
+        try:
+            self._io(port, size, True, 0)
+            return self.uc.reg_read(X.UC_X86_REG_RAX) & ((1 << (8 * size)) - 1)
+        except BaseException as exc:  # noqa: BLE001
+            self._hook_error = exc
+            uc.emu_stop()
+            return 0
+
+    def _hook_cpuid(self, uc: Uc, _user) -> int:
+        try:
+            regs = self.regs()
+            info = ExitInfo(EXIT_CPUID, instruction_length=2)
+            self.processor.vmexit(info)
+            before = dict(regs)
+            go_on = self.handler.cpuid_exit(info, regs)
+            # the handler skipped the instruction (rip += 2); unicorn advances RIP itself
+            regs["rip"] = before["rip"]
+            self._write_back(before, regs)
+            self._resume_or_stop(go_on, info)
+        except BaseException as exc:  # noqa: BLE001
+            self._hook_error = exc
+            uc.emu_stop()
+        return 1  # skip unicorn's own CPUID
+
+    def _hook_intr(self, uc: Uc, intno: int, _user) -> None:
+        self._pending_exception = f"guest exception vector {intno} with no handler: triple fault"
+        uc.emu_stop()
+
+    def close(self) -> None:
+        self.uc.release_handle() if hasattr(self.uc, "release_handle") else None
+        self._mapped.clear()
