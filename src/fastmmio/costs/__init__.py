@@ -1,0 +1,20 @@
+"""Cycle costs: CPU profiles as data (:mod:`.profile`), the cost model that prices the models'
+event counts (:mod:`.model`), and fitting a profile's free prices to published figures
+(:mod:`.fit`)."""
+
+from fastmmio.costs.model import CostModel, LineItem, Pricing, Resolution, UnpricedEventError
+from fastmmio.costs.profile import (
+    BASES,
+    COMPONENTS,
+    Free,
+    Price,
+    Profile,
+    list_profiles,
+    load_profile,
+    parse_profile,
+)
+
+__all__ = [
+    "BASES", "COMPONENTS", "CostModel", "Free", "LineItem", "Price", "Pricing", "Profile",
+    "Resolution", "UnpricedEventError", "list_profiles", "load_profile", "parse_profile",
+]

@@ -1,0 +1,502 @@
+"""CPU cost profiles: the price in cycles of every event the models count, as TOML data.
+
+A profile is a TOML file (read with :mod:`tomllib`). Bundled ones live in
+``fastmmio/costs/profiles/``; a user can pass the path of their own. Every figure carries where
+it comes from. The schema (every table and field; anything else is an error):
+
+.. code-block:: toml
+
+    [profile]
+    name = "skylake-sp"                 # required; the name users select it by
+    description = "..."                 # required, one line
+    cpu = "Intel Xeon Scalable ..."     # required: what the figures describe
+    nested = false                      # optional: default of the nested setting (see below)
+    notes = "..."                       # optional, free text
+
+    [sources]                           # optional: citations by short name
+    anandtech-skx = "AnandTech, ... (2017), page 4"
+
+    [price."walk.served.l1"]            # one table per event name or dotted prefix
+    cycles = 4                          # required: >= 0, finite (int or float)
+    component = "walk"                  # required: one of COMPONENTS
+    basis = "measured"                  # required: measured | derived | estimate | fitted
+    source = "anandtech-skx"            # required: a [sources] name, or the citation itself
+    exact = false                       # optional: true = this exact name only, no prefix use
+    note = "..."                        # optional
+    prior = 1000                        # optional: the value before a fit replaced it
+
+    [free."walk.ref"]                   # events that are explicitly not priced
+    reason = "..."                      # required: why they cost nothing of their own
+    exact = false                       # optional, as above
+
+    [nested]                            # optional: KVM itself running as a guest
+    description = "..."                 # required
+    source = "..."                      # required
+    scale = { exit = 1.0 }              # optional: component -> factor (>= 0)
+    [nested.price."exit"]               # optional: same fields as [price.*]
+    ...
+
+    [fit]                               # optional: written by fastmmio.costs.fit (see there)
+
+**Matching.** An event name matches a key when it equals the key or starts with the key
+followed by a dot (``exit`` matches ``exit.CPUID``, not ``exitx``). Among the matching keys of
+``[price]`` and ``[free]`` the longest (most specific) wins. A key with ``exact = true`` only
+matches its own name. An event no key matches is an error (:class:`UnpricedEventError`), so a
+new model event can never silently cost zero.
+
+**Nested.** With the nested setting on (KVM is a guest of another hypervisor, so each of its
+VM exits is itself reflected through L0), a price is taken from ``[nested.price]`` when the most
+specific matching key overall is one of those; otherwise the base price is multiplied by
+``[nested].scale[component]`` (1 when absent). A profile without ``[nested]`` refuses the
+nested setting rather than pretending it costs the same.
+
+**Sources.** A ``source`` that is a single word (no white space) must name an entry of
+``[sources]``; anything longer is the citation itself. ``basis`` says what kind of figure it is:
+``measured`` (a published measurement of this very quantity), ``derived`` (computed from
+published measurements, the computation in ``source``/``note``), ``estimate`` (no measurement:
+the reason in ``source``), ``fitted`` (by :mod:`fastmmio.costs.fit`; the record in ``[fit]``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+from fastmmio.errors import ProfileError
+
+COMPONENTS = (
+    "exit",  # VM exit + VM entry round trip and KVM's common run-loop code around it
+    "walk",  # page-walk memory references by where they were served, A/D-flag writes
+    "handler",  # exit handlers and KVM MMU path steps
+    "bus",  # kvm_io_bus look-ups (base + per probe), coalesced-ring appends
+    "eventfd",  # eventfd_signal
+    "emulation",  # the x86 emulator: fetch, software walk, decode, execute
+    "skip",  # advancing RIP past the instruction (VMCS length or decode)
+    "userspace",  # KVM_RUN returning to the VMM, its handling, and the next KVM_RUN
+    "guest",  # the guest's own instructions (the loop)
+)
+"""Cost components, in report order; every breakdown has exactly these keys."""
+
+BASES = ("measured", "derived", "estimate", "fitted")
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
+_SOURCE_NAME_RE = re.compile(r"^\S+$")
+
+_PROFILE_FIELDS = {"name", "description", "cpu", "nested", "notes"}
+_TOP_FIELDS = {"profile", "sources", "price", "free", "nested", "fit"}
+_PRICE_FIELDS = {"cycles", "component", "basis", "source", "exact", "note", "prior"}
+_FREE_FIELDS = {"reason", "exact"}
+_NESTED_FIELDS = {"description", "source", "scale", "price"}
+_FIT_FIELDS = {"method", "weighting", "regularization", "free", "events_source", "notes",
+               "rank", "target"}
+_FIT_TARGET_FIELDS = {"route", "cycles", "source", "events", "fitted", "residual", "percent"}
+
+
+@dataclass(frozen=True)
+class Price:
+    """The price of one event name or dotted family of names."""
+
+    key: str
+    cycles: float
+    component: str
+    basis: str
+    source: str  # the citation text (a [sources] reference already resolved)
+    source_ref: str | None = None  # the [sources] name used, if any
+    exact: bool = False
+    note: str = ""
+    prior: float | None = None
+
+
+@dataclass(frozen=True)
+class Free:
+    """An event name or family explicitly priced at nothing, and why."""
+
+    key: str
+    reason: str
+    exact: bool = False
+
+
+@dataclass(frozen=True)
+class Nested:
+    """How the profile prices KVM running as a guest (L1) of another hypervisor."""
+
+    description: str
+    source: str
+    scale: Mapping[str, float] = field(default_factory=dict)
+    prices: Mapping[str, Price] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FitTarget:
+    """One published figure a fit was made against, with the event vector it was held to."""
+
+    route: str
+    cycles: float
+    source: str
+    events: Mapping[str, float]
+    fitted: float | None = None
+    residual: float | None = None
+    percent: float | None = None
+
+
+@dataclass(frozen=True)
+class FitRecord:
+    """The ``[fit]`` table: what was fitted, to what, how, and how well."""
+
+    free: tuple[str, ...]
+    targets: tuple[FitTarget, ...]
+    method: str = ""
+    weighting: str = "relative"
+    regularization: float = 0.0
+    events_source: str = ""
+    notes: str = ""
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A CPU cost profile (see the module docstring for the file format)."""
+
+    name: str
+    description: str
+    cpu: str
+    origin: str  # the file it was read from
+    prices: Mapping[str, Price]
+    free: Mapping[str, Free]
+    sources: Mapping[str, str] = field(default_factory=dict)
+    nested: Nested | None = None
+    nested_default: bool = False
+    notes: str = ""
+    fit: FitRecord | None = None
+
+    def citations(self) -> dict[str, str]:
+        """Every price key (base and nested) -> its citation text."""
+        out = {k: p.source for k, p in self.prices.items()}
+        if self.nested is not None:
+            out.update({f"nested:{k}": p.source for k, p in self.nested.prices.items()})
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# parsing
+# ------------------------------------------------------------------------------------------
+
+
+class _Ctx:
+    """Where we are, for error messages: the file and the dotted field path."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+
+    def error(self, where: str, msg: str) -> ProfileError:
+        return ProfileError(f"profile {self.origin}: {where}: {msg}")
+
+
+def _fmt_key(table: str, key: str) -> str:
+    return f'{table}."{key}"'
+
+
+def _check_fields(ctx: _Ctx, table: Any, allowed: set[str], where: str) -> dict:
+    if not isinstance(table, dict):
+        raise ctx.error(where, f"must be a table, not {type(table).__name__}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ctx.error(f"{where}.{unknown[0]}",
+                        f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    return table
+
+
+def _string(ctx: _Ctx, table: dict, name: str, where: str, required: bool = True,
+            nonempty: bool = True) -> str:
+    if name not in table:
+        if required:
+            raise ctx.error(f"{where}.{name}", "missing (required)")
+        return ""
+    v = table[name]
+    if not isinstance(v, str):
+        raise ctx.error(f"{where}.{name}", f"must be a string, not {type(v).__name__}")
+    if nonempty and not v.strip():
+        raise ctx.error(f"{where}.{name}", "must not be empty")
+    return v
+
+
+def _bool(ctx: _Ctx, table: dict, name: str, where: str, default: bool = False) -> bool:
+    if name not in table:
+        return default
+    v = table[name]
+    if not isinstance(v, bool):
+        raise ctx.error(f"{where}.{name}", f"must be true or false, not {type(v).__name__}")
+    return v
+
+
+def _number(ctx: _Ctx, v: Any, where: str, what: str = "cycles") -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ctx.error(where, f"must be a number ({what}), not {type(v).__name__}")
+    if not math.isfinite(v):
+        raise ctx.error(where, f"must be finite, not {v}")
+    if v < 0:
+        raise ctx.error(where, f"must not be negative ({what}), got {v}")
+    return float(v)
+
+
+def _check_key(ctx: _Ctx, key: str, where: str) -> None:
+    if not _KEY_RE.match(key):
+        raise ctx.error(where, f"{key!r} is not an event name or dotted prefix "
+                               "(letters, digits, _ separated by single dots)")
+
+
+def _resolve_source(ctx: _Ctx, text: str, sources: Mapping[str, str],
+                    where: str) -> tuple[str, str | None]:
+    if _SOURCE_NAME_RE.match(text.strip()):
+        name = text.strip()
+        if name not in sources:
+            raise ctx.error(where, f"names no entry of [sources]: {name!r} (a one-word source "
+                                   "must be a [sources] name; write a citation in words)")
+        return sources[name], name
+    return text, None
+
+
+def _parse_price(ctx: _Ctx, key: str, raw: Any, sources: Mapping[str, str],
+                 table: str) -> Price:
+    where = _fmt_key(table, key)
+    _check_key(ctx, key, where)
+    _check_fields(ctx, raw, _PRICE_FIELDS, where)
+    if "cycles" not in raw:
+        raise ctx.error(f"{where}.cycles", "missing (required)")
+    cycles = _number(ctx, raw["cycles"], f"{where}.cycles")
+    component = _string(ctx, raw, "component", where)
+    if component not in COMPONENTS:
+        raise ctx.error(f"{where}.component",
+                        f"unknown component {component!r} (one of {', '.join(COMPONENTS)})")
+    basis = _string(ctx, raw, "basis", where)
+    if basis not in BASES:
+        raise ctx.error(f"{where}.basis", f"must be one of {', '.join(BASES)}, not {basis!r}")
+    src_text = _string(ctx, raw, "source", where)
+    source, ref = _resolve_source(ctx, src_text, sources, f"{where}.source")
+    prior = None
+    if "prior" in raw:
+        prior = _number(ctx, raw["prior"], f"{where}.prior")
+    return Price(
+        key=key,
+        cycles=cycles,
+        component=component,
+        basis=basis,
+        source=source,
+        source_ref=ref,
+        exact=_bool(ctx, raw, "exact", where),
+        note=_string(ctx, raw, "note", where, required=False),
+        prior=prior,
+    )
+
+
+def _parse_free(ctx: _Ctx, key: str, raw: Any) -> Free:
+    where = _fmt_key("free", key)
+    _check_key(ctx, key, where)
+    _check_fields(ctx, raw, _FREE_FIELDS, where)
+    return Free(key=key, reason=_string(ctx, raw, "reason", where),
+                exact=_bool(ctx, raw, "exact", where))
+
+
+def _parse_nested(ctx: _Ctx, raw: Any, sources: Mapping[str, str]) -> Nested:
+    _check_fields(ctx, raw, _NESTED_FIELDS, "nested")
+    description = _string(ctx, raw, "description", "nested")
+    source, _ = _resolve_source(ctx, _string(ctx, raw, "source", "nested"), sources,
+                                "nested.source")
+    scale: dict[str, float] = {}
+    if "scale" in raw:
+        rs = raw["scale"]
+        if not isinstance(rs, dict):
+            raise ctx.error("nested.scale", "must be a table of component = factor")
+        for comp, factor in rs.items():
+            if comp not in COMPONENTS:
+                raise ctx.error(f"nested.scale.{comp}",
+                                f"unknown component (one of {', '.join(COMPONENTS)})")
+            scale[comp] = _number(ctx, factor, f"nested.scale.{comp}", "a factor")
+    prices: dict[str, Price] = {}
+    if "price" in raw:
+        rp = raw["price"]
+        if not isinstance(rp, dict):
+            raise ctx.error("nested.price", "must be a table of price tables")
+        for key, entry in rp.items():
+            prices[key] = _parse_price(ctx, key, entry, sources, "nested.price")
+    return Nested(description=description, source=source, scale=scale, prices=prices)
+
+
+def _parse_events(ctx: _Ctx, raw: Any, where: str) -> dict[str, float]:
+    if not isinstance(raw, dict):
+        raise ctx.error(where, "must be a table of event name = count")
+    out = {}
+    for name, count in raw.items():
+        _check_key(ctx, name, f'{where}."{name}"')
+        out[name] = _number(ctx, count, f'{where}."{name}"', "a count")
+    return out
+
+
+def _parse_fit(ctx: _Ctx, raw: Any, prices: Mapping[str, Price],
+               sources: Mapping[str, str]) -> FitRecord:
+    _check_fields(ctx, raw, _FIT_FIELDS, "fit")
+    free = raw.get("free", [])
+    if not isinstance(free, list) or not all(isinstance(k, str) for k in free):
+        raise ctx.error("fit.free", "must be a list of price keys")
+    for k in free:
+        if k not in prices:
+            raise ctx.error("fit.free", f"{k!r} is not a key of [price]")
+    weighting = _string(ctx, raw, "weighting", "fit", required=False) or "relative"
+    if weighting not in ("relative", "absolute"):
+        raise ctx.error("fit.weighting", f"must be 'relative' or 'absolute', not {weighting!r}")
+    reg = 0.0
+    if "regularization" in raw:
+        reg = _number(ctx, raw["regularization"], "fit.regularization", "a weight")
+    rank = None
+    if "rank" in raw:
+        if isinstance(raw["rank"], bool) or not isinstance(raw["rank"], int):
+            raise ctx.error("fit.rank", "must be an integer")
+        rank = raw["rank"]
+    rt = raw.get("target", [])
+    if not isinstance(rt, list):
+        raise ctx.error("fit.target", "must be an array of tables ([[fit.target]])")
+    targets = []
+    for i, t in enumerate(rt):
+        where = f"fit.target[{i}]"
+        _check_fields(ctx, t, _FIT_TARGET_FIELDS, where)
+        route = _string(ctx, t, "route", where)
+        if "cycles" not in t:
+            raise ctx.error(f"{where}.cycles", "missing (required)")
+        cycles = _number(ctx, t["cycles"], f"{where}.cycles")
+        source, _ = _resolve_source(ctx, _string(ctx, t, "source", where), sources,
+                                    f"{where}.source")
+        if "events" not in t:
+            raise ctx.error(f"{where}.events", "missing (required)")
+        events = _parse_events(ctx, t["events"], f"{where}.events")
+        extra: dict[str, float | None] = {}
+        for name in ("fitted", "residual", "percent"):
+            v = t.get(name)
+            if v is not None:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ctx.error(f"{where}.{name}", "must be a finite number")
+                v = float(v)
+            extra[name] = v
+        targets.append(FitTarget(route=route, cycles=cycles, source=source, events=events,
+                                 **extra))
+    return FitRecord(
+        free=tuple(free),
+        targets=tuple(targets),
+        method=_string(ctx, raw, "method", "fit", required=False),
+        weighting=weighting,
+        regularization=reg,
+        events_source=_string(ctx, raw, "events_source", "fit", required=False),
+        notes=_string(ctx, raw, "notes", "fit", required=False),
+        rank=rank,
+    )
+
+
+def parse_profile(text: str, origin: str = "<string>") -> Profile:
+    """Parse and validate profile TOML text; errors are :class:`ProfileError` naming
+    ``origin`` and the field."""
+    ctx = _Ctx(origin)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"profile {origin}: not valid TOML: {exc}") from None
+    _check_fields(ctx, doc, _TOP_FIELDS, "(top level)")
+    if "profile" not in doc:
+        raise ctx.error("profile", "missing [profile] table (name, description, cpu)")
+    head = _check_fields(ctx, doc["profile"], _PROFILE_FIELDS, "profile")
+    name = _string(ctx, head, "name", "profile")
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        raise ctx.error("profile.name", f"{name!r}: use letters, digits, '.', '_', '-'")
+    sources: dict[str, str] = {}
+    if "sources" in doc:
+        rs = doc["sources"]
+        if not isinstance(rs, dict):
+            raise ctx.error("sources", "must be a table of name = citation")
+        for sname, cite in rs.items():
+            if not _SOURCE_NAME_RE.match(sname):
+                raise ctx.error(f"sources.{sname}", "a source name must be one word")
+            if not isinstance(cite, str) or not cite.strip():
+                raise ctx.error(f"sources.{sname}", "must be a non-empty string (the citation)")
+            sources[sname] = cite
+
+    prices: dict[str, Price] = {}
+    rp = doc.get("price", {})
+    if not isinstance(rp, dict):
+        raise ctx.error("price", "must be a table of price tables")
+    for key, raw in rp.items():
+        prices[key] = _parse_price(ctx, key, raw, sources, "price")
+    free: dict[str, Free] = {}
+    rf = doc.get("free", {})
+    if not isinstance(rf, dict):
+        raise ctx.error("free", "must be a table of free tables")
+    for key, raw in rf.items():
+        if key in prices:
+            raise ctx.error(_fmt_key("free", key), "the same key is also under [price]")
+        free[key] = _parse_free(ctx, key, raw)
+    if not prices:
+        raise ctx.error("price", "a profile needs at least one [price.\"...\"] table")
+
+    nested = _parse_nested(ctx, doc["nested"], sources) if "nested" in doc else None
+    nested_default = _bool(ctx, head, "nested", "profile")
+    if nested_default and nested is None:
+        raise ctx.error("profile.nested", "is true but the profile has no [nested] table")
+
+    fit = None
+    if "fit" in doc:
+        fit = _parse_fit(ctx, doc["fit"], prices, sources)
+
+    return Profile(
+        name=name,
+        description=_string(ctx, head, "description", "profile"),
+        cpu=_string(ctx, head, "cpu", "profile"),
+        origin=origin,
+        prices=prices,
+        free=free,
+        sources=sources,
+        nested=nested,
+        nested_default=nested_default,
+        notes=_string(ctx, head, "notes", "profile", required=False),
+        fit=fit,
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------
+
+
+def _bundled_dir():
+    return resources.files("fastmmio").joinpath("costs/profiles")
+
+
+def list_profiles() -> list[str]:
+    """Names of the bundled profiles (file stems of ``costs/profiles/*.toml``), sorted."""
+    return sorted(p.name[:-5] for p in _bundled_dir().iterdir() if p.name.endswith(".toml"))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.endswith(".toml") or "/" in name or "\\" in name or Path(name).exists()
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """A bundled profile by name (see :func:`list_profiles`), or the profile file at a path.
+
+    Anything ending in ``.toml``, containing a path separator or naming an existing file is
+    read as a file; an unknown name is a :class:`ProfileError` listing the bundled ones.
+    """
+    if isinstance(name_or_path, Path) or _looks_like_path(str(name_or_path)):
+        path = Path(name_or_path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+        return parse_profile(text, str(path))
+    name = str(name_or_path)
+    res = _bundled_dir().joinpath(f"{name}.toml")
+    if not res.is_file():
+        raise ProfileError(f"unknown profile {name!r}; bundled profiles: "
+                           f"{', '.join(list_profiles()) or '(none)'}; or give a .toml path")
+    return parse_profile(res.read_text(), f"{name}.toml")
