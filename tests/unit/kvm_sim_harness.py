@@ -123,3 +123,55 @@ class MmuEnv(Env):
             if pf.ret not in (RetPf.FIXED, RetPf.SPURIOUS, RetPf.RETRY):
                 return r, results
         raise AssertionError("no progress")
+
+
+class MachineRun:
+    """A Machine run on unicorn + H3's processor + the KVM model, one batch of ``n`` accesses;
+    userspace answers reads with the spec's device value and stops at the done port."""
+
+    def __init__(self, machine, variant: str = "upstream", n: int = 4, nested: bool = False,
+                 fill_instruction_length: bool = True, cache_config: str = "sdm-max",
+                 insn_budget: int = 200_000, **vm_kw):
+        from fastmmio.sim.cpu import GuestCpu
+        from fastmmio.sim.kvm.vm import KvmVm
+        from fastmmio.sim.vmx.processor import Processor
+
+        self.machine = machine
+        spec = machine.spec
+        self.memory = HostMemory(46)
+        self.proc = Processor(self.memory, cache_config)
+        self.ev = self.proc.events
+        self.vm = KvmVm.from_spec(spec, machine.image, memory=self.memory, events=self.ev,
+                                  variant=variant, **vm_kw)
+        self.exits = []
+
+        def userspace(rec):
+            self.exits.append(rec)
+            if rec.kind == "io" and rec.addr == spec.done_port:
+                return None
+            if rec.kind in ("io", "mmio"):
+                return 0 if rec.is_write else spec.device_read_value
+            return None
+
+        self.vcpu = self.vm.create_vcpu(self.proc, userspace=userspace, nested=nested)
+        b = machine.image.boot
+        self.proc.set_eptp(self.vm.mmu.eptp)
+        self.proc.load_guest_state(cr0=b.cr0, cr3=b.cr3, cr4=b.cr4, efer=b.efer, cpl=b.cpl)
+        self.cpu = GuestCpu(self.memory, self.proc, b, self.vcpu,
+                            fill_instruction_length=fill_instruction_length)
+        for hpa, size in self.vm.backing_ranges():
+            self.cpu.map_host_range(hpa, size)
+        self.vm.write_backing(layout.MAILBOX_GPA + layout.MAILBOX_ITERATIONS, n.to_bytes(8, "little"))
+        self.stop = self.cpu.run(insn_budget=insn_budget)
+
+    @property
+    def user_exits(self):
+        """User exits other than the final 'done' OUT."""
+        done = self.machine.spec.done_port
+        return [r for r in self.exits if not (r.kind == "io" and r.addr == done)]
+
+    def mailbox(self, offset: int) -> int:
+        return int.from_bytes(self.vm.guest_memory.read_guest(layout.MAILBOX_GPA + offset, 8), "little")
+
+    def exits_by_reason(self):
+        return {k[5:]: v for k, v in self.ev.items() if k.startswith("exit.")}

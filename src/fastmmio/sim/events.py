@@ -59,7 +59,7 @@ KVM (sim/kvm):
     kvm.emulate.exception       the emulator queued an exception for the guest (#PF, #GP, #UD)
     kvm.skip.vmcs_length        RIP advanced by the VM-exit instruction length
     kvm.skip.decode             RIP advanced by decoding (EMULTYPE_SKIP, when the length is undefined)
-    kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio, internal_error
+    kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio, internal_error, hlt, shutdown
     kvm.coalesced.append        an access appended to the coalesced MMIO/PIO ring (no exit)
 
 Guest (sim/cpu):

@@ -124,8 +124,11 @@ def ioeventfd_bus_from_flags(flags: int) -> KvmBus:
 class IoEventFds:
     """``kvm->ioeventfds``: every registered ioeventfd, with the ``KVM_IOEVENTFD`` ioctl."""
 
-    def __init__(self, buses: KvmIoBuses):
+    def __init__(self, buses: KvmIoBuses, no_length: bool = True):
+        """``no_length``: ``KVM_CAP_IOEVENTFD_NO_LENGTH`` (f848a5a8, 2014); without it length 0
+        is refused like any other unsupported length (KVM before 2014)."""
         self.buses = buses
+        self.no_length = no_length
         self.events = buses.events
         self.items: list[IoEventFd] = []  # registration order (list_add_tail)
 
@@ -160,8 +163,9 @@ class IoEventFds:
 
     def _assign(self, args: KvmIoEventFdArgs) -> None:
         bus_idx = ioeventfd_bus_from_flags(args.flags)
-        if args.len not in (0, 1, 2, 4, 8):
-            raise IoEventFdError("EINVAL", f"length {args.len} is not 0, 1, 2, 4 or 8")
+        if args.len not in ((0, 1, 2, 4, 8) if self.no_length else (1, 2, 4, 8)):
+            raise IoEventFdError("EINVAL", f"length {args.len} is not "
+                                 + ("0, 1, 2, 4 or 8" if self.no_length else "1, 2, 4 or 8 (no KVM_CAP_IOEVENTFD_NO_LENGTH)"))
         if not 0 <= args.addr <= _ULLONG_MAX:
             raise IoEventFdError("EINVAL", f"address {args.addr:#x} is not a u64")
         if args.addr + args.len > _ULLONG_MAX:

@@ -1,0 +1,161 @@
+"""The KVM variants from the 2015 thread, as small strategies selected by name.
+
+Each variant changes KVM in one or two places; everything else is the model of upstream KVM
+(FACTS.md sections 1 and 2):
+
+``upstream-2013``
+    KVM before 68c3b4d1 and f848a5a8 (2014): no ``KVM_FAST_MMIO_BUS``, so
+    ``handle_ept_misconfig`` goes straight to ``kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)`` and
+    the emulator; no length-0 ioeventfds (``KVM_CAP_IOEVENTFD_NO_LENGTH`` did not exist:
+    ``kvm_assign_ioeventfd`` accepted only 1, 2, 4, 8).
+``upstream``
+    Today's KVM: ``handle_ept_misconfig`` first writes length 0 on ``KVM_FAST_MMIO_BUS`` and on
+    a hit skips the instruction without decoding it (68c3b4d1); length-0 MMIO ioeventfds are
+    on that bus too.
+``rfc-2015``
+    [PATCH RFC 1/3] as posted: at the top of ``handle_ept_violation``, a length-0
+    ``KVM_FAST_MMIO_BUS`` write for *every* EPT violation, read accesses included; on a hit
+    skip the instruction and return, so no SPTE is ever installed for that page (objections 1,
+    2 and 4); userspace may put the ioeventfd over a read-only memslot (patch 3/3 only
+    advertises it: ``KVM_CAP_IOEVENTFD_PF``).
+``rfc-2015-fixed``
+    The RFC with objections 1 and 4 answered: the bus write is made for write accesses only,
+    and the page is first mapped as a read fault would map it (read-only SPTE for a read-only
+    memslot), so the processor can cache a translation for it.
+``bad-page``
+    Xiao Guangrong's first alternative: the bus write is made where the MMU turns a write to
+    a read-only memslot into "emulate" (``kvm_handle_bad_page``, today
+    ``kvm_handle_error_pfn`` with ``KVM_PFN_ERR_RO_FAULT``), i.e. after ``fast_page_fault``;
+    on a hit the instruction is skipped.
+``reserved-write-mostly``
+    His second alternative: the MMU recognises a read-only page that carries a length-0
+    ioeventfd (write-mostly) and gives it an MMIO-style (reserved, misconfigured) SPTE instead
+    of a read-only one, so writes take the EPT-misconfiguration fast path. Consequences the
+    model shows: a read of the doorbell address also hits the fast bus (signal + skip), and
+    other reads of the page are emulated as MMIO (the per-vCPU MMIO info names the gfn).
+
+The skips of the RFC-style variants happen on EPT-violation exits, where
+``skip_emulated_instruction`` uses the VM-exit instruction length even when KVM runs nested
+(only EPT misconfigurations are skipped by decoding there): a processor that leaves the length
+undefined makes such a skip impossible, and the model reports it as an internal error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from fastmmio.errors import UsageError
+from fastmmio.sim.kvm.iobus import KvmBus
+from fastmmio.sim.vmx.exits import ExitInfo
+from fastmmio.sim.vmx.layouts import QUAL_WRITE
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastmmio.sim.kvm.handlers import KvmVcpu
+    from fastmmio.sim.kvm.vm import KvmVm
+
+
+class Variant:
+    """Upstream KVM; subclasses override the hooks they change."""
+
+    name = "upstream"
+    summary = "today's KVM: KVM_FAST_MMIO_BUS on EPT misconfiguration (68c3b4d1)"
+    fast_mmio_on_misconfig = True
+    ioeventfd_no_length = True  # KVM_CAP_IOEVENTFD_NO_LENGTH (f848a5a8)
+    ioeventfd_pf_cap = False  # KVM_CAP_IOEVENTFD_PF (RFC patch 3/3)
+
+    def configure(self, vm: "KvmVm") -> None:
+        """Install MMU hooks on a new VM."""
+
+    def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
+        """Run at the top of ``handle_ept_violation``; a bool ends the handler with that
+        result, None goes on to ``kvm_mmu_page_fault``."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<variant {self.name}>"
+
+
+class Upstream2013(Variant):
+    name = "upstream-2013"
+    summary = "KVM before the fast MMIO bus: EPT misconfiguration always emulates"
+    fast_mmio_on_misconfig = False
+    ioeventfd_no_length = False
+
+
+class Rfc2015(Variant):
+    name = "rfc-2015"
+    summary = "RFC 1/3 as posted: fast-bus write at the top of every EPT violation"
+    ioeventfd_pf_cap = True
+
+    def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
+        gpa = info.guest_physical_address or 0
+        vcpu.step("rfc-2015:fast_mmio_bus")
+        if vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            return vcpu.skip_emulated_instruction(info)
+        return None
+
+
+class Rfc2015Fixed(Variant):
+    name = "rfc-2015-fixed"
+    summary = "RFC with a read-only SPTE installed and the bus write for writes only"
+    ioeventfd_pf_cap = True
+
+    def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
+        if not info.qualification & QUAL_WRITE:
+            return None
+        gpa = info.guest_physical_address or 0
+        vcpu.step("rfc-2015-fixed:fast_mmio_bus")
+        if not vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            return None
+        r = vcpu.vm.mmu.map_readonly_page(gpa)
+        vcpu.step(f"rfc-2015-fixed:map_readonly:{r.name}")
+        return vcpu.skip_emulated_instruction(info)
+
+
+class BadPage(Variant):
+    name = "bad-page"
+    summary = "fast-bus write in the read-only-write (bad page) path, after fast_page_fault"
+    ioeventfd_pf_cap = True
+
+    def configure(self, vm: "KvmVm") -> None:
+        vm.mmu.ro_write_fault_hook = lambda gpa: self._hook(vm, gpa)
+
+    @staticmethod
+    def _hook(vm: "KvmVm", gpa: int) -> bool:
+        vcpu = vm.running_vcpu
+        if vcpu is None:
+            return False
+        vcpu.step("bad-page:fast_mmio_bus")
+        if not vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            return False
+        vcpu.skip_emulated_instruction(vcpu.current_exit)
+        return True
+
+
+class ReservedWriteMostly(Variant):
+    name = "reserved-write-mostly"
+    summary = "MMIO-style (misconfigured) SPTE for a read-only page carrying a length-0 ioeventfd"
+    ioeventfd_pf_cap = True
+
+    def configure(self, vm: "KvmVm") -> None:
+        def write_mostly(gfn: int) -> bool:
+            base = gfn << 12
+            return any(base <= r.addr < base + 0x1000 and r.len == 0
+                       for r in vm.buses[KvmBus.KVM_FAST_MMIO_BUS].range)
+
+        vm.mmu.mmio_spte_for_readonly_hook = write_mostly
+
+
+VARIANTS: dict[str, type[Variant]] = {
+    v.name: v for v in (Upstream2013, Variant, Rfc2015, Rfc2015Fixed, BadPage, ReservedWriteMostly)
+}
+
+
+def get_variant(name: "str | Variant") -> Variant:
+    """The variant called ``name`` (a :class:`UsageError` naming the choices otherwise)."""
+    if isinstance(name, Variant):
+        return name
+    try:
+        return VARIANTS[name]()
+    except KeyError:
+        raise UsageError(f"unknown KVM variant {name!r}; choose one of: {', '.join(VARIANTS)}") from None

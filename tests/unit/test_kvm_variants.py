@@ -1,0 +1,141 @@
+"""The KVM variants of the 2015 thread (FACTS.md 1 and 2), run end to end on unicorn + the
+processor model + the KVM model: [PATCH RFC 1/3] "vmx: allow ioeventfd for EPT violations" as
+posted and fixed, Xiao Guangrong's two alternatives, and KVM before the fast MMIO bus."""
+
+import pytest
+
+from fastmmio import layout
+from fastmmio.errors import IoEventFdError, UsageError
+from fastmmio.guest.build import build_image
+from fastmmio.guest.program import Access, AccessKind
+from fastmmio.machine import IoEventFdSpec, Machine, MachineSpec, MemSlot
+from fastmmio.routes import build_machine, get_route
+from fastmmio.sim.kvm.mmu import SHADOW_NONPRESENT_VALUE
+from fastmmio.sim.kvm.variants import VARIANTS, get_variant
+from fastmmio.sim.vmx.layouts import EPT_R, EPT_W
+from kvm_sim_harness import MachineRun
+
+N = 4
+RO = layout.RO_BASE
+
+
+def ro_machine(kind: AccessKind, width: int = 4, length: int = 0) -> Machine:
+    """An access to the read-only memslot with a length-``length`` MMIO ioeventfd on it."""
+    access = Access(kind, width, RO, 0x11 if kind is AccessKind.WRITE else 0)
+    spec = MachineSpec(
+        memslots=(MemSlot(layout.RAM_SLOT, layout.RAM_BASE, layout.RAM_SIZE),
+                  MemSlot(layout.RO_SLOT, RO, layout.RO_SIZE, readonly=True, fill=layout.RO_PATTERN)),
+        ioeventfds=(IoEventFdSpec("doorbell", False, RO, length),),
+    )
+    return Machine(build_image(access, 0), spec)
+
+
+def pattern(width):
+    return int.from_bytes(bytes([layout.RO_PATTERN]) * width, "little")
+
+
+def test_variant_names():
+    """Variants are selected by name; an unknown name is a UsageError naming the choices."""
+    assert set(VARIANTS) == {"upstream-2013", "upstream", "rfc-2015", "rfc-2015-fixed", "bad-page",
+                             "reserved-write-mostly"}
+    with pytest.raises(UsageError, match="rfc-2015-fixed"):
+        get_variant("rfc-2016")
+
+
+def test_upstream_2013_has_no_fast_bus_and_no_length0():
+    """Before 68c3b4d1/f848a5a8: length-0 ioeventfds are EINVAL and every EPT
+    misconfiguration goes to kvm_mmu_page_fault and the emulator."""
+    with pytest.raises(IoEventFdError) as e:
+        MachineRun(build_machine(get_route("mmio-eventfd-len0"), 0), variant="upstream-2013")
+    assert e.value.errno_name == "EINVAL"
+    run = MachineRun(build_machine(get_route("mmio-eventfd-len4"), 0), variant="upstream-2013", n=N)
+    assert run.vm.eventfd_counts()["doorbell"] == N
+    assert run.ev["kvm.bus.lookup.KVM_FAST_MMIO_BUS"] == 0
+    assert run.ev["kvm.emulate"] == N and run.exits_by_reason()["EPT_MISCONFIG"] == N - 1
+
+
+def test_rfc_2015_never_installs_an_spte_and_looks_up_every_violation():
+    """RFC 1/3 as posted: the write is caught at the top of handle_ept_violation, skipped, and
+    no SPTE is ever installed for the page (objection 4); every EPT violation, demand faults
+    included, pays a KVM_FAST_MMIO_BUS look-up (objection 2)."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="rfc-2015", n=N)
+    assert run.vm.eventfd_counts()["doorbell"] == N and run.ev["kvm.emulate"] == 0
+    assert run.vm.mmu.get_spte(RO) == SHADOW_NONPRESENT_VALUE
+    assert run.ev["kvm.bus.lookup.KVM_FAST_MMIO_BUS"] == run.exits_by_reason()["EPT_VIOLATION"]
+    assert not run.user_exits
+
+
+def test_rfc_2015_read_signals_and_skips_the_load():
+    """Objection 1: the bus write happens for reads too: the eventfd fires and the load is
+    skipped (the guest's register keeps its old value, 0); upstream reads the memory."""
+    bad = MachineRun(ro_machine(AccessKind.READ), variant="rfc-2015", n=N)
+    assert bad.vm.eventfd_counts()["doorbell"] == N
+    assert bad.mailbox(layout.MAILBOX_LAST_READ) == 0
+    good = MachineRun(ro_machine(AccessKind.READ), variant="upstream", n=N)
+    assert good.vm.eventfd_counts()["doorbell"] == 0
+    assert good.mailbox(layout.MAILBOX_LAST_READ) == pattern(4)
+
+
+def test_rfc_2015_fixed_maps_readonly_and_reads_are_reads():
+    """The fixed RFC: writes only, and the page mapped read-only first. A read then leaves a
+    guest-physical translation cached (SDM 28.3.2: created from a present entry), but each
+    write's EPT violation invalidates the mappings for its GPA (28.3.3.1), so after a write
+    nothing is cached for the page. Reads return memory and signal nothing."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="rfc-2015-fixed", n=N)
+    assert run.vm.eventfd_counts()["doorbell"] == N and run.ev["kvm.emulate"] == 0
+    spte = run.vm.mmu.get_spte(RO)
+    assert spte & EPT_R and not spte & EPT_W
+    assert not run.proc.has_gpa_translation(RO)
+    rd = MachineRun(ro_machine(AccessKind.READ), variant="rfc-2015-fixed", n=N)
+    assert rd.vm.eventfd_counts()["doorbell"] == 0
+    assert rd.mailbox(layout.MAILBOX_LAST_READ) == pattern(4)
+    assert rd.proc.has_gpa_translation(RO)
+
+
+def test_rfc_2015_fixed_writes_still_exit_on_every_access():
+    """Objection 5: a present read-only entry caches read permission only; each write is
+    still an EPT violation (from the cached translation, SDM 28.3.3.4, without a re-walk)."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="rfc-2015-fixed", n=N)
+    up = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="upstream", n=N)
+    assert run.exits_by_reason()["EPT_VIOLATION"] == up.exits_by_reason()["EPT_VIOLATION"]
+
+
+def test_bad_page_variant_takes_write_after_fast_page_fault():
+    """Bus write in the read-only-write (bad page) path: no emulation, no SPTE installed by
+    the write; the fault went through the slow path each time (kvm.mmu.bad_page)."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="bad-page", n=N)
+    assert run.vm.eventfd_counts()["doorbell"] == N and run.ev["kvm.emulate"] == 0
+    assert run.ev["kvm.mmu.bad_page"] == N and run.ev["kvm.mmu.slow_path"] >= N
+    rd = MachineRun(ro_machine(AccessKind.READ), variant="bad-page", n=N)
+    assert rd.vm.eventfd_counts()["doorbell"] == 0
+    assert rd.mailbox(layout.MAILBOX_LAST_READ) == pattern(4)
+
+
+def test_reserved_write_mostly_turns_writes_into_misconfig_fast_path():
+    """Write-mostly read-only page with a reserved (MMIO-style) SPTE: after the first fault
+    every write is an EPT misconfiguration answered by KVM_FAST_MMIO_BUS."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="reserved-write-mostly", n=N)
+    assert run.vm.eventfd_counts()["doorbell"] == N
+    assert run.exits_by_reason()["EPT_MISCONFIG"] == N - 1 and run.ev["kvm.emulate"] == 1
+    assert run.vm.mmu.is_mmio_spte(run.vm.mmu.get_spte(RO))
+
+
+def test_reserved_write_mostly_read_of_doorbell_signals():
+    """The same read hazard as the RFC: handle_ept_misconfig does not know the access type,
+    so a read of the doorbell address hits the fast bus (signal + skip)."""
+    run = MachineRun(ro_machine(AccessKind.READ), variant="reserved-write-mostly", n=N)
+    assert run.vm.eventfd_counts()["doorbell"] == N - 1
+    assert run.ev["kvm.emulate"] == 1  # only the first load (the fault that made the SPTE) ran
+
+
+def test_rfc_skip_needs_the_instruction_length():
+    """skip_emulated_instruction on an EPT violation uses VM_EXIT_INSTRUCTION_LEN even when
+    KVM runs nested; a processor that leaves it undefined (SDM 27.2.4) makes the RFC's skip
+    impossible: internal error. Upstream's misconfiguration path decodes instead."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="rfc-2015", n=N, nested=True,
+                     fill_instruction_length=False)
+    assert run.stop.kind == "handler" and run.vcpu.last_exit.kind == "internal-error"
+    assert run.vm.eventfd_counts()["doorbell"] == 1
+    up = MachineRun(build_machine(get_route("mmio-eventfd-len0"), 0), n=N, nested=True,
+                    fill_instruction_length=False)
+    assert up.vm.eventfd_counts()["doorbell"] == N and up.ev["kvm.skip.decode"] == N - 1
