@@ -177,3 +177,16 @@ def test_mmio_len0_takes_fast_path_after_first_fault():
     assert run.ev["kvm.emulate"] == 1 and run.ev["kvm.skip.vmcs_length"] >= 4
     nested = MachineRun(build_machine(route, 0), n=5, nested=True)
     assert nested.ev["kvm.skip.decode"] == 4 and nested.ev["kvm.emulate.decode"] == 5
+
+
+def test_kvm_stats_names():
+    """kvm_vcpu_stats_desc names: pf_taken counts faults that reach kvm_mmu_do_page_fault
+    (not misconfigurations answered by handle_mmio_page_fault, which jump to emulate without
+    pf_emulate); pf_mmio_spte_created once; mmio_exits per userspace MMIO exit."""
+    route = next(r for r in UPSTREAM_ROUTES if r.name == "mmio-user")
+    run = MachineRun(build_machine(route, 0), n=4)
+    st = run.vcpu.kvm_stats()
+    assert st["mmio_exits"] == 4 and st["pf_mmio_spte_created"] == 1
+    assert st["insn_emulation"] == 4 and st["pf_emulate"] == 1
+    assert st["pf_taken"] == run.exits_by_reason()["EPT_VIOLATION"]
+    assert st["exits"] == sum(run.exits_by_reason().values())

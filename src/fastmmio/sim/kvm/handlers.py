@@ -287,6 +287,28 @@ class KvmVcpu:
     def _unhandled(self, info: ExitInfo) -> bool:
         return self._internal_error(f"exit {info.name} is not modelled")
 
+    # -- statistics -------------------------------------------------------------------------
+
+    def kvm_stats(self) -> dict[str, int]:
+        """The model's counts under the names of KVM's binary vCPU statistics
+        (``KVM_GET_STATS_FD``; arch/x86/kvm/x86.c ``kvm_vcpu_stats_desc``), for comparison with
+        the real backend: ``exits``, ``io_exits`` (``handle_io``), ``mmio_exits`` (MMIO exits to
+        userspace), ``halt_exits``, ``insn_emulation`` (every decode, skips included),
+        ``insn_emulation_fail``, and the MMU's ``pf_taken``, ``pf_fixed``, ``pf_emulate``,
+        ``pf_spurious``, ``pf_fast``, ``pf_mmio_spte_created``."""
+        ev = self.events
+        out = {
+            "exits": sum(v for k, v in ev.items() if k.startswith("exit.")),
+            "io_exits": ev["kvm.handler.io"],
+            "mmio_exits": ev["kvm.user_exit.mmio"],
+            "halt_exits": ev["kvm.handler.hlt"],
+            "insn_emulation": ev["kvm.emulate.decode"],
+            "insn_emulation_fail": ev["kvm.emulate.failure"],
+        }
+        for k in ("pf_taken", "pf_fixed", "pf_emulate", "pf_spurious", "pf_fast", "pf_mmio_spte_created"):
+            out[k] = self.vm.mmu.stats[k]
+        return out
+
     # -- results, userspace -----------------------------------------------------------------
 
     def _emulation_result(self, r: EmulationResult) -> bool:

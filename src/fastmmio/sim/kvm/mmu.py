@@ -246,6 +246,7 @@ class TdpMmu:
         self.maxphyaddr = maxphyaddr
         self.mmio_info = mmio_info if mmio_info is not None else VcpuMmioInfo(lambda: memslots.generation)
         self.requests: set[str] = set()
+        self.stats: Counter = Counter()  # KVM's own vCPU stats (pf_taken, pf_fixed, ...)
         self.tables: set[int] = set()
         self.ro_write_fault_hook: Callable[[int], bool] | None = None
         self.mmio_spte_for_readonly_hook: Callable[[int], bool] | None = None
@@ -334,8 +335,11 @@ class TdpMmu:
             if r == RetPf.EMULATE:
                 return PageFaultResult(r, EMULTYPE_PF, path)
         if r == RetPf.INVALID:
+            self.stats["pf_taken"] += 1
             r, p = self._do_page_fault(KvmPageFault.from_error_code(gpa, error_code))
             path = f"{path}+{p}" if path else p
+        if r in (RetPf.FIXED, RetPf.EMULATE, RetPf.SPURIOUS):
+            self.stats[f"pf_{r.name.lower()}"] += 1
         if r == RetPf.EMULATE:
             mask = PFERR_GUEST_PAGE_MASK | PFERR_WRITE_MASK | PFERR_PRESENT_MASK
             if (error_code & mask) == mask:
@@ -370,6 +374,7 @@ class TdpMmu:
         if self.page_fault_can_be_fast(fault):
             r = self.fast_page_fault(fault)
             if r != RetPf.INVALID:
+                self.stats["pf_fast"] += 1
                 return r, "fast" if r == RetPf.FIXED else "spurious"
         self.events["kvm.mmu.slow_path"] += 1
         # kvm_mmu_faultin_pfn
@@ -465,6 +470,7 @@ class TdpMmu:
                 self.requests.add("tlb_flush")
         if self.is_mmio_spte(new):
             self.events["kvm.mmu.spte_install.mmio"] += 1
+            self.stats["pf_mmio_spte_created"] += 1
             return RetPf.EMULATE
         self.events["kvm.mmu.spte_install"] += 1
         return RetPf.FIXED
