@@ -133,16 +133,27 @@ def nnls(A: np.ndarray, b: np.ndarray, max_iter: int | None = None) -> np.ndarra
     passive = np.zeros(n, dtype=bool)
     w = A.T @ (b - A @ x)
     it = 0
-    while (~passive).any() and (w[~passive] > tol).any():
-        j = int(np.argmax(np.where(passive, -np.inf, w)))
+    blocked = np.zeros(n, dtype=bool)  # Lawson-Hanson's safeguard: a variable whose own
+    # unconstrained value comes out <= 0 right after it was freed is set aside (its w taken
+    # as 0) until another variable changes the solution; rounding can make that happen.
+    while (~passive & ~blocked).any() and (w[~passive & ~blocked] > tol).any():
+        j = int(np.argmax(np.where(passive | blocked, -np.inf, w)))
         passive[j] = True
+        first = True
         while True:
             it += 1
             if it > max_iter:
                 raise FitError(f"NNLS did not converge in {max_iter} iterations")
             s = np.zeros(n)
             s[passive] = np.linalg.lstsq(A[:, passive], b, rcond=None)[0]
+            if first and s[j] <= tol:
+                passive[j] = False
+                blocked[j] = True
+                s = x
+                break
+            first = False
             if (s[passive] > tol).all():
+                blocked[:] = False
                 break
             neg = passive & (s <= tol)
             alpha = np.min(x[neg] / (x[neg] - s[neg]))
