@@ -1,0 +1,265 @@
+"""The simulator backend: the same :class:`~fastmmio.machine.Machine` the real backend runs,
+on unicorn + the VMX/EPT processor model + the KVM model.
+
+A :class:`SimSession` answers the same :class:`~fastmmio.backend.Session` calls as the real
+one and fills the same :class:`~fastmmio.result.BatchResult` fields, plus ``events``: every
+event the models counted *between the guest's two RDTSCs* (the code hook watches the two
+RDTSC instructions of the doorbell loop), so a batch's events are exactly what the guest's
+timed region did, as kvm-unit-tests times it. Batches carry no TSC ticks: the cost model
+prices the events (:mod:`fastmmio.costs`).
+
+The userspace half (what QEMU or fastmmio's real run loop does on ``KVM_EXIT_IO`` /
+``KVM_EXIT_MMIO``) is the same device model as the real backend's: writes are recorded, reads
+answer ``spec.device_read_value`` cut to the access width, the coalesced ring is drained at
+every exit, and the ``OUT`` to the done port ends the batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any
+
+from iced_x86 import Decoder, Mnemonic
+from unicorn import UC_HOOK_CODE
+
+from fastmmio import layout
+from fastmmio.errors import GuestError, UsageError
+from fastmmio.machine import IoEventFdSpec, Machine
+from fastmmio.result import BatchResult, ExitRecord
+from fastmmio.sim.cpu import GuestCpu
+from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.kvm.vm import KvmVm
+from fastmmio.sim.vmx.caches import CONFIGS
+from fastmmio.sim.vmx.memory import HostMemory
+from fastmmio.sim.vmx.processor import Processor
+
+EXIT_SAMPLE = 64  # exit records kept per batch (exact counts are kept separately)
+# Extra ioeventfds put on the buses for sweeps ("how does the look-up grow with devices"):
+# page-aligned doorbells above the real one in the MMIO hole, ports above the doorbell port.
+EXTRA_MMIO_BASE = layout.MMIO_BASE + 0x8000
+EXTRA_PIO_BASE = layout.DOORBELL_PORT + 0x100
+
+
+@dataclass(frozen=True)
+class SimOptions:
+    """What the simulated machine is.
+
+    ``variant``: the KVM variant (:data:`fastmmio.sim.kvm.variants.VARIANTS`). ``caches``: the
+    processor's translation-cache configuration (``sdm-max``, ``none``, ``skylake-sp``, ...).
+    ``vpid``: KVM's "enable VPID" (on by default upstream). ``nested``: KVM runs as a guest
+    itself (skips EPT misconfigurations by decoding; the cost profile prices its exits).
+    ``mmio_caching``: ``kvm.mmio_caching``. ``ept_ad``: ``kvm_intel.eptad``.
+    ``extra_ioeventfds``: wildcard ioeventfds added to each bus besides the route's own.
+    ``timeout_s``: the watchdog: host seconds a batch may run before it is stopped.
+    """
+
+    variant: str = "upstream"
+    caches: str = "sdm-max"
+    vpid: bool = True
+    nested: bool = False
+    mmio_caching: bool = True
+    ept_ad: bool = True
+    extra_ioeventfds: int = 0
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise UsageError(f"unknown KVM variant {self.variant!r}; "
+                             f"choose from {', '.join(VARIANTS)}")
+        if isinstance(self.caches, str) and self.caches not in CONFIGS:
+            raise UsageError(f"unknown cache configuration {self.caches!r}; "
+                             f"choose from {', '.join(CONFIGS)}")
+        if not 0 <= self.extra_ioeventfds <= 1024:
+            raise UsageError("extra ioeventfds must be between 0 and 1024")
+        if self.timeout_s <= 0:
+            raise UsageError("the watchdog timeout must be positive")
+
+    def describe(self) -> str:
+        parts = [self.variant, f"caches={self.caches}", f"vpid={'on' if self.vpid else 'off'}"]
+        if self.nested:
+            parts.append("nested")
+        if not self.mmio_caching:
+            parts.append("mmio_caching=N")
+        if self.extra_ioeventfds:
+            parts.append(f"+{self.extra_ioeventfds} ioeventfds")
+        return " ".join(parts)
+
+
+class SimBackend:
+    """Backend protocol implementation for the simulator."""
+
+    def __init__(self, options: SimOptions | None = None, **kw: Any):
+        self.options = options if options is not None else SimOptions(**kw)
+        self.name = f"sim:{self.options.variant}"
+
+    def open(self, machine: Machine) -> "SimSession":
+        return SimSession(machine, self.options)
+
+
+def _timed_region(machine: Machine) -> tuple[int, int]:
+    """Guest-physical addresses of the doorbell loop's two RDTSC instructions."""
+    image = machine.image
+    code = b""
+    for region in image.regions:
+        if region.gpa == image.code_gpa:
+            code = region.data
+    rdtsc = [i.ip for i in Decoder(64, code, ip=image.code_gpa) if i.mnemonic == Mnemonic.RDTSC]
+    if len(rdtsc) < 2:
+        raise UsageError(f"guest program {image.program!r} has no RDTSC-timed region")
+    return rdtsc[0], rdtsc[-1]
+
+
+class SimSession:
+    """One simulated VM with one vCPU running a guest image."""
+
+    def __init__(self, machine: Machine, options: SimOptions):
+        self.machine = machine
+        self.options = options
+        spec = machine.spec
+        if options.extra_ioeventfds:
+            spec = replace(spec, ioeventfds=spec.ioeventfds + _extra_ioeventfds(options.extra_ioeventfds))
+        self.spec = spec
+        boot = machine.image.boot
+        self.memory = HostMemory(46)
+        self.processor = Processor(self.memory, options.caches, vpid_enabled=options.vpid,
+                                   vpid=1 if options.vpid else 0)
+        self.events: Counter[str] = self.processor.events  # one counter for the machine
+        self.vm = KvmVm.from_spec(spec, machine.image, memory=self.memory, events=self.events,
+                                  variant=options.variant, mmio_caching=options.mmio_caching,
+                                  ad_enabled=options.ept_ad)
+        self.vcpu = self.vm.create_vcpu(self.processor, nested=options.nested,
+                                        userspace=self._userspace)
+        self.processor.set_eptp(self.vm.mmu.eptp)
+        self.processor.load_guest_state(cr0=boot.cr0, cr3=boot.cr3, cr4=boot.cr4,
+                                        efer=boot.efer, cpl=boot.cpl)
+        self.cpu = GuestCpu(self.memory, self.processor, boot, self.vcpu)
+        for hpa, size in self.vm.backing_ranges():
+            self.cpu.map_host_range(hpa, size)
+        self._t0_ip, self._t1_ip = _timed_region(machine)
+        code_end = machine.image.code_gpa + machine.image.code_size
+        self._in_timed = False
+        self._timed: Counter[str] = Counter()
+        self._snap: Counter[str] | None = None
+        self.cpu.uc.hook_add(UC_HOOK_CODE, self._on_insn, None, machine.image.code_gpa, code_end - 1)
+        self._batch_exits: list[ExitRecord] = []
+        self._user_exits = 0
+        self._coalesced = 0
+        self._done = False
+        self._stopped_at_done = False
+        self.exit_histogram: Counter[tuple] = Counter()
+        self.closed = False
+
+    # -- guest code hook: instruction count and the timed region ------------------------------
+
+    def _on_insn(self, uc, address: int, size: int, _user) -> None:
+        ev = self.events
+        ev["guest.insn"] += 1
+        if address == self._t0_ip:
+            self._snap = Counter(self.processor.events)
+        elif address == self._t1_ip and self._snap is not None:
+            now = self.processor.events
+            delta = Counter({k: v - self._snap.get(k, 0) for k, v in now.items()})
+            self._timed = +delta
+            self._snap = None
+
+    # -- userspace: the VMM's device model ---------------------------------------------------
+
+    def _userspace(self, rec: ExitRecord) -> int | None:
+        self._coalesced += len(self.vm.coalesced_ring.drain())
+        if rec.kind == "io" and rec.addr == self.spec.done_port and rec.is_write:
+            self._done = True
+            return None
+        if rec.kind not in ("io", "mmio"):
+            return None
+        self._user_exits += 1
+        value = 0
+        if not rec.is_write:
+            value = self.spec.device_read_value & ((1 << (8 * rec.size)) - 1)
+            rec = replace(rec, data=value)
+        self.exit_histogram[(rec.kind, rec.addr, rec.size, rec.is_write, rec.data)] += 1
+        if len(self._batch_exits) < EXIT_SAMPLE:
+            self._batch_exits.append(rec)
+        return value
+
+    # -- Session protocol --------------------------------------------------------------------
+
+    def run_batch(self, iterations: int) -> BatchResult:
+        if self.closed:
+            raise GuestError("the simulated VM is closed")
+        self.write_guest(layout.MAILBOX_GPA + layout.MAILBOX_ITERATIONS,
+                         iterations.to_bytes(8, "little"))
+        self._batch_exits = []
+        self._user_exits = 0
+        self._coalesced = 0
+        self._done = False
+        self._timed = Counter()
+        if self._stopped_at_done:
+            # KVM_RUN after the done port's KVM_EXIT_IO: KVM first completes that OUT
+            # (complete_fast_pio_out). unicorn has executed the OUT already, so only the
+            # model's state is completed; the CPU's registers are not written back.
+            self.vcpu.complete_userspace_io(0)
+            self._stopped_at_done = False
+        fds_before = self.vm.eventfd_counts()
+        stats_before = self.vcpu.kvm_stats()
+        t0 = time.perf_counter_ns()
+        stop = self.cpu.run(timeout_us=int(self.options.timeout_s * 1e6))
+        host_ns = time.perf_counter_ns() - t0
+        self._stopped_at_done = self._done
+        if not self._done:
+            self.closed = True
+            last = self.vcpu.last_exit
+            what = f"{stop.kind} at RIP {stop.rip:#x}: {stop.detail}"
+            if stop.kind == "budget":
+                raise GuestError(f"watchdog: the simulated guest did not finish its batch within "
+                                 f"{self.options.timeout_s:g} s ({what})")
+            if last is not None and last.kind not in ("io", "mmio"):
+                what += f" (KVM_RUN returned {last.kind})"
+            raise GuestError(f"simulated guest stopped before the done port: {what}")
+        fds_after = self.vm.eventfd_counts()
+        stats_after = self.vcpu.kvm_stats()
+        return BatchResult(
+            iterations=iterations,
+            ticks=None,
+            user_exits=self._user_exits,
+            eventfd_signals={k: fds_after[k] - fds_before.get(k, 0) for k in fds_after
+                             if not k.startswith("extra-")},
+            exits=list(self._batch_exits),
+            coalesced_entries=self._coalesced,
+            kvm_stats={k: v - stats_before.get(k, 0) for k, v in stats_after.items()
+                       if v - stats_before.get(k, 0)},
+            events=dict(self._timed),
+            host_ns=host_ns,
+        )
+
+    def read_guest(self, gpa: int, size: int) -> bytes:
+        data = self.vm.guest_memory.read_guest(gpa, size)
+        if data is None:
+            raise UsageError(f"guest-physical {gpa:#x}+{size} is not in a memslot")
+        return data
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        self.vm.write_backing(gpa, data)
+
+    def regs(self) -> dict[str, int]:
+        return self.cpu.regs()
+
+    def close(self) -> None:
+        if not self.closed or self.cpu is not None:
+            self.closed = True
+
+    def __enter__(self) -> "SimSession":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _extra_ioeventfds(n: int) -> tuple[IoEventFdSpec, ...]:
+    """``n`` wildcard ioeventfds on each of the MMIO and PIO buses, away from the route's."""
+    extra = []
+    for i in range(n):
+        extra.append(IoEventFdSpec(f"extra-mmio-{i}", False, EXTRA_MMIO_BASE + 8 * i, 4))
+        extra.append(IoEventFdSpec(f"extra-pio-{i}", True, EXTRA_PIO_BASE + 4 * i, 4))
+    return tuple(extra)
