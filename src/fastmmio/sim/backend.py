@@ -148,7 +148,7 @@ class SimSession:
         self._coalesced = 0
         self._done = False
         self._stopped_at_done = False
-        self.exit_histogram: Counter[tuple] = Counter()
+        self.exit_histogram: Counter[tuple] = Counter()  # last batch, as RunLoop.exit_histogram
         self.closed = False
 
     # -- guest code hook: instruction count and the timed region ------------------------------
@@ -195,6 +195,7 @@ class SimSession:
         self._coalesced = 0
         self._done = False
         self._timed = Counter()
+        self.exit_histogram = Counter()
         if self._stopped_at_done:
             # KVM_RUN after the done port's KVM_EXIT_IO: KVM first completes that OUT
             # (complete_fast_pio_out). unicorn has executed the OUT already, so only the
