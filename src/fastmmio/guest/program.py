@@ -43,11 +43,13 @@ class AccessKind(str, Enum):
     IN = "in"  # IN AL/AX/EAX, DX: port I/O read
     WRITE = "write"  # MOV [rsi], r13b/w/d/q: memory store (MMIO hole, RO memslot or RAM)
     READ = "read"  # MOV bl/bx/ebx/rbx, [rsi]: memory load
+    TOUCH = "touch"  # MOV [rsi], r13b/w/d/q, then RSI += 4 KiB: first-touches a new RAM page
     CPUID = "cpuid"  # CPUID leaf 0: always exits (SDM 25.1.2, unconditional VM exit)
     NONE = "none"  # empty loop: the loop overhead baseline
 
 
 PORT_WIDTHS = (1, 2, 4)
+TOUCH_WINDOW = 0x0018_0000  # page-touch workload: 384 pages of RAM from its target
 MEM_WIDTHS = (1, 2, 4, 8)
 
 
@@ -69,7 +71,7 @@ class Access:
                 raise UsageError(f"port access width must be one of {PORT_WIDTHS}, not {self.width}")
             if not 0 <= self.target <= 0xFFFF:
                 raise UsageError(f"port {self.target:#x} is not a 16-bit port number")
-        elif kind in (AccessKind.WRITE, AccessKind.READ):
+        elif kind in (AccessKind.WRITE, AccessKind.READ, AccessKind.TOUCH):
             if self.width not in MEM_WIDTHS:
                 raise UsageError(f"memory access width must be one of {MEM_WIDTHS}, not {self.width}")
             if self.target % self.width:
@@ -91,7 +93,7 @@ class Access:
 
     @property
     def is_memory(self) -> bool:
-        return self.kind in (AccessKind.WRITE, AccessKind.READ)
+        return self.kind in (AccessKind.WRITE, AccessKind.READ, AccessKind.TOUCH)
 
     def describe(self) -> str:
         """Short stable text, e.g. ``write:1@0x400000=0x0`` or ``cpuid``."""
@@ -127,6 +129,15 @@ def emit_access(asm: Asm, access: Access) -> None:
         asm.emit(Instruction.create_mem_reg(_STORE[w], MemoryOperand(Register.RSI), _REG_BY_WIDTH["r13"][w]))
     elif k is AccessKind.READ:
         asm.emit(Instruction.create_reg_mem(_LOAD[w], _REG_BY_WIDTH["rbx"][w], MemoryOperand(Register.RSI)))
+    elif k is AccessKind.TOUCH:
+        # store, then move to the next page; wrap inside [target, target + TOUCH_WINDOW) so a
+        # calibrated N never leaves the RAM memslot
+        asm.emit(Instruction.create_mem_reg(_STORE[w], MemoryOperand(Register.RSI), _REG_BY_WIDTH["r13"][w]))
+        asm.emit(Instruction.create_reg_i32(Code.ADD_RM64_IMM32, Register.RSI, layout.PAGE_SIZE))
+        asm.emit(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.R8, access.target + TOUCH_WINDOW))
+        asm.emit(Instruction.create_reg_reg(Code.CMP_R64_RM64, Register.RSI, Register.R8))
+        asm.emit(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.R8, access.target))
+        asm.emit(Instruction.create_reg_reg(Code.CMOVAE_R64_RM64, Register.RSI, Register.R8))
     elif k is AccessKind.CPUID:
         asm.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.EAX, Register.EAX))
         asm.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.ECX, Register.ECX))

@@ -23,9 +23,9 @@ unicorn keeps a TLB of its own in front of the model. It is flushed at every VM 
 entry, so after each entry the first access to every page asks the model again (a hit in the
 model's TLB, or a walk when the model has invalidated, e.g. with VPID off); between exits,
 repeated accesses to a page are served by unicorn's TLB, which stands for a hit in the model's
-combined TLB (guest programs here touch a few pages, so no capacity eviction is lost). The
-first instruction fetch after each entry is translated explicitly for the same reason
-(unicorn's translated-block cache skips fetch translations).
+combined TLB (guest programs here touch a few pages, so no capacity eviction is lost). After
+a flush unicorn asks for the code page's translation again before it runs the next
+translated block, so instruction fetches are walked like data accesses.
 
 unicorn itself runs at CPL0; the guest's CPL (3 on a PVM host) is the model's, which applies
 the U/S rules of every walk. An I/O-instruction hook cannot stop unicorn at the next
@@ -129,7 +129,7 @@ class GuestCpu:
         self._mapped: dict[int, object] = {}  # pfn -> ctypes view keeping the buffer exported
         self._pending_fault: Fault | None = None
         self._pending_exception: str | None = None
-        self._entry_fault: Fault | None = None
+        self._lengths: dict[int, int] = {}
         self._stop: CpuStop | None = None
         self._hook_error: BaseException | None = None
         self._scratch = (ctypes.c_char * PAGE_SIZE)()
@@ -184,12 +184,7 @@ class GuestCpu:
         budget (instructions, or microseconds of host time) runs out: the simulator's watchdog.
         """
         self._stop = None
-        self._fetch_after_entry()
         while self._stop is None:
-            if self._entry_fault is not None:
-                fault, self._entry_fault = self._entry_fault, None
-                self._ept_exit(fault)
-                continue
             rip = self.uc.reg_read(X.UC_X86_REG_RIP)
             self._pending_fault = None
             self._pending_exception = None
@@ -227,12 +222,6 @@ class GuestCpu:
         hpa = self.processor.translate(rip - 1, FETCH)
         return isinstance(hpa, int) and self.memory.read(hpa, 1) == 0xF4
 
-    def _fetch_after_entry(self) -> None:
-        rip = self.uc.reg_read(X.UC_X86_REG_RIP)
-        r = self.processor.translate(rip, FETCH)
-        if isinstance(r, Fault) and r.is_vm_exit:
-            self._entry_fault = r  # the exit happens before any instruction runs
-
     def _ept_exit(self, fault: Fault) -> None:
         regs = self.regs()
         length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
@@ -246,16 +235,27 @@ class GuestCpu:
             self._set_stop("handler", info.name)
             return
         self._vmentry()
-        self._fetch_after_entry()
 
     def _insn_length(self, rip: int) -> int | None:
+        """The VM-exit instruction length the processor writes. It comes from the processor's
+        own decode, not from a memory reference, so the look-up made here to read the bytes
+        is not counted (the counter is restored); lengths are kept per RIP (guest code here
+        is never rewritten)."""
+        n = self._lengths.get(rip)
+        if n is not None:
+            return n
+        ev = self.events
+        snapshot = Counter(ev)
         hpa = self.processor.translate(rip, FETCH)
+        ev.clear()
+        ev.update(snapshot)
         if not isinstance(hpa, int):
             return None
-        n = min(15, PAGE_SIZE - (hpa & 0xFFF))
-        code = self.memory.read_bytes(hpa, n)
-        insn = Decoder(64, code, ip=rip).decode()
-        return insn.len or None
+        code = self.memory.read_bytes(hpa, min(15, PAGE_SIZE - (hpa & 0xFFF)))
+        n = Decoder(64, code, ip=rip).decode().len or None
+        if n is not None:
+            self._lengths[rip] = n
+        return n
 
     # -- hooks (exceptions are kept and re-raised after emu_start: unicorn would lose them) ---
 
