@@ -98,8 +98,9 @@ class SimBackend:
         return SimSession(machine, self.options)
 
 
-def _timed_region(machine: Machine) -> tuple[int, int]:
-    """Guest-physical addresses of the doorbell loop's two RDTSC instructions."""
+def _timed_region(machine: Machine) -> tuple[int, int] | None:
+    """Guest-physical addresses of the doorbell loop's two RDTSC instructions, or None for a
+    program without a timed region (then a batch's events are those of the whole batch)."""
     image = machine.image
     code = b""
     for region in image.regions:
@@ -107,7 +108,7 @@ def _timed_region(machine: Machine) -> tuple[int, int]:
             code = region.data
     rdtsc = [i.ip for i in Decoder(64, code, ip=image.code_gpa) if i.mnemonic == Mnemonic.RDTSC]
     if len(rdtsc) < 2:
-        raise UsageError(f"guest program {image.program!r} has no RDTSC-timed region")
+        return None
     return rdtsc[0], rdtsc[-1]
 
 
@@ -137,7 +138,9 @@ class SimSession:
         self.cpu = GuestCpu(self.memory, self.processor, boot, self.vcpu)
         for hpa, size in self.vm.backing_ranges():
             self.cpu.map_host_range(hpa, size)
-        self._t0_ip, self._t1_ip = _timed_region(machine)
+        timed = _timed_region(machine)
+        self._whole_batch = timed is None
+        self._t0_ip, self._t1_ip = timed if timed is not None else (-1, -1)
         code_end = machine.image.code_gpa + machine.image.code_size
         self._in_timed = False
         self._timed: Counter[str] = Counter()
@@ -218,6 +221,8 @@ class SimSession:
             if last is not None and last.kind not in ("io", "mmio"):
                 what += f" (KVM_RUN returned {last.kind})"
             raise GuestError(f"simulated guest stopped before the done port: {what}")
+        if batch_start is not None:
+            self._timed = +Counter({k: v - batch_start.get(k, 0) for k, v in self.events.items()})
         fds_after = self.vm.eventfd_counts()
         stats_after = self.vcpu.kvm_stats()
         return BatchResult(
