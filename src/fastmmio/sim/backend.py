@@ -198,6 +198,7 @@ class SimSession:
         self._coalesced = 0
         self._done = False
         self._timed = Counter()
+        batch_start = Counter(self.events) if self._whole_batch else None
         self.exit_histogram = Counter()
         if self._stopped_at_done:
             # KVM_RUN after the done port's KVM_EXIT_IO: KVM first completes that OUT
