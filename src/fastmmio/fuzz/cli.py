@@ -1,0 +1,169 @@
+"""``python -m fastmmio.fuzz``: hostile guests and the ioeventfd soak on this host's KVM.
+
+    python -m fastmmio.fuzz hostile [--runs N] [--seconds S] [--seed X] [--cpl 3,0] [--kind K ...]
+    python -m fastmmio.fuzz hostile --seed X --only I      # rebuild and rerun program X:I
+    python -m fastmmio.fuzz soak [--notifications N] [--batch B] [ROUTE ...]
+
+Exit status: 0 when every run ended in a defined, allowed outcome with no leak (hostile) or
+every notification was signalled and none exited to userspace (soak); 1 otherwise; 2 for a
+usage or host error (one line on stderr); 3 when a run hung the host process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+
+from fastmmio.cli import _Parser
+from fastmmio.errors import FastmmioError
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
+    return value
+
+
+def _cpls(text: str) -> tuple[int, ...]:
+    try:
+        cpls = tuple(int(c) for c in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of 0 and 3: {text!r}") from None
+    if not cpls or any(c not in (0, 3) for c in cpls):
+        raise argparse.ArgumentTypeError(f"guest CPLs must be 0 or 3: {text!r}")
+    return cpls
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastmmio.fuzz.hostile import KINDS
+    from fastmmio.fuzz.soak import DEFAULT_BATCH, DEFAULT_NOTIFICATIONS
+
+    parser = _Parser(prog="python -m fastmmio.fuzz", description="Hostile guests and the ioeventfd soak on real KVM.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    h = sub.add_parser("hostile", help="run hostile guests until --runs or --seconds; report outcomes and leaks")
+    h.add_argument("--runs", type=_count, metavar="N", help="stop after N runs")
+    h.add_argument("--seconds", type=_seconds, metavar="S", help="stop after S seconds (default 60 without --runs)")
+    h.add_argument("--seed", type=int, default=None, help="program stream (default: from the clock, printed)")
+    h.add_argument("--start", type=int, default=0, metavar="I", help="first program index (default 0)")
+    h.add_argument("--only", type=int, metavar="I", help="run program I of --seed alone, with its listing")
+    h.add_argument("--cpl", type=_cpls, default=(3, 0), metavar="LIST",
+                   help="guest CPLs to draw from, e.g. 3 or 3,0 (default 3,0: CPL0 exercises KVM's "
+                   "emulator where it runs CPL0 code, as under PVM)")
+    h.add_argument("--kind", action="append", choices=KINDS, help="only these kinds (repeatable)")
+    h.add_argument("--watchdog", type=_seconds, default=None, metavar="S",
+                   help="run-loop watchdog per run (default 0.25 s)")
+    h.add_argument("--device", default="/dev/kvm", metavar="PATH")
+    h.add_argument("--verbose", "-v", action="store_true", help="one line per run")
+    h.set_defaults(func=run_hostile)
+
+    s = sub.add_parser("soak", help="N notifications through each ioeventfd route: none lost, no user exit")
+    s.add_argument("routes", nargs="*", metavar="ROUTE", help="routes (default: every ioeventfd route this host runs)")
+    s.add_argument("--notifications", "-n", type=_count, default=DEFAULT_NOTIFICATIONS, metavar="N",
+                   help=f"notifications per route (default {DEFAULT_NOTIFICATIONS})")
+    s.add_argument("--batch", type=_count, default=DEFAULT_BATCH, metavar="B",
+                   help=f"notifications per guest batch (default {DEFAULT_BATCH})")
+    s.add_argument("--cpl", type=int, choices=(0, 3), help="guest CPL (default: from host detection)")
+    s.add_argument("--device", default="/dev/kvm", metavar="PATH")
+    s.set_defaults(func=run_soak)
+    return parser
+
+
+def run_hostile(args: argparse.Namespace) -> int:
+    from fastmmio.fuzz.hostile import KINDS, generate
+    from fastmmio.fuzz.runner import DEFAULT_WATCHDOG_S, campaign, run_program
+    from fastmmio.real.backend import RealBackend
+
+    RealBackend(device=args.device).check()
+    kinds = tuple(args.kind) if args.kind else KINDS
+    watchdog = args.watchdog or DEFAULT_WATCHDOG_S
+    seed = args.seed if args.seed is not None else int(time.time())
+    if args.only is not None:
+        program = generate(seed, args.only, kinds, args.cpl)
+        print(program.describe())
+        for line in program.listing():
+            print("   ", line)
+        outcome = run_program(program, args.device, watchdog)
+        print(f"-> {outcome.label} in {outcome.seconds:.3f} s ({', '.join(sorted(program.allowed))} allowed)")
+        if outcome.message:
+            print(outcome.message)
+        return 0 if outcome.outcome in program.allowed else 1
+    runs, seconds = args.runs, args.seconds
+    if runs is None and seconds is None:
+        seconds = 60.0
+    print(f"fastmmio fuzz hostile: seed {seed}, kinds {', '.join(kinds)}, CPL {','.join(map(str, args.cpl))}, "
+          f"watchdog {watchdog:g} s, until {f'{runs} runs' if runs else ''}"
+          f"{' or ' if runs and seconds else ''}{f'{seconds:g} s' if seconds else ''}", flush=True)
+    programs = (generate(seed, i, kinds, args.cpl) for i in itertools.count(args.start))
+
+    def on_run(n, program, outcome):
+        bad = outcome.outcome == "crash" or outcome.outcome not in program.allowed
+        if args.verbose or bad:
+            print(f"{n:6} {program.describe()} -> {outcome.label} {outcome.seconds:.3f} s"
+                  + (f"\n{outcome.message}" if bad else ""), flush=True)
+
+    summary = campaign(programs, runs, seconds, args.device, watchdog, on_run=on_run)
+    for line in summary.lines():
+        print(line)
+    print(f"reproduce one: python -m fastmmio.fuzz hostile --seed {seed} --only INDEX")
+    return 0 if summary.ok else 1
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    from fastmmio.fuzz.soak import soak
+    from fastmmio.real.backend import RealBackend
+
+    RealBackend(device=args.device).check()
+    print(f"fastmmio fuzz soak: {args.notifications} notifications per route, batches of {args.batch}", flush=True)
+    t0 = time.perf_counter()
+
+    def on_result(res):
+        print(res.line(), flush=True)
+        for c in res.checks:
+            if c.startswith("FAIL"):
+                print(f"    {c}", flush=True)
+
+    results = soak(args.routes or None, args.notifications, args.batch, args.device, args.cpl,
+                   on_result=on_result,
+                   on_skip=lambda r, why: print(f"skipping {r.name}: {why}", file=sys.stderr))
+    total = sum(r.notifications for r in results)
+    lost = sum(r.lost for r in results)
+    exits = sum(r.user_exits for r in results)
+    print(f"total: {len(results)} routes, {total} notifications, {lost} lost, {exits} user exits, "
+          f"{time.perf_counter() - t0:.1f} s")
+    return 0 if all(r.ok for r in results) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FastmmioError as exc:
+        print(f"fastmmio fuzz: {exc}", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:
+        print("fastmmio fuzz: interrupted", file=sys.stderr)
+        return 130
+
+
+__all__ = ["main", "build_parser"]
