@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,6 +32,39 @@ def _positive(text: str) -> int:
     return value
 
 
+# Calibration goals beyond 2^40 TSC ticks (minutes per batch at any TSC rate) are a typo, not
+# a measurement; they would also overflow the watchdog's timer arithmetic.
+MAX_TARGET_TICKS = 1 << 40
+
+
+def _target_ticks(text: str) -> int:
+    value = _positive(text)
+    if value > MAX_TARGET_TICKS:
+        raise argparse.ArgumentTypeError(f"at most 2^40 = {MAX_TARGET_TICKS}: {text}")
+    return value
+
+
+def check_writable(path: Path) -> None:
+    """UsageError now, before anything runs, if ``path`` cannot be written: a directory, a
+    missing parent, no permission, a read-only file system. Probes by opening it for append
+    and removes the file again if the probe created it."""
+    if path.is_dir():
+        raise UsageError(f"cannot write {path}: it is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"cannot write {path}: {path.parent} is not a directory")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    if not existed:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
@@ -47,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     n = p.add_mutually_exclusive_group()
     n.add_argument("--iterations", "-n", type=_positive, metavar="N",
                    help="fixed N accesses per batch (no calibration)")
-    n.add_argument("--target-ticks", type=_positive, metavar="T", default=DEFAULT_TARGET_TICKS,
+    n.add_argument("--target-ticks", type=_target_ticks, metavar="T", default=DEFAULT_TARGET_TICKS,
                    help=f"calibration goal per batch in TSC ticks (default 2^28 = "
                    f"{DEFAULT_TARGET_TICKS}; kvm-unit-tests uses 2^30)")
     p.add_argument("--runs", "-r", type=_positive, default=DEFAULT_RUNS, metavar="R",
@@ -125,11 +159,16 @@ def run(args: argparse.Namespace) -> int:
             kut = f"  [{r.kut}]" if r.kut else ""
             print(f"{r.name:22} {r.description}{kut}")
         return 0
-    # Validate route names and the output path before touching the device.
+    # Validate route names, options and the output path before touching the device.
     for name in args.routes:
         get_route(name)
-    if args.json is not None and not args.json.parent.is_dir():
-        raise UsageError(f"cannot write {args.json}: {args.json.parent} is not a directory")
+    options = BenchOptions(
+        iterations=args.iterations,
+        target_ticks=args.target_ticks if args.iterations is None else DEFAULT_TARGET_TICKS,
+        runs=args.runs,
+    )
+    if args.json is not None:
+        check_writable(args.json)
     from fastmmio.real.backend import RealBackend
     from fastmmio.real.host import detect_host
     from fastmmio.real.objects import Kvm
@@ -146,11 +185,6 @@ def run(args: argparse.Namespace) -> int:
     if not routes:
         raise HostError("no route of the catalogue can run on this host")
 
-    options = BenchOptions(
-        iterations=args.iterations,
-        target_ticks=args.target_ticks if args.iterations is None else DEFAULT_TARGET_TICKS,
-        runs=args.runs,
-    )
     err = Console(stderr=True)
     progress = Progress(
         SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
