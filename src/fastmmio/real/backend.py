@@ -189,8 +189,8 @@ class RealBackend:
         exit_sample: int = DEFAULT_EXIT_SAMPLE,
         watchdog_signal: int = WATCHDOG_SIGNAL,
     ):
-        if watchdog_s <= 0:
-            raise UsageError("the watchdog bound must be positive")
+        if not 0 < watchdog_s < float("inf"):  # NaN fails too
+            raise UsageError("the watchdog bound must be a positive number of seconds")
         self.device = device
         self.watchdog_s = watchdog_s
         self.exit_sample = exit_sample

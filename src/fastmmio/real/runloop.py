@@ -104,7 +104,8 @@ class Watchdog:
                     continue
                 remaining = self._deadline - time.monotonic()
                 if remaining > 0:
-                    self._cond.wait(remaining)
+                    # in steps: a huge bound would overflow the lock's timeout and kill this thread
+                    self._cond.wait(min(remaining, 3600.0))
                     continue
                 self._fired = True
                 self._deadline = None
