@@ -264,10 +264,15 @@ def load_catalogue(path: str | None = None) -> tuple[Route, ...]:
     if path is None:
         text = resources.files("fastmmio").joinpath("data/routes.toml").read_text()
         return parse_catalogue(text, "routes.toml")
+    p = Path(path)
+    if p.exists() and not p.is_file() and not p.is_dir():  # a device or FIFO: never ends
+        raise UsageError(f"cannot read route catalogue {path}: not a regular file")
     try:
-        text = Path(path).read_text()
+        text = p.read_text()
     except OSError as exc:
         raise UsageError(f"cannot read route catalogue {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"cannot read route catalogue {path}: not UTF-8 text") from None
     return parse_catalogue(text, path)
 
 

@@ -489,10 +489,15 @@ def load_profile(name_or_path: str | Path) -> Profile:
     """
     if isinstance(name_or_path, Path) or _looks_like_path(str(name_or_path)):
         path = Path(name_or_path)
+        if path.exists() and not path.is_file() and not path.is_dir():
+            # a device or FIFO (/dev/zero, a pipe) could be read forever
+            raise ProfileError(f"cannot read profile {path}: not a regular file")
         try:
             text = path.read_text()
         except OSError as exc:
             raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"cannot read profile {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         return parse_profile(text, str(path))
     name = str(name_or_path)
     res = _bundled_dir().joinpath(f"{name}.toml")
