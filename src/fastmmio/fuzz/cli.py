@@ -40,6 +40,16 @@ def _seconds(text: str) -> float:
     return value
 
 
+MAX_WATCHDOG_S = 600.0
+
+
+def _watchdog(text: str) -> float:
+    value = _seconds(text)
+    if value > MAX_WATCHDOG_S:
+        raise argparse.ArgumentTypeError(f"at most {MAX_WATCHDOG_S:g} s: {text}")
+    return value
+
+
 def _cpls(text: str) -> tuple[int, ...]:
     try:
         cpls = tuple(int(c) for c in text.split(","))
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest CPLs to draw from, e.g. 3 or 3,0 (default 3,0: CPL0 exercises KVM's "
                    "emulator where it runs CPL0 code, as under PVM)")
     h.add_argument("--kind", action="append", choices=KINDS, help="only these kinds (repeatable)")
-    h.add_argument("--watchdog", type=_seconds, default=None, metavar="S",
+    h.add_argument("--watchdog", type=_watchdog, default=None, metavar="S",
                    help="run-loop watchdog per run (default 0.25 s)")
     h.add_argument("--device", default="/dev/kvm", metavar="PATH")
     h.add_argument("--verbose", "-v", action="store_true", help="one line per run")
@@ -126,9 +136,10 @@ def run_hostile(args: argparse.Namespace) -> int:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    from fastmmio.fuzz.soak import soak
+    from fastmmio.fuzz.soak import named_soak_routes, soak
     from fastmmio.real.backend import RealBackend
 
+    named_soak_routes(args.routes)  # bad names before touching the device
     RealBackend(device=args.device).check()
     print(f"fastmmio fuzz soak: {args.notifications} notifications per route, batches of {args.batch}", flush=True)
     t0 = time.perf_counter()

@@ -55,6 +55,17 @@ def soak_routes(device: str = "/dev/kvm") -> tuple[list[Route], list[tuple[Route
     return chosen, skipped
 
 
+def named_soak_routes(names: list[str]) -> list[Route]:
+    """The routes called ``names``; UsageError for an unknown name or a route that is not an
+    in-kernel ioeventfd route (listing those that are)."""
+    routes = [get_route(n) for n in names]
+    for r in routes:
+        if not is_soak_route(r):
+            raise UsageError(f"route {r.name} is not an in-kernel ioeventfd route; soak routes: "
+                             + ", ".join(x.name for x in load_catalogue() if is_soak_route(x)))
+    return routes
+
+
 @dataclass
 class SoakResult:
     route: str
@@ -149,11 +160,7 @@ def soak(
 ) -> list[SoakResult]:
     """:func:`soak_route` over the named routes (default: every soak route this host runs)."""
     if names:
-        routes = [get_route(n) for n in names]
-        for r in routes:
-            if not is_soak_route(r):
-                raise UsageError(f"route {r.name} is not an in-kernel ioeventfd route; soak routes: "
-                                 + ", ".join(r.name for r in load_catalogue() if is_soak_route(r)))
+        routes = named_soak_routes(names)
     else:
         routes, skipped = soak_routes(device)
         for r, why in skipped:
