@@ -1,0 +1,125 @@
+"""``fastmmio explain ROUTE``: one steady-state notification on the simulator, step by step,
+with the cycles each step costs under a CPU profile (see :mod:`fastmmio.explain`).
+
+Exit status: 0, or 2 for a usage error (unknown route, variant, cache configuration or
+profile; a route the chosen variant cannot run), one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from fastmmio.costs import COMPONENTS
+from fastmmio.errors import UsageError
+from fastmmio.explain import DEFAULT_CPL, DEFAULT_PROFILE, DEFAULT_WARMUP, ExplainOptions, Explanation, explain
+from fastmmio.routes import get_route
+from fastmmio.sim.backend import SimOptions
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "explain",
+        help="one notification of a route on the simulator, step by step, with cycles",
+        description="Run ROUTE on the simulated VMX processor under the KVM model, warm it up, "
+        "then record one steady-state notification: every page-walk reference and where it "
+        "hit, the VM exit with its reason and qualification, each step of KVM's handler, the "
+        "bus look-up, the eventfd signal or exit to userspace, the skip and the re-entry, each "
+        "priced with a CPU cost profile; the rows add up to the cost model's total.",
+    )
+    p.add_argument("route", metavar="ROUTE", help="route name (fastmmio bench --list names them)")
+    p.add_argument("--variant", default="upstream",
+                   help="KVM variant (upstream, upstream-2013, rfc-2015, rfc-2015-fixed, "
+                   "bad-page, reserved-write-mostly; default upstream)")
+    p.add_argument("--caches", default="sdm-max",
+                   help="processor translation-cache configuration (default sdm-max)")
+    p.add_argument("--vpid", choices=("on", "off"), default="on",
+                   help="KVM's 'enable VPID' (default on, as upstream)")
+    p.add_argument("--nested", action="store_true",
+                   help="KVM runs as a guest itself: EPT misconfigurations are skipped by "
+                   "decoding and the profile's nested prices apply")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
+                   help=f"CPU cost profile: a bundled name or a .toml file (default {DEFAULT_PROFILE})")
+    p.add_argument("--cpl", type=int, choices=(0, 3), default=DEFAULT_CPL,
+                   help=f"guest privilege level (default {DEFAULT_CPL}, as kvm-unit-tests on VMX)")
+    p.add_argument("--warmup", type=_positive, default=DEFAULT_WARMUP, metavar="N",
+                   help=f"iterations of the warm-up batch (default {DEFAULT_WARMUP})")
+    p.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                   help="write the steps as JSON to FILE, or to stdout instead of the table")
+    p.set_defaults(func=run)
+
+
+def explanation_table(e: Explanation) -> Table:
+    table = Table(
+        title=f"fastmmio explain {e.route}: one steady-state notification",
+        caption=f"sim {e.sim}; profile {e.profile}{' (nested)' if e.nested else ''}; "
+        f"guest CPL{e.cpl}",
+    )
+    table.add_column("#", justify="right")
+    table.add_column("step")
+    table.add_column("event")
+    table.add_column("cycles", justify="right")
+    table.add_column("component")
+    table.add_column("detail", overflow="fold")
+    for s in e.steps:
+        if s.event is None:
+            table.add_row(str(s.index), Text(s.what, style="italic"), "", "", "", Text(s.detail))
+            continue
+        count = f" x{s.count}" if s.count != 1 else ""
+        cycles = "free" if s.component is None else f"{s.cycles:,.1f}"
+        table.add_row(str(s.index), Text(s.what), Text(s.event + count), cycles,
+                      s.component or "", Text(s.detail))
+    table.add_section()
+    table.add_row("", "[bold]total[/bold]", "", f"[bold]{e.total_cycles:,.1f}[/bold]", "", "")
+    return table
+
+
+def breakdown_line(e: Explanation) -> str:
+    parts = [f"{c} {e.pricing.breakdown[c]:,.1f}" for c in COMPONENTS if e.pricing.breakdown[c]]
+    return "by component: " + ", ".join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    route = get_route(args.route)  # UsageError listing the routes
+    if args.json not in (None, "-"):
+        parent = Path(args.json).parent
+        if not parent.is_dir():
+            raise UsageError(f"cannot write {args.json}: {parent} is not a directory")
+    options = ExplainOptions(
+        sim=SimOptions(variant=args.variant, caches=args.caches, vpid=args.vpid == "on",
+                       nested=args.nested),
+        profile=args.profile,
+        cpl=args.cpl,
+        warmup=args.warmup,
+    )
+    e = explain(route, options)
+    if args.json is not None:
+        text = json.dumps(e.to_json(), indent=2) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+            return 0
+        try:
+            Path(args.json).write_text(text)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.json}: {exc.strerror}") from None
+    term = Console()
+    out = term if term.is_terminal else Console(width=160)
+    out.print(explanation_table(e))
+    out.print(breakdown_line(e))
+    return 0
