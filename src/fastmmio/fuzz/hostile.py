@@ -291,7 +291,7 @@ INVALID_OPCODES: tuple[tuple[str, bytes], ...] = (
     ("lock-nop", b"\xf0\x90"), ("lock-add-reg", b"\xf0\x01\xc0"), ("lock-mov", b"\xf0\x89\x06"),
     ("too-long", b"\x66" * 15 + b"\x90"), ("0f04", b"\x0f\x04"), ("0f0a", b"\x0f\x0a"),
     ("0f0c", b"\x0f\x0c"), ("0f24", b"\x0f\x24\xc0"), ("0f36", b"\x0f\x36"), ("0fa6", b"\x0f\xa6\xc0"),
-    ("0fa7", b"\x0f\xa7\xc0"), ("0f7a", b"\x0f\x7a\xc0"), ("vex-bad-map", b"\xc4\xe0\x78\x10\xc0"),
+    ("xstore-via-only", b"\x0f\xa7\xc0"), ("0f7a", b"\x0f\x7a\xc0"), ("vex-bad-map", b"\xc4\xe0\x78\x10\xc0"),
     ("evex-no-avx512", b"\x62\xf1\x7c\x48\x10\xc0"), ("mov-to-cs", b"\x8e\xc8"),
     ("xsetbv-no-osxsave", b"\x0f\x01\xd1"), ("ymm-no-osxsave", b"\xc5\xfc\x10\xc0"),
 )  # fmt: skip

@@ -251,6 +251,7 @@ class Summary:
     first: ResourceSnapshot | None = None  # after the warm-up runs
     last: ResourceSnapshot | None = None
     slowest: tuple[float, str] = (0.0, "")
+    history: list[tuple[int, ResourceSnapshot]] = field(default_factory=list)  # (runs, snapshot) per check
 
     @property
     def crashes(self) -> int:
@@ -290,6 +291,11 @@ class Summary:
                 f"threads {f.threads} -> {l.threads}, VmSize {f.vm_size_kb // 1024} -> "
                 f"{l.vm_size_kb // 1024} MiB, RSS {f.rss_kb // 1024} -> {l.rss_kb // 1024} MiB"
             )
+        if len(self.history) > 2:
+            step = max(1, len(self.history) // 6)
+            points = self.history[::step] + ([self.history[-1]] if (len(self.history) - 1) % step else [])
+            out.append("VmSize/RSS/maps by runs: " + ", ".join(
+                f"{n}: {r.vm_size_kb // 1024}/{r.rss_kb // 1024} MiB/{r.maps}" for n, r in points))
         if self.slowest[1]:
             out.append(f"slowest run: {self.slowest[0]:.2f} s ({self.slowest[1]})")
         for finding in self.findings[:20]:
@@ -335,6 +341,7 @@ def campaign(
             now = ResourceSnapshot.take()
         summary.last = now
         summary.leak_checks += 1
+        summary.history.append((summary.runs, now))
         for leak in compare(base, now):
             key = leak.split(" ")[0]
             if key not in reported:  # one finding per resource, with its numbers
