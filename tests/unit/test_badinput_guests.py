@@ -20,9 +20,9 @@ from fastmmio import layout
 from fastmmio.errors import GuestError, HostError, UsageError
 from fastmmio.fuzz import hostile as H
 from fastmmio.fuzz import runner
-from fastmmio.fuzz.program import ANY, DEFINED_OUTCOMES, DONE, Program, ProgramBuilder, plain_spec, random_spec
+from fastmmio.fuzz.program import DEFINED_OUTCOMES, DONE, Program, plain_spec, random_spec
 from fastmmio.guest.build import build_image
-from fastmmio.guest.paging import ADDR_MASK, PTE_P, build_page_tables, walk
+from fastmmio.guest.paging import PTE_P, build_page_tables, walk
 from fastmmio.guest.program import Access, AccessKind, doorbell_loop
 from fastmmio.guest.raw import build_raw_image
 from fastmmio.real.backend import RealBackend
