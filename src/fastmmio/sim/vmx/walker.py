@@ -27,9 +27,12 @@ Architectural rules implemented here, with their source (SDM Vol. 3, 2016, 32538
   access to the translation of the linear address, clear for a paging-structure access.
 * Guest paging (4.5) and access rights (4.6: U/S, R/W with CR0.WP, XD with EFER.NXE, SMEP);
   page-fault error codes (4.7). SMAP and protection keys are not modelled.
-* Accessed and dirty flags: guest A set on every entry used, D on the leaf for a write (4.8),
-  as writes through EPT that need EPT write permission (28.2.3.2); EPT A/D flags when EPTP
-  bit 6 is set (28.2.4). ``set_ad_bits=False`` turns the guest updates off (the walk then
+* Accessed and dirty flags: guest A set on every entry used as the walk uses it, D on the
+  leaf for a write once the final guest-physical address has translated (a write that EPT
+  refuses sets no dirty flag; the SDM does not order the two, this model picks the order
+  that makes a cached and an uncached walk leave the same memory), both as writes through
+  EPT that need EPT write permission (28.2.3.2); EPT A/D flags when EPTP bit 6 is set
+  (28.2.4). ``set_ad_bits=False`` turns the guest updates off (the walk then
   neither checks nor writes A/D).
 * Cache creation (4.10.2.3, 4.10.3.1, 28.3.2): nothing from EPT entries that are not present
   or misconfigured; nothing combined from guest entries that are not present or set
@@ -523,8 +526,6 @@ class Walker:
                 if not self._guest_allows(rights, access, user):
                     return self._page_fault(la, L.PFERR_P | self._pf_bits(access, user),
                                             "guest", level)
-                if ad and access == WRITE and not value & L.PTE_D:
-                    new |= L.PTE_D
                 if new != value:
                     f = self._guest_ad_write(la, entry_gpa, entry_hpa, table_perm, new, level)
                     if f is not None:
@@ -534,6 +535,13 @@ class Walker:
                 if isinstance(r, Fault):
                     return r
                 hpa, perm, eshift, edirty = r
+                if ad and access == WRITE and not value & L.PTE_D:
+                    # the dirty flag once the write is known to proceed (4.8: "whenever there
+                    # is a write to a linear address"); a write refused by EPT sets none
+                    new |= L.PTE_D
+                    f = self._guest_ad_write(la, entry_gpa, entry_hpa, table_perm, new, level)
+                    if f is not None:
+                        return f
                 gdirty = bool(new & L.PTE_D) or not ad
                 dirty = R_DIRTY if gdirty and (edirty or not self._ept_ad) else 0
                 glob = self._pge and bool(value & L.PTE_G)
