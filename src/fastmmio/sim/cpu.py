@@ -37,6 +37,8 @@ guest programs end a batch with ``OUT`` followed by a jump.
 from __future__ import annotations
 
 import ctypes
+import operator
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
@@ -58,6 +60,11 @@ from unicorn import (
 from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
 from unicorn import x86_const as X
 
+try:  # the binding's ctypes library: registers read and written without per-call set-up
+    from unicorn.unicorn_py3.unicorn import uclib as _uclib
+except ImportError:  # pragma: no cover - another binding layout: use the public API
+    _uclib = None
+
 from fastmmio.guest.image import BootState
 from fastmmio.sim.vmx.exits import (
     EXIT_CPUID,
@@ -74,6 +81,8 @@ _UC_GPRS = tuple(getattr(X, f"UC_X86_REG_{r.upper()}") for r in GPRS)
 _UC_REGS = _UC_GPRS + (X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS)
 _REG_NAMES = GPRS + ("rip", "rflags")
 _UC_BY_NAME = dict(zip(_REG_NAMES, _UC_REGS))
+_UC_RIP, _UC_RAX = X.UC_X86_REG_RIP, X.UC_X86_REG_RAX
+_REG_VALUES = operator.itemgetter(*_REG_NAMES)  # dict -> tuple in _REG_NAMES order
 
 # unicorn's memory access types in the TLB-fill hook (uc_mem_type)
 _UC_MEM_READ, _UC_MEM_WRITE, _UC_MEM_FETCH = 16, 17, 18
@@ -103,6 +112,37 @@ class ExitHandler(Protocol):
     def cpuid_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
 
     def ept_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
+
+
+class _Deadline:
+    """The watchdog of :meth:`GuestCpu.run`: a thread that stops unicorn once ``seconds``
+    have passed, for the whole run rather than per ``emu_start``.
+
+    (``emu_start``'s own timeout starts a polling thread and joins it on every call, i.e. on
+    every VM exit that stops unicorn: that cost more than the exit itself.) ``uc_emu_stop`` is
+    what unicorn's own timeout thread calls, so it may come from another thread; one that lands
+    between two ``emu_start`` calls is lost, so it is repeated until the run loop notices.
+    """
+
+    def __init__(self, uc: Uc, seconds: float):
+        self.uc = uc
+        self.fired = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(seconds,), daemon=True,
+                                        name="fastmmio-sim-watchdog")
+        self._thread.start()
+
+    def _main(self, seconds: float) -> None:
+        if self._done.wait(seconds):
+            return
+        self.fired = True
+        while not self._done.is_set():
+            self.uc.emu_stop()
+            self._done.wait(0.01)
+
+    def finish(self) -> None:
+        self._done.set()
+        self._thread.join()
 
 
 @dataclass
@@ -140,6 +180,16 @@ class GuestCpu:
         self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
         self.uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.uc.hook_add(UC_HOOK_INTR, self._hook_intr)
+        # Register file buffers for uc_reg_read_batch / uc_reg_read / uc_reg_write (x86-64
+        # GPRs, RIP and RFLAGS are all 64-bit values in unicorn).
+        n = len(_UC_REGS)
+        self._nregs = n
+        self._reg_ids = (ctypes.c_int * n)(*_UC_REGS)
+        self._reg_vals = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self._reg_vals)
+        self._reg_ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        self._one = ctypes.c_uint64()
+        self._one_ptr = ctypes.c_void_p(ctypes.addressof(self._one))
         self.set_regs({"rip": boot.rip, "rsp": boot.rsp, "rflags": boot.rflags, **boot.gprs})
 
     # -- memory --------------------------------------------------------------------------------
@@ -158,16 +208,44 @@ class GuestCpu:
     # -- registers -----------------------------------------------------------------------------
 
     def regs(self) -> dict[str, int]:
-        return dict(zip(_REG_NAMES, self.uc.reg_read_batch(_UC_REGS)))
+        """The GPRs, RIP and RFLAGS by name (one ``uc_reg_read_batch`` into fixed buffers)."""
+        if _uclib is None:  # pragma: no cover
+            return dict(zip(_REG_NAMES, self.uc.reg_read_batch(_UC_REGS)))
+        err = _uclib.uc_reg_read_batch(self.uc._uch, self._reg_ids, self._reg_ptrs, self._nregs)
+        if err:
+            raise UcError(err)
+        return dict(zip(_REG_NAMES, self._reg_vals))
+
+    def _exit_regs(self) -> tuple[dict[str, int], tuple[int, ...]]:
+        """The register file for a handler, and the same values as a tuple to compare with
+        afterwards (:meth:`_write_back`)."""
+        regs = self.regs()
+        return regs, _REG_VALUES(regs)
+
+    def reg(self, reg_id: int) -> int:
+        """One 64-bit register (a unicorn ``UC_X86_REG_*`` id)."""
+        if _uclib is None:  # pragma: no cover
+            return self.uc.reg_read(reg_id)
+        err = _uclib.uc_reg_read(self.uc._uch, reg_id, self._one_ptr)
+        if err:
+            raise UcError(err)
+        return self._one.value
 
     def set_regs(self, regs: dict[str, int]) -> None:
         for name, value in regs.items():
-            self.uc.reg_write(_UC_BY_NAME[name], value)
+            if _uclib is None:  # pragma: no cover
+                self.uc.reg_write(_UC_BY_NAME[name], value)
+                continue
+            self._one.value = value & 0xFFFF_FFFF_FFFF_FFFF
+            err = _uclib.uc_reg_write(self.uc._uch, _UC_BY_NAME[name], self._one_ptr)
+            if err:
+                raise UcError(err)
 
-    def _write_back(self, before: dict[str, int], after: dict[str, int]) -> None:
-        changed = {k: v for k, v in after.items() if k in _UC_BY_NAME and before.get(k) != v}
-        if changed:
-            self.set_regs(changed)
+    def _write_back(self, before: tuple[int, ...], after: dict[str, int]) -> None:
+        """Write the registers the handler changed (``before`` from :meth:`_exit_regs`)."""
+        now = _REG_VALUES(after)
+        if now != before:
+            self.set_regs({k: v for k, v, b in zip(_REG_NAMES, now, before) if v != b})
 
     # -- the run loop --------------------------------------------------------------------------
 
@@ -184,12 +262,22 @@ class GuestCpu:
         budget (instructions, or microseconds of host time) runs out: the simulator's watchdog.
         """
         self._stop = None
+        deadline = _Deadline(self.uc, timeout_us / 1e6) if timeout_us > 0 else None
+        try:
+            return self._run(insn_budget, deadline)
+        finally:
+            if deadline is not None:
+                deadline.finish()
+
+    def _run(self, insn_budget: int, deadline: _Deadline | None) -> CpuStop:
         while self._stop is None:
-            rip = self.uc.reg_read(X.UC_X86_REG_RIP)
+            if deadline is not None and deadline.fired:
+                return self._set_stop("budget", "instruction or time budget exhausted")
+            rip = self.reg(_UC_RIP)
             self._pending_fault = None
             self._pending_exception = None
             try:
-                self.uc.emu_start(rip, _END, timeout_us, insn_budget)
+                self.uc.emu_start(rip, _END, 0, insn_budget)
             except UcError as exc:
                 if self._hook_error is not None:
                     err, self._hook_error = self._hook_error, None
@@ -208,14 +296,14 @@ class GuestCpu:
             if self._pending_exception is not None:
                 return self._set_stop("shutdown", self._pending_exception)
             # emu_start returned by itself: budget or timeout exhausted, or HLT.
-            new_rip = self.uc.reg_read(X.UC_X86_REG_RIP)
-            if self._last_insn_is_hlt(new_rip):
+            new_rip = self.reg(_UC_RIP)
+            if (deadline is None or not deadline.fired) and self._last_insn_is_hlt(new_rip):
                 return self._set_stop("hlt", "HLT with no interrupt to wake the vCPU")
             return self._set_stop("budget", "instruction or time budget exhausted")
         return self._stop
 
     def _set_stop(self, kind: str, detail: str) -> CpuStop:
-        self._stop = CpuStop(kind, self.uc.reg_read(X.UC_X86_REG_RIP), detail)
+        self._stop = CpuStop(kind, self.reg(_UC_RIP), detail)
         return self._stop
 
     def _last_insn_is_hlt(self, rip: int) -> bool:
@@ -223,15 +311,14 @@ class GuestCpu:
         return isinstance(hpa, int) and self.memory.read(hpa, 1) == 0xF4
 
     def _ept_exit(self, fault: Fault) -> None:
-        regs = self.regs()
+        regs, before = self._exit_regs()
         length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
         info = self.processor.exit_info(fault, length)
         self.processor.vmexit(info)
-        self.flush_tlb()
-        before = dict(regs)
         go_on = self.handler.ept_exit(info, regs)
         self._write_back(before, regs)
         if not go_on:
+            self.flush_tlb()  # (unicorn does not run in between: one flush serves exit and entry)
             self._set_stop("handler", info.name)
             return
         self._vmentry()
@@ -284,13 +371,13 @@ class GuestCpu:
             return False
 
     def _io(self, port: int, size: int, is_in: bool, value: int) -> None:
-        regs = self.regs()
+        regs, before = self._exit_regs()
+        rip = regs["rip"]
         info = ExitInfo(EXIT_IO_INSTRUCTION, io_qualification(port, size, is_in),
-                        instruction_length=self._insn_length(regs["rip"]))
+                        instruction_length=self._insn_length(rip))
         self.processor.vmexit(info)
-        before = dict(regs)
         go_on = self.handler.io_exit(info, regs, port, size, is_in, value)
-        regs["rip"] = before["rip"]  # the handler skipped the instruction; unicorn advances RIP
+        regs["rip"] = rip  # the handler skipped the instruction; unicorn advances RIP
         self._write_back(before, regs)
         self._resume_or_stop(go_on, info)
 
@@ -314,7 +401,7 @@ class GuestCpu:
         complete_fast_pio_in writes it there before re-entry)."""
         try:
             self._io(port, size, True, 0)
-            return self.uc.reg_read(X.UC_X86_REG_RAX) & ((1 << (8 * size)) - 1)
+            return self.reg(_UC_RAX) & ((1 << (8 * size)) - 1)
         except BaseException as exc:  # noqa: BLE001
             self._hook_error = exc
             uc.emu_stop()
@@ -322,13 +409,13 @@ class GuestCpu:
 
     def _hook_cpuid(self, uc: Uc, _user) -> int:
         try:
-            regs = self.regs()
+            regs, before = self._exit_regs()
+            rip = regs["rip"]
             info = ExitInfo(EXIT_CPUID, instruction_length=2)
             self.processor.vmexit(info)
-            before = dict(regs)
             go_on = self.handler.cpuid_exit(info, regs)
             # the handler skipped the instruction (rip += 2); unicorn advances RIP itself
-            regs["rip"] = before["rip"]
+            regs["rip"] = rip
             self._write_back(before, regs)
             self._resume_or_stop(go_on, info)
         except BaseException as exc:  # noqa: BLE001
