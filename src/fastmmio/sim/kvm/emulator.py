@@ -350,7 +350,13 @@ class X86Emulator:
         if (m in (Mnemonic.MOV, Mnemonic.MOVZX, Mnemonic.MOVSX, Mnemonic.MOVSXD)
                 and insn.op_count == 2 and insn.op1_kind == OpKind.MEMORY
                 and insn.op0_kind == OpKind.REGISTER and RegisterExt.is_gpr(insn.op0_register)):
-            return self._load(dec, emulation_type, gpa_val, _mem_size(insn))
+            size = _mem_size(insn)
+            if m == Mnemonic.MOVSXD:
+                # emulate.c mode_dual_63: I(DstReg | SrcMem32 | ModRM | Mov, em_movsxd): the
+                # source is read as 4 bytes whatever the operand size, so `movsxd r16, m16`
+                # reads 4 bytes (the processor reads 2); em_movsxd keeps the low dst bytes
+                size = 4
+            return self._load(dec, emulation_type, gpa_val, size)
         return self._failure(dec.length, emulation_type, f"{insn} is not modelled by fastmmio's emulator")
 
     def _linear(self, dec: _Decoded) -> int:
