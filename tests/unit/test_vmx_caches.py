@@ -115,3 +115,23 @@ def test_data_cache_model_levels_and_lru():
     assert dc.access(0x1000) == "mem"
     with pytest.raises(CacheConfigError):
         DataCacheModel((DataCacheLevel("l1", 100, 3),))
+
+
+def test_fast_path_keeps_exact_lru_order():
+    """The TLB-hit fast path skips the recency update only when the page is already the most
+    recently used: a 2-entry fully associative LRU TLB touched A, A, B, A then C evicts B."""
+    from dataclasses import replace
+
+    from fastmmio.sim.vmx.caches import TlbStructure
+
+    cfg = replace(CONFIGS["sdm-max"], name="two",
+                  combined_tlb=(TlbStructure((12, 21, 30), CacheSpec(2)),))
+    tb = Testbed(cfg)
+    tb.map_all_ept()
+    a, b, c = 0x7F00_0000_0000, 0x7F00_0000_1000, 0x7F00_0000_2000
+    for i, la in enumerate((a, b, c)):
+        tb.map_guest(la, 0x100000 + i * 0x1000)
+    for la in (a, a, b, a, c):
+        assert isinstance(tb.proc.translate(la, READ), int)
+    assert tb.proc.has_translation(a) and tb.proc.has_translation(c)
+    assert not tb.proc.has_translation(b)

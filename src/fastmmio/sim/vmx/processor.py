@@ -121,6 +121,7 @@ class Processor(Walker):
             raise VmxError(f"CPL must be 0..3, got {cpl}")
         self.cpl = cpl
         self._user = cpl == 3
+        self._ok_cur = [self._okmask[a * 2 + self._user] for a in (READ, WRITE, FETCH)]
 
     def set_eptp(self, eptp: int) -> None:
         """Set the EPTP VM-execution control (no invalidation: mappings are tagged by EP4TA).

@@ -305,6 +305,7 @@ class Walker:
                         m |= 1 << r
                 ok.append(m)
         self._okmask = ok
+        self._ok_cur = [ok[a * 2 + self._user] for a in (READ, WRITE, FETCH)]
 
     def _derive_tags(self) -> None:
         """Tags and fast-path handles: after a change of CR3, VPID or EPTP."""
@@ -325,6 +326,7 @@ class Walker:
             self._g4 = {}
             self._c4 = None
         self._tlb_hit_ev = f"tlb.{self._kind}.hit"
+        self._last4 = -1
 
     def _guest_allows(self, r: int, access: int, user: bool) -> bool:
         """SDM 4.6 access rights for rights bits ``r`` (RW, US AND; XD OR)."""
@@ -377,17 +379,31 @@ class Walker:
 
     def translate(self, la: int, access: int = READ, cpl: int | None = None) -> int | Fault:
         """Translate linear address ``la`` for ``access`` (READ, WRITE, FETCH) at ``cpl``
-        (default: the current CPL). Returns the host-physical address or a :class:`Fault`."""
-        user = self._user if cpl is None else cpl == 3
-        e = self._t4.get(la >> 12)
-        if e is None:
-            e = self._g4.get(la >> 12)
-        if e is not None and (self._okmask[access * 2 + user] >> e.rights) & 1:
-            self._fast_hits += 1
-            if self._c4 is not None:
-                self._c4.touch(self._ctag if la >> 12 in self._t4 else self._gtag, la >> 12)
-            return e.base | (la & 0xFFF)
-        return self._translate_slow(la, access, user)
+        (default: the current CPL). Returns the host-physical address or a :class:`Fault`.
+
+        The fast path is a look-up of the 4 KiB combined translation of the current tag (then
+        the global one) and a permission check against a precomputed bit mask; for bounded
+        LRU structures the recency update is skipped when the page is already the most
+        recently used one (exact LRU: nothing else touched its set since)."""
+        vpn = la >> 12
+        ok = self._ok_cur[access] if cpl is None else self._okmask[access * 2 + (cpl == 3)]
+        e = self._t4.get(vpn)
+        if e is not None:
+            if (ok >> e.rights) & 1:
+                self._fast_hits += 1
+                if self._c4 is not None and vpn != self._last4:
+                    self._c4.touch(self._ctag, vpn)
+                    self._last4 = vpn
+                return e.base | (la & 0xFFF)
+        else:
+            e = self._g4.get(vpn)
+            if e is not None and (ok >> e.rights) & 1:
+                self._fast_hits += 1
+                if self._c4 is not None:
+                    self._c4.touch(self._gtag, vpn)
+                    self._last4 = -1
+                return e.base | (la & 0xFFF)
+        return self._translate_slow(la, access, self._user if cpl is None else cpl == 3)
 
     # ---------------------------------------------------------------------------------------
     # translation: slow path (cached translation of another size, or a walk)
@@ -406,6 +422,7 @@ class Walker:
         return None
 
     def _translate_slow(self, la: int, access: int, user: bool) -> int | Fault:
+        self._last4 = -1  # look-ups and insertions below change LRU order
         c = self._counts
         if self._paging and not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
             c["fault.gp"] += 1
