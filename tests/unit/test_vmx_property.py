@@ -20,6 +20,7 @@ from fastmmio.sim.vmx.processor import (
     INVVPID_ADDRESS,
     INVVPID_SINGLE,
     Fault,
+    Processor,
 )
 from fastmmio.sim.vmx.testbed import Testbed
 
@@ -218,9 +219,7 @@ def test_no_cached_entry_from_not_present_or_misconfigured_ept(layout, ops):
     p = tb.proc
     for gpa in DATA_GPAS:
         if p.has_gpa_translation(gpa):
-            ref = Testbed("none")  # walk from memory with an uncached processor
-            ref.memory = tb.memory
-            from fastmmio.sim.vmx.processor import Processor
+            # an uncached processor walks the same memory
             q = Processor(tb.memory, "none", execute_only=p.execute_only)
             q.set_eptp(p.eptp)
             r = q.translate_gpa(gpa)

@@ -65,7 +65,6 @@ from fastmmio.sim.vmx.caches import (
     SHIFT_1G,
     SHIFT_2M,
     SHIFT_4K,
-    SIZE_MARKER,
     Cache,
     DataCacheModel,
     MultiSizeTlb,
