@@ -91,7 +91,10 @@ _PERMS = {READ: UC_PROT_READ, WRITE: UC_PROT_READ | UC_PROT_WRITE, FETCH: UC_PRO
 
 # emu_start's "until": an address guest code never reaches. unicorn translates its page when
 # it stops; that translation is served from a scratch page outside the model's memory and
-# never reaches the processor model.
+# never reaches the processor model. (GuestCpu enables unicorn's exit list, empty, so that
+# "until" is ignored: unicorn then does not translate it at every emu_start, which after each
+# exit's TLB flush was one more TLB-fill callback into Python per exit. Emulation ends only by
+# a stop: a refused fill, a hook's emu_stop, HLT, an exception, the budget or the watchdog.)
 _END = 0x1
 _END_PAGE = _END >> 12
 _SCRATCH_HPA = (1 << 46) - 0x1000
@@ -175,6 +178,8 @@ class GuestCpu:
         self._scratch = (ctypes.c_char * PAGE_SIZE)()
         self.uc.mem_map_ptr(_SCRATCH_HPA, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC,
                             ctypes.addressof(self._scratch))
+        self.uc.ctl_exits_enabled(True)  # with no exit points: see _END
+        self.uc.ctl_set_exits([])
         self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
         self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT)
         self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
