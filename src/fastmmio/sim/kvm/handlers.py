@@ -72,6 +72,7 @@ from fastmmio.sim.vmx.layouts import (
 
 _M64 = (1 << 64) - 1
 _WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
+_REG_KEYS = frozenset(RegisterFile.KEYS)  # (a set: tested for every register at every exit)
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
 
 Userspace = Callable[[ExitRecord], "int | None"]
@@ -174,7 +175,7 @@ class KvmVcpu:
 
     def _load_regs(self, regs: Mapping[str, int]) -> None:
         p = self.processor
-        self.regs.update({k: v for k, v in regs.items() if k in RegisterFile.KEYS})
+        self.regs.update({k: v for k, v in regs.items() if k in _REG_KEYS})
         self.regs.update(cr0=p.cr0, cr3=p.cr3, cr4=p.cr4, efer=p.efer, cpl=p.cpl)
 
     def _before_entry(self) -> None:
