@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
           f"1 in 4 a write); guest 4 KiB pages over 2 MiB EPT pages")
     print(f"{'config':<12} {'model acc/s':>12} {'dict acc/s':>12} {'ratio':>7} "
           f"{'TLB hit %':>9} {'refs/access':>11}")
+    print("(each page is translated once before timing: the TLB starts warm where it fits)")
     for config in args.configs.split(","):
         tb, las = build(config, args.pages)
         trace = synthetic_trace(las, args.accesses)
@@ -62,10 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         assert res.translated == res.accesses, res.faults
         dt_base = baseline(trace, table)
         ev = res.events
-        hits = ev["tlb.combined.hit"]
+        misses = ev["tlb.combined.miss"]
         base_rate = args.accesses / dt_base
         print(f"{config:<12} {res.accesses_per_second:>12,.0f} {base_rate:>12,.0f} "
-              f"{res.accesses_per_second / base_rate:>7.3f} {100 * hits / res.accesses:>9.2f} "
+              f"{res.accesses_per_second / base_rate:>7.3f} {100 * (1 - misses / res.accesses):>9.2f} "
               f"{res.walk_references() / res.accesses:>11.3f}")
     return 0
 
