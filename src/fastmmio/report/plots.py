@@ -138,11 +138,13 @@ def sweep_series(points: Sequence[tuple[float, Sequence[RunResult]]]
 def plot_sweep(points: Sequence[tuple[float, Sequence[RunResult]]] | Mapping[
         str, Sequence[tuple[float, float]]], out: str | Path, *, parameter: str,
         title: str | None = None, formats: Iterable[str] = FORMATS, logx: bool = False,
-        ylabel: str = "cycles per notification") -> list[Path]:
+        ylabel: str = "cycles per notification",
+        xticks: Sequence[tuple[float, str]] | None = None) -> list[Path]:
     """Cycles per notification of each route against one ``parameter``.
 
     ``points`` is either a sequence of ``(parameter value, [RunResult, ...])`` or a mapping
-    series name -> ``[(value, cycles), ...]`` (see :func:`sweep_series`).
+    series name -> ``[(value, cycles), ...]`` (see :func:`sweep_series`). ``xticks``: labels
+    for a categorical parameter (``(position, label)``; e.g. cache configurations at 0, 1, 2).
     """
     paths = _outputs(out, formats)
     series = dict(points) if isinstance(points, Mapping) else sweep_series(points)
@@ -155,6 +157,9 @@ def plot_sweep(points: Sequence[tuple[float, Sequence[RunResult]]] | Mapping[
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
     if logx:
         ax.set_xscale("log")
+    if xticks:
+        ax.set_xticks([float(x) for x, _ in xticks])
+        ax.set_xticklabels([label for _, label in xticks])
     ax.set_xlabel(parameter)
     ax.set_ylabel(ylabel)
     if title:

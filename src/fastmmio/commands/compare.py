@@ -1,0 +1,172 @@
+"""``fastmmio compare``: the main job. Every route of the catalogue on the simulator under the
+2015 thread's KVM variants, priced with a CPU profile, next to the same upstream routes
+measured on this host's KVM; the calibration against the published figures; the verdict.
+
+Exit status: 0 when upstream KVM (simulated and real) passed every route's checks; 1 when it
+did not (a tool or host problem; a *variant* failing a check is a finding of the verdict, not
+an error); 2 for a usage error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from fastmmio.compare.core import DEFAULT_ITERATIONS, MAX_ITERATIONS
+from fastmmio.compare.run import (
+    DEFAULT_CACHES,
+    DEFAULT_PROFILE,
+    CompareOptions,
+    default_out,
+    run_compare,
+)
+from fastmmio.costs import list_profiles, load_profile
+from fastmmio.errors import UsageError
+from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.vmx.caches import CONFIGS
+from fastmmio.verdict import DEFAULT_TOLERANCE
+
+
+def csv_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def on_off(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("on", "1", "yes", "true"):
+        return True
+    if t in ("off", "0", "no", "false"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
+
+
+def iterations_arg(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 1 <= n <= MAX_ITERATIONS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_ITERATIONS}")
+    return n
+
+
+def percent_arg(text: str) -> float:
+    try:
+        v = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v < 100:
+        raise argparse.ArgumentTypeError("must be between 0 and 100 (percent)")
+    return v / 100.0
+
+
+def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str) -> None:
+    """Options shared by compare and sweep: the simulated machine and the profile."""
+    p.add_argument("--variants", type=csv_list, default=csv_list(default_variants),
+                   metavar="V1,V2", help=f"KVM variants (default {default_variants}; "
+                   f"choose from {', '.join(VARIANTS)})")
+    p.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE.toml",
+                   help=f"CPU cost profile (default {DEFAULT_PROFILE}; bundled: "
+                   f"{', '.join(list_profiles())}; or a .toml path)")
+    p.add_argument("--caches", default=DEFAULT_CACHES, metavar="CONFIG",
+                   help=f"translation-cache configuration (default {DEFAULT_CACHES}; "
+                   f"choose from {', '.join(CONFIGS)})")
+    p.add_argument("--vpid", type=on_off, default=True, metavar="on|off",
+                   help="KVM's 'enable VPID' (default on)")
+    p.add_argument("--nested", action="store_true",
+                   help="KVM runs as a guest itself (priced with the profile's [nested] table)")
+    p.add_argument("--iterations", "-n", type=iterations_arg, default=DEFAULT_ITERATIONS,
+                   metavar="N", help=f"simulated steady-state batch (default "
+                   f"{DEFAULT_ITERATIONS}, after a warm-up batch)")
+    p.add_argument("--out", type=Path, default=default_out(), metavar="DIR",
+                   help=f"output folder (default ./{default_out()})")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="the main job: every route simulated under the thread's KVM variants, next to "
+        "this host's KVM, with the verdict",
+        description="Run every route of the catalogue on the simulator under each KVM variant "
+        "(warm-up batch, then one steady-state batch), price it with a CPU profile, measure "
+        "the upstream routes on this host's /dev/kvm when there is one, and answer the 2015 "
+        "thread ('is MMIO as fast as port I/O?') from the same numbers. Writes results.json, "
+        "results.csv, breakdown.png and breakdown.svg into the output folder.",
+    )
+    p.add_argument("routes", nargs="*", metavar="ROUTE",
+                   help="routes (default: the whole catalogue; see fastmmio bench --list)")
+    add_sim_arguments(p, default_variants=",".join(VARIANTS))
+    p.add_argument("--no-kvm", action="store_true", help="do not measure on this host's KVM")
+    p.add_argument("--device", default="/dev/kvm", metavar="PATH",
+                   help="KVM device (default /dev/kvm)")
+    p.add_argument("--tolerance", type=percent_arg, default=DEFAULT_TOLERANCE, metavar="PCT",
+                   help=f"'as fast as port I/O' means within this many percent "
+                   f"(default {DEFAULT_TOLERANCE * 100:g}%%)")
+    p.add_argument("--no-verdict", action="store_true", help="tables and files only")
+    p.add_argument("--no-review", action="store_true",
+                   help="leave out the checks of fastmmio.review from the verdict")
+    p.set_defaults(func=run)
+
+
+def progress_display() -> tuple[Progress, Console]:
+    err = Console(stderr=True)
+    progress = Progress(
+        SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+        MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err, transient=True, disable=not err.is_terminal,
+    )
+    return progress, err
+
+
+def stdout_console() -> Console:
+    term = Console()
+    return term if term.is_terminal else Console(width=200)
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output folder {out} exists and is not a directory")
+    parent = out.resolve().parent
+    if not parent.is_dir():
+        raise UsageError(f"cannot create output folder {out}: {parent} does not exist")
+
+
+def run(args: argparse.Namespace) -> int:
+    profile = load_profile(args.profile)  # ProfileError: one line, exit 2
+    options = CompareOptions(
+        routes=tuple(args.routes), variants=tuple(args.variants), profile=args.profile,
+        caches=args.caches, vpid=args.vpid, nested=args.nested, iterations=args.iterations,
+        kvm=not args.no_kvm, device=args.device, tolerance=args.tolerance,
+        verdict=not args.no_verdict, review=not args.no_review)
+    check_out_dir(args.out)
+    progress, _ = progress_display()
+    with progress:
+        task = progress.add_task("compare", total=None)
+
+        def on_step(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        result = run_compare(options, on_step, profile=profile)
+    from fastmmio.report.compare import render, write_outputs
+
+    paths = write_outputs(result, args.out)
+    out = stdout_console()
+    render(out, result)
+    out.print()
+    out.print(f"Written: {', '.join(str(p) for p in paths)}  "
+              f"(compare took {result.wall_s:.1f} s)")
+    failed = result.failed_baseline()
+    for line in failed:
+        print(f"fastmmio: upstream route failed its checks: {line}", file=sys.stderr)
+    return 1 if failed else 0

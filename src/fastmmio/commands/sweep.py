@@ -1,0 +1,76 @@
+"""``fastmmio sweep``: cycles per notification of chosen routes against one or two machine
+parameters (see :mod:`fastmmio.compare.sweep` for what each parameter changes).
+
+Exit status: 0, or 2 for a usage error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from fastmmio.commands.compare import (
+    add_sim_arguments,
+    check_out_dir,
+    csv_list,
+    progress_display,
+    stdout_console,
+)
+from fastmmio.compare.sweep import (
+    DEFAULT_ROUTES,
+    DEFAULT_VARIANTS,
+    PARAMS,
+    Base,
+    parse_values,
+    run_sweep,
+)
+from fastmmio.costs import load_profile
+from fastmmio.errors import UsageError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sweep",
+        help="cycles of chosen routes against one or two machine parameters (plot, CSV, JSON)",
+        description="Simulate routes under KVM variants while one or two parameters vary: "
+        "tlb-size (combined TLB entries), psc-levels (paging-structure-cache levels, 0-3), "
+        "memory-latency (cycles of a walk reference served by memory), ioeventfds (extra "
+        "ioeventfds on each bus), vpid (on/off), nested (on/off), caches (named "
+        "configurations). Example: fastmmio sweep --param tlb-size --values 0,1,2,4,64 "
+        "--param vpid --values on,off",
+    )
+    p.add_argument("--param", action="append", required=True, choices=PARAMS, metavar="NAME",
+                   help=f"parameter to vary ({', '.join(PARAMS)}); give it once or twice")
+    p.add_argument("--values", action="append", type=csv_list, required=True, metavar="V1,V2",
+                   help="its values, one --values per --param, in the same order")
+    p.add_argument("--routes", type=csv_list, default=list(DEFAULT_ROUTES), metavar="R1,R2",
+                   help=f"routes (default {','.join(DEFAULT_ROUTES)})")
+    add_sim_arguments(p, default_variants=",".join(DEFAULT_VARIANTS))
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if len(args.param) != len(args.values):
+        raise UsageError(f"{len(args.param)} --param but {len(args.values)} --values: give one "
+                         "--values list after each --param")
+    if len(args.param) > 2:
+        raise UsageError("sweep at most two parameters at once")
+    params = [(name, parse_values(name, vals)) for name, vals in zip(args.param, args.values)]
+    profile = load_profile(args.profile)
+    check_out_dir(args.out)
+    base = Base(caches=args.caches, vpid=args.vpid, nested=args.nested)
+    progress, _ = progress_display()
+    with progress:
+        task = progress.add_task("sweep", total=None)
+
+        def on_step(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        result = run_sweep(params, routes=args.routes, variants=args.variants, profile=profile,
+                           base=base, iterations=args.iterations, progress=on_step)
+    from fastmmio.report.compare import sweep_table, write_sweep
+
+    paths = write_sweep(result, args.out)
+    out = stdout_console()
+    out.print(sweep_table(result))
+    out.print(f"Written: {', '.join(str(p) for p in paths)}")
+    return 0

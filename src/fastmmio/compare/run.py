@@ -1,0 +1,281 @@
+"""One ``fastmmio compare`` run: the simulated matrix, this host's KVM, the calibration and
+the verdict, from one set of options.
+
+:func:`run_compare` plans every simulation first (the main matrix: routes x variants under the
+chosen machine setting; the verdict's scenarios; the calibration routes), runs them with a
+progress callback, measures the upstream routes on this host's KVM when it has a usable
+``/dev/kvm``, and builds the verdict from the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from fastmmio.bench import BenchOptions, bench_routes
+from fastmmio.compare.calibration import CALIBRATIONS, CalibrationRow, calibration_rows
+from fastmmio.compare.core import (
+    DEFAULT_ITERATIONS,
+    PIO_REFERENCE,
+    Cell,
+    Comparison,
+    Matrix,
+    Timings,
+    caches_name,
+    check_caches,
+    check_variants,
+    sim_key,
+    sim_options,
+)
+from fastmmio.costs import Profile, load_profile
+from fastmmio.errors import HostError, UsageError
+from fastmmio.result import HostInfo, RunResult
+from fastmmio.routes import Route, get_route, load_catalogue
+from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.verdict import DEFAULT_TOLERANCE, Verdict, build_verdict, required
+
+DEFAULT_PROFILE = "skylake-sp"  # the current Intel server profile
+DEFAULT_CACHES = "sdm-max"
+KVM_TARGET_TICKS = 1 << 24  # a small calibrated batch: ~7 ms at 2.3 GHz
+KVM_RUNS = 3
+
+Progress = Callable[[str, int, int], None]  # (what, done, total)
+
+
+@dataclass(frozen=True)
+class CompareOptions:
+    """What ``fastmmio compare`` runs (see ``fastmmio compare --help``)."""
+
+    routes: tuple[str, ...] = ()  # empty: the whole catalogue
+    variants: tuple[str, ...] = tuple(VARIANTS)
+    profile: str = DEFAULT_PROFILE
+    caches: str = DEFAULT_CACHES
+    vpid: bool = True
+    nested: bool = False
+    iterations: int = DEFAULT_ITERATIONS
+    kvm: bool = True
+    device: str = "/dev/kvm"
+    kvm_target_ticks: int = KVM_TARGET_TICKS
+    kvm_runs: int = KVM_RUNS
+    tolerance: float = DEFAULT_TOLERANCE
+    verdict: bool = True
+    review: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "variants", check_variants(tuple(self.variants)))
+        check_caches(self.caches)
+        for name in self.routes:
+            get_route(name)  # UsageError listing the valid names
+        if not 0 < self.tolerance < 1:
+            raise UsageError(f"tolerance must be a fraction between 0 and 1, got {self.tolerance}")
+        if self.kvm_runs < 1 or self.kvm_target_ticks < 1:
+            raise UsageError("KVM runs and target ticks must be positive")
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass
+class KvmSide:
+    """The real-KVM half: ``status`` is ``measured``, ``skipped`` or ``unavailable``."""
+
+    status: str
+    reason: str = ""
+    host: HostInfo | None = None
+    results: list[RunResult] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    def by_route(self) -> dict[str, RunResult]:
+        return {r.route: r for r in self.results}
+
+    def ratio_to_pio(self, route: str) -> float | None:
+        res = self.by_route()
+        pio, r = res.get(PIO_REFERENCE), res.get(route)
+        if pio is None or r is None or not pio.correct or not r.correct or not pio.cycles:
+            return None
+        return r.cycles / pio.cycles
+
+    def comparable(self) -> str:
+        """Why this host's cycles are (not) the simulated machine's."""
+        if self.host is None:
+            return ""
+        h = self.host
+        if h.kvm_kind != "vmx":
+            note = (f"this host's KVM is {h.kvm_kind} (no VMX/EPT): it has no EPT "
+                    "misconfiguration fast path and its cycles are not the simulated "
+                    "machine's; compare ratios to PIO, not cycles")
+        else:
+            note = "VMX host: cycles comparable with the simulated machine's"
+        if h.nested:
+            note += "; nested (every exit also goes through the outer hypervisor)"
+        return note + f"; guest CPL{h.guest_cpl} here, CPL0 in the simulator"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"status": self.status, "reason": self.reason,
+                "host": self.host.to_json() if self.host else None,
+                "comparable": self.comparable(),
+                "skipped": [{"route": r, "reason": why} for r, why in self.skipped]}
+
+
+@dataclass
+class CompareRun:
+    options: CompareOptions
+    profile: Profile
+    comparison: Comparison
+    matrix: Matrix
+    kvm: KvmSide
+    verdict: Verdict | None
+    calibration: list[CalibrationRow] | None
+    timings: Timings
+    wall_s: float = 0.0
+
+    def main_options(self, variant: str):
+        o = self.options
+        return sim_options(variant, o.caches, o.vpid, o.nested)
+
+    def cells(self) -> list[Cell]:
+        return list(self.matrix.cells.values())
+
+    def failed_baseline(self) -> list[str]:
+        """Failures that are tool or host problems, not findings: upstream KVM (simulated
+        or real) failing a route's checks."""
+        out = [f"{c.route} [sim:{c.variant}]: {c.reason}" for c in self.cells()
+               if c.variant in ("upstream", "upstream-2013") and c.status == "fail"]
+        out += [f"{r.route} [kvm]: " + "; ".join(x for x in r.checks if x.startswith("FAIL"))
+                for r in self.kvm.results if not r.correct]
+        return out
+
+
+def _select_routes(names: tuple[str, ...]) -> tuple[Route, ...]:
+    if names:
+        return tuple(get_route(n) for n in dict.fromkeys(names))
+    return load_catalogue()
+
+
+def plan(options: CompareOptions, comparison: Comparison) -> list[tuple[Route, Any, str]]:
+    """Every simulation the run needs, deduplicated, in run order."""
+    routes = _select_routes(options.routes)
+    tasks: list[tuple[Route, Any, str]] = []
+    seen: set[tuple] = set()
+
+    def add(route: Route, opts, scenario: str) -> None:
+        key = sim_key(route.name, opts)
+        if key not in seen:
+            seen.add(key)
+            tasks.append((route, opts, scenario))
+
+    pio = get_route(PIO_REFERENCE)
+    for v in options.variants:
+        opts = sim_options(v, options.caches, options.vpid, options.nested)
+        for r in routes:
+            add(r, opts, "main")
+        add(pio, opts, "main")
+    if options.verdict:
+        for name, opts, sc in required(options.variants, comparison):
+            add(get_route(name), opts, sc)
+    cal = CALIBRATIONS.get(comparison.profile.name)
+    if cal is not None:
+        for f in cal.figures:
+            add(get_route(f.route), cal.options(), "calibration")
+    return tasks
+
+
+def run_kvm(routes: tuple[Route, ...], options: CompareOptions, progress: Progress | None,
+            done0: int, total: int, timings: Timings) -> KvmSide:
+    """The upstream routes on this host's KVM (a small calibrated batch, ``kvm_runs`` runs)."""
+    from fastmmio.commands.bench import unsupported_reason
+    from fastmmio.real.backend import RealBackend
+    from fastmmio.real.host import detect_host
+    from fastmmio.real.objects import Kvm
+
+    t0 = time.perf_counter()
+    try:
+        RealBackend(device=options.device).check()
+    except HostError as exc:
+        return KvmSide("unavailable", f"this host has no usable KVM: {exc}")
+    host = detect_host(options.device)
+    side = KvmSide("measured", host=host)
+    chosen = []
+    try:
+        with Kvm(options.device) as kvm:
+            for r in routes:
+                why = unsupported_reason(kvm, r)
+                (side.skipped.append((r.name, why)) if why else chosen.append(r))
+        done = [done0]
+
+        def on_result(res: RunResult) -> None:
+            done[0] += 1
+            if progress is not None:
+                progress(f"KVM {res.route}", done[0], total)
+
+        side.results = bench_routes(
+            RealBackend(device=options.device), chosen, host.guest_cpl,
+            BenchOptions(target_ticks=options.kvm_target_ticks, runs=options.kvm_runs),
+            on_result=on_result)
+    except HostError as exc:
+        side.status, side.reason = "unavailable", f"KVM failed during the run: {exc}"
+    timings.add("kvm", time.perf_counter() - t0)
+    return side
+
+
+def run_compare(options: CompareOptions, progress: Progress | None = None,
+                profile: Profile | None = None) -> CompareRun:
+    """The whole job (simulation, real KVM, calibration, verdict); outputs are written by
+    :func:`fastmmio.report.compare.write_outputs`."""
+    t_start = time.perf_counter()
+    timings = Timings()
+    prof = profile if profile is not None else load_profile(options.profile)
+    if options.nested and prof.nested is None:
+        raise UsageError(f"profile {prof.name} has no [nested] table: it cannot price "
+                         "--nested (use a profile that has one, e.g. skylake-sp)")
+    comparison = Comparison(prof, iterations=options.iterations, timings=timings)
+    routes = _select_routes(options.routes)
+    kvm_routes = tuple(r for r in routes if r.upstream) if options.kvm else ()
+    tasks = plan(options, comparison)
+    n_review = len(options.variants) if options.verdict and options.review else 0
+    total = len(tasks) + n_review + len(kvm_routes)
+    done = 0
+    for route, opts, scenario in tasks:
+        if progress is not None:
+            progress(f"{route.name} [{opts.variant}, {caches_name(opts.caches)}"
+                     f"{', vpid off' if not opts.vpid else ''}{', nested' if opts.nested else ''}]",
+                     done, total)
+        comparison.simulate(route, opts)
+        done += 1
+
+    matrix = Matrix(options.variants, tuple(r.name for r in routes))
+    for v in options.variants:
+        opts = sim_options(v, options.caches, options.vpid, options.nested)
+        for r in routes:
+            matrix.cells[(v, r.name)] = comparison.cell(r, opts, "main")
+
+    if options.kvm:
+        kvm = run_kvm(kvm_routes, options, progress, done, total, timings)
+    else:
+        kvm = KvmSide("skipped", "--no-kvm")
+    done += len(kvm_routes)
+
+    verdict = None
+    if options.verdict:
+        t0 = time.perf_counter()
+        step = [done]
+
+        def on_review(variant: str) -> None:
+            if progress is not None:
+                progress(f"review checks [{variant}]", step[0], total)
+            step[0] += 1
+
+        verdict = build_verdict(comparison, options.variants, matrix.cells.values(),
+                                tolerance=options.tolerance, review=options.review,
+                                on_review=on_review)
+        timings.add("verdict", time.perf_counter() - t0)
+    cal = calibration_rows(comparison)
+    run = CompareRun(options, prof, comparison, matrix, kvm, verdict, cal, timings)
+    run.wall_s = time.perf_counter() - t_start
+    return run
+
+
+def default_out() -> Path:
+    return Path("fastmmio-out")

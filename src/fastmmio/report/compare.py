@@ -1,0 +1,473 @@
+"""Output of ``fastmmio compare``: rich tables, the verdict text, and the output folder
+(results.json, results.csv, breakdown.png / breakdown.svg); and of ``fastmmio sweep``
+(a table, sweep-<params>.png / .svg / .csv / .json).
+
+Per variant, one table row per route: cycles per notification and what they are made of (the
+cost model's nine components), VM exits, walk references and combined-TLB hits/misses per
+notification, how the processor sees the access's EPT entry after the run, the ratio to the
+PIO ioeventfd route under the same variant, and whether the route passed its checks. A route
+the variant cannot run is ``n/a`` (the reason under the table), not a failure. Where this
+host's KVM was measured, the upstream table carries its cycles and ratios too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from fastmmio import __version__
+from fastmmio.compare.core import FAIL, NA, OK, PIO_REFERENCE, Cell, caches_name
+from fastmmio.compare.run import CompareRun
+from fastmmio.compare.sweep import SweepResult, fmt_value
+from fastmmio.costs.profile import COMPONENTS
+from fastmmio.errors import UsageError
+from fastmmio.report.bench import _clean, bench_table, host_line
+from fastmmio.report.plots import plot_breakdown, plot_sweep
+from fastmmio.result import RunResult
+from fastmmio.verdict import LABELS, doorbell_route
+
+COMPONENT_HEADERS = {"exit": "exit", "walk": "walk", "handler": "hndlr", "bus": "bus",
+                     "eventfd": "efd", "emulation": "emul", "skip": "skip",
+                     "userspace": "user", "guest": "guest"}
+ENTRY_SHORT = {"not present": "not pres", "misconfigured": "misconf", "read-only": "RO",
+               "read/write": "RW", "execute-only": "X"}
+# Routes drawn in breakdown.png when the user did not choose routes: the doorbells of the
+# thread and their references.
+PLOT_ROUTES = ("pio-user", "pio-eventfd-len1", "mmio-user", "mmio-eventfd-len0",
+               "mmio-eventfd-len1", "ro-write", "ro-write-eventfd", "cpuid")
+
+
+def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return fmt.format(x)
+
+
+def _per(x: float) -> str:
+    if x == 0:
+        return "0"
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
+def setting_line(run: CompareRun) -> str:
+    o = run.options
+    return (f"profile {run.profile.name}, caches {o.caches}, VPID {'on' if o.vpid else 'off'}, "
+            f"{'KVM nested' if o.nested else 'bare metal'}, guest CPL{run.comparison.cpl}, "
+            f"N={run.comparison.iterations} after a warm-up batch")
+
+
+def variant_table(run: CompareRun, variant: str) -> Table:
+    cells = run.matrix.by_variant(variant)
+    with_kvm = variant == "upstream" and run.kvm.status == "measured"
+    kvm = run.kvm.by_route() if with_kvm else {}
+    table = Table(
+        title=f"{variant}: {LABELS.get(variant, variant)}",
+        title_justify="left", caption_justify="left", show_lines=False, pad_edge=False)
+    table.add_column("route", no_wrap=True)
+    table.add_column("cycles", justify="right", no_wrap=True)
+    for c in COMPONENTS:
+        table.add_column(COMPONENT_HEADERS[c], justify="right", no_wrap=True)
+    table.add_column("exits", justify="right")
+    table.add_column("walk\nrefs", justify="right")
+    table.add_column("TLB\nhit/miss", justify="right", no_wrap=True)
+    table.add_column("EPT\nentry", no_wrap=True)
+    table.add_column("xPIO", justify="right")
+    table.add_column("ok", justify="center")
+    if with_kvm:
+        table.add_column("KVM\ncycles", justify="right", no_wrap=True)
+        table.add_column("KVM\nxPIO", justify="right")
+    notes: dict[str, list[str]] = {}
+    for cell in cells:
+        ratio = run.comparison.ratio_to_pio(cell)
+        if cell.status == NA:
+            row = [Text(cell.route, style="dim"), Text("n/a", style="dim")] + [""] * (
+                len(COMPONENTS) + 6)
+            notes.setdefault(f"n/a: {cell.reason}", []).append(cell.route)
+        else:
+            ok = Text("yes", style="green") if cell.status == OK else Text("NO", style="bold red")
+            if cell.status == FAIL:
+                notes.setdefault(f"FAIL: {cell.reason}", []).append(cell.route)
+            b = cell.breakdown
+            row = [cell.route, _num(cell.cycles)] + [_num(b.get(c, 0.0)) if b.get(c) else "."
+                                                     for c in COMPONENTS]
+            row += [_per(cell.exits), _per(cell.walk_refs),
+                    f"{_per(cell.tlb_hits)}/{_per(cell.tlb_misses)}",
+                    ENTRY_SHORT.get(cell.run.ept_entry or "", cell.run.ept_entry or "-"),
+                    _num(ratio, "{:.2f}"), ok]
+        if with_kvm:
+            k = kvm.get(cell.route)
+            if k is None:
+                row += ["-", "-"]
+            else:
+                kc = _num(k.cycles) + ("" if k.correct else " (FAIL)")
+                row += [kc, _num(run.kvm.ratio_to_pio(cell.route), "{:.2f}")]
+        table.add_row(*row)
+    lines = [f"{what} ({', '.join(routes)})" for what, routes in notes.items()]
+    if with_kvm:
+        lines.append(f"KVM: this host, {run.kvm.comparable()}")
+    table.caption = "\n".join(lines) if lines else None
+    return table
+
+
+def verdict_table(run: CompareRun) -> Table | None:
+    v = run.verdict
+    if v is None:
+        return None
+    table = Table(title=f"The thread's doorbells: cycles per notification (x PIO ioeventfd, "
+                        f"walk references) by machine setting; profile {run.profile.name}",
+                  title_justify="left", caption_justify="left")
+    table.add_column("doorbell", no_wrap=True)
+    for sc in v.scenarios:
+        table.add_column(sc.label.replace(", ", "\n"), justify="right")
+    for s in v.subjects:
+        row = [f"{s.label}\n{s.route} [{s.variant}]"]
+        for sc in v.scenarios:
+            p = v.points[(s.key, sc.key)]
+            if p.status == NA or math.isnan(p.cycles):
+                row.append(Text("n/a", style="dim"))
+                continue
+            ratio = "" if s.key == "pio" or p.ratio is None else f" ({p.ratio:.2f}x)"
+            style = ""
+            if s.key != "pio" and p.ratio is not None:
+                style = "green" if p.ratio <= 1 + v.tolerance else "yellow"
+            txt = Text(f"{p.cycles:,.0f}{ratio}\n{_per(p.walk_refs)} refs", style=style)
+            if p.status != OK:
+                txt.append(" FAIL", style="bold red")
+            row.append(txt)
+        table.add_row(*row)
+    table.caption = (f"green: within {v.tolerance:.0%} of the PIO ioeventfd under the same "
+                     "setting (as fast as port I/O); yellow: slower")
+    return table
+
+
+def review_table(run: CompareRun) -> Table | None:
+    v = run.verdict
+    if v is None or not v.review:
+        return None
+    table = Table(title="The review's points as computed checks (fastmmio.review)",
+                  title_justify="left")
+    table.add_column("variant", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("review point")
+    table.add_column("has it", justify="center")
+    table.add_column("measured")
+    claims: dict[str, str] = {}
+    for r in v.review:
+        mark = (Text("n/a", style="dim") if r.passed is None else
+                Text("yes", style="green") if r.passed else Text("NO", style="bold red"))
+        detail = r.detail if r.passed is not None else "not applicable"
+        table.add_row(r.variant, r.name, r.source if r.passed is not None else "", mark, detail)
+        if r.passed is not None:
+            claims.setdefault(r.name, r.claim)
+    table.caption = ("Checks use the RFC's doorbell (a length-0 ioeventfd over a read-only "
+                     "memslot: ro-write-eventfd, ro-read-eventfd) and page-touch under every "
+                     "variant.\n" + "\n".join(f"{k}: {c}" for k, c in claims.items()))
+    table.caption_justify = "left"
+    return table
+
+
+def calibration_table(run: CompareRun) -> Table | None:
+    rows = run.calibration
+    if not rows:
+        return None
+    fit = run.profile.fit
+    free = ", ".join(fit.free) if fit else "(no [fit] record)"
+    table = Table(title=f"Calibration: profile {run.profile.name} against the published "
+                        "kvm-unit-tests pci-testdev figures (QEMU 22773d60, 2013), simulated "
+                        "upstream-2013 at CPL0",
+                  title_justify="left", caption_justify="left",
+                  caption=f"fitted prices: {free}; every other price is held at its "
+                          "estimate. 'fit' is the residual recorded in the profile's [fit].")
+    for col in ("kvm-unit-tests", "route"):
+        table.add_column(col, no_wrap=True)
+    for col in ("published", "simulated", "residual", "fit"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        style = "green" if abs(r.percent) <= 10 else "bold red"
+        table.add_row(r.kut, r.route, f"{r.published:,.0f}", f"{r.simulated:,.0f}",
+                      Text(f"{r.percent:+.2f}%", style=style),
+                      "-" if r.recorded_percent is None else f"{r.recorded_percent:+.2f}%")
+    return table
+
+
+def kvm_line(run: CompareRun) -> str:
+    k = run.kvm
+    if k.status == "skipped":
+        return "This host's KVM: not measured (--no-kvm)."
+    if k.status == "unavailable":
+        return f"This host's KVM: not measured: {k.reason}."
+    line = (f"This host's KVM: {len(k.results)} upstream routes measured ({host_line(k.host)}"
+            f"; {k.comparable()})." if k.host else "")
+    if k.skipped:
+        line += " Skipped: " + "; ".join(f"{r} ({why})" for r, why in k.skipped) + "."
+    return line
+
+
+def render(console: Console, run: CompareRun, *, verdict_text: bool = True) -> None:
+    """Everything ``fastmmio compare`` prints, in order."""
+    console.print(Text(f"fastmmio compare: simulated cycles per notification ({setting_line(run)}"
+                       "); loop included, as kvm-unit-tests counts it", style="bold"))
+    for v in run.options.variants:
+        console.print(variant_table(run, v))
+        console.print()
+    if run.kvm.status == "measured" and "upstream" not in run.options.variants:
+        console.print(bench_table(run.kvm.results, run.kvm.host))
+    console.print(kvm_line(run))
+    console.print()
+    for t in (calibration_table(run), verdict_table(run), review_table(run)):
+        if t is not None:
+            console.print(t)
+            console.print()
+    if run.verdict is not None and verdict_text:
+        console.print(Text("Verdict", style="bold"))
+        for f in run.verdict.findings:
+            console.print(Text("- " + f.text))
+        if run.verdict.review_note:
+            console.print(Text("- " + run.verdict.review_note, style="dim"))
+
+
+# ------------------------------------------------------------------------------------------
+# the output folder
+# ------------------------------------------------------------------------------------------
+
+
+def all_cells(run: CompareRun) -> list[Cell]:
+    """Every priced cell the run computed (main matrix, verdict scenarios, calibration)."""
+    out, seen = list(run.cells()), {(c.route, id(c.run)) for c in run.cells()}
+    v = run.verdict
+    extra: list[Cell] = []
+    if v is not None:
+        for s in v.subjects:
+            for sc in v.scenarios:
+                extra.append(run.comparison.cell(s.route, sc.options(s.variant), sc.key))
+                extra.append(run.comparison.cell(PIO_REFERENCE, sc.options(s.variant), sc.key))
+    for c in extra:
+        if (c.route, id(c.run)) not in seen:
+            seen.add((c.route, id(c.run)))
+            out.append(c)
+    return out
+
+
+CSV_FIELDS = (["backend", "scenario", "variant", "caches", "vpid", "nested", "route", "status",
+               "correct", "cycles"] + [f"cycles_{c}" for c in COMPONENTS]
+              + ["exits_per_notification", "walk_refs_per_notification",
+                 "tlb_combined_hits_per_notification", "tlb_combined_misses_per_notification",
+                 "ept_entry", "ratio_to_pio", "iterations", "reason"])
+
+
+def _csv_rows(run: CompareRun, cells: Iterable[Cell]) -> list[dict[str, Any]]:
+    rows = []
+    for c in cells:
+        o = c.run.options
+        row = {"backend": f"sim:{o.variant}", "scenario": c.scenario, "variant": o.variant,
+               "caches": caches_name(o.caches), "vpid": int(o.vpid), "nested": int(o.nested),
+               "route": c.route, "status": c.status, "correct": int(c.correct),
+               "cycles": "" if math.isnan(c.cycles) else round(c.cycles, 2),
+               "exits_per_notification": round(c.exits, 4),
+               "walk_refs_per_notification": round(c.walk_refs, 4),
+               "tlb_combined_hits_per_notification": round(c.tlb_hits, 4),
+               "tlb_combined_misses_per_notification": round(c.tlb_misses, 4),
+               "ept_entry": c.run.ept_entry or "", "iterations": c.run.iterations,
+               "reason": c.reason}
+        ratio = run.comparison.ratio_to_pio(c)
+        row["ratio_to_pio"] = "" if ratio is None else round(ratio, 4)
+        for comp in COMPONENTS:
+            row[f"cycles_{comp}"] = round(c.breakdown[comp], 2) if c.breakdown else ""
+        rows.append(row)
+    for r in run.kvm.results:
+        ratio = run.kvm.ratio_to_pio(r.route)
+        rows.append({"backend": "kvm", "scenario": "host", "variant": "upstream",
+                     "route": r.route, "status": OK if r.correct else FAIL,
+                     "correct": int(r.correct),
+                     "cycles": "" if math.isnan(r.cycles) else round(r.cycles, 2),
+                     "ratio_to_pio": "" if ratio is None else round(ratio, 4),
+                     "iterations": r.iterations,
+                     "reason": "; ".join(x for x in r.checks if x.startswith("FAIL"))})
+    return rows
+
+
+def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
+    p = run.profile
+    return _clean({
+        "fastmmio": __version__,
+        "options": run.options.to_json(),
+        "profile": {"name": p.name, "origin": p.origin, "description": p.description,
+                    "cpu": p.cpu},
+        "host": run.kvm.to_json(),
+        "simulated": [c.to_result(run.comparison.ratio_to_pio(c)).to_json() for c in cells],
+        "kvm": [r.to_json() for r in run.kvm.results],
+        "calibration": [r.__dict__ for r in run.calibration or []],
+        "verdict": run.verdict.to_json() if run.verdict else None,
+        "timings_s": run.timings.to_json(),
+        "wall_s": run.wall_s,
+    })
+
+
+def plot_cells(run: CompareRun) -> list[Cell]:
+    """The bars of breakdown.png: the chosen routes (default :data:`PLOT_ROUTES` and each
+    variant's doorbell), each drawn once per distinct behaviour (a route whose events under a
+    later variant equal those of a bar already drawn is not drawn again)."""
+    wanted = list(run.options.routes) or [r for r in PLOT_ROUTES if r in run.matrix.routes]
+    out, drawn = [], set()
+    for v in run.options.variants:
+        names = list(wanted)
+        door = doorbell_route(v)
+        if door not in names and door in run.matrix.routes:
+            names.append(door)
+        for name in names:
+            c = run.matrix.cells.get((v, name))
+            if c is None or c.pricing is None:
+                continue
+            sig = (name, tuple(sorted(c.run.result.events.items())) if c.run.result else ())
+            if sig in drawn:
+                continue
+            drawn.add(sig)
+            out.append(c)
+    return out
+
+
+def write_outputs(run: CompareRun, out: Path) -> list[Path]:
+    """results.json, results.csv, breakdown.png and breakdown.svg in ``out`` (created)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    with run.timings.measure("write"):
+        cells = all_cells(run)
+        paths = []
+        try:
+            p = out / "results.json"
+            p.write_text(json.dumps(results_json(run, cells), indent=2) + "\n")
+            paths.append(p)
+            p = out / "results.csv"
+            with p.open("w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+                w.writeheader()
+                w.writerows(_csv_rows(run, cells))
+            paths.append(p)
+        except OSError as exc:
+            raise UsageError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    with run.timings.measure("plot"):
+        bars = [c.to_result() for c in plot_cells(run)]
+        kvm: list[RunResult] = []
+        h = run.kvm.host
+        if run.kvm.status == "measured" and h is not None and h.kvm_kind == "vmx" \
+                and not h.nested:
+            shown = {b.route for b in bars}
+            kvm = [r for r in run.kvm.results if r.route in shown and r.correct]
+        if bars:
+            paths += plot_breakdown(
+                bars + kvm, out / "breakdown",
+                title=f"cycles per notification by component ({setting_line(run)})")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------
+# fastmmio sweep
+# ------------------------------------------------------------------------------------------
+
+
+def sweep_table(result: SweepResult) -> Table:
+    p0 = result.params[0]
+    table = Table(title=f"fastmmio sweep: cycles per notification against {p0} (profile "
+                        f"{result.profile.name}, base caches {result.base.caches})",
+                  title_justify="left", caption_justify="left")
+    table.add_column("route", no_wrap=True)
+    table.add_column("variant", no_wrap=True)
+    if len(result.params) > 1:
+        table.add_column(result.params[1], no_wrap=True)
+    for v in result.values[0]:
+        table.add_column(f"{p0}={fmt_value(p0, v)}", justify="right")
+    rows: dict[tuple, dict[Any, Any]] = {}
+    for pt in result.points:
+        key = (pt.route, pt.variant) + tuple(pt.values[1:])
+        rows.setdefault(key, {})[pt.values[0]] = pt
+    for key, by_value in rows.items():
+        row: list[Any] = [key[0], key[1]]
+        if len(result.params) > 1:
+            row.append(fmt_value(result.params[1], key[2]))
+        for v in result.values[0]:
+            pt = by_value.get(v)
+            c = pt.cell if pt else None
+            if c is None or c.status == NA or math.isnan(c.cycles):
+                row.append(Text("n/a", style="dim"))
+            else:
+                txt = f"{c.cycles:,.0f}\n{c.walk_refs:.3g} refs"
+                row.append(Text(txt) if c.correct else Text(txt + " FAIL", style="red"))
+        table.add_row(*row)
+    table.caption = "each cell: cycles per notification, and walk references per notification"
+    return table
+
+
+def _stem(result: SweepResult) -> str:
+    return "sweep-" + "-".join(result.params)
+
+
+def _rows(result: SweepResult) -> list[dict[str, Any]]:
+    rows = []
+    for pt in result.points:
+        c = pt.cell
+        o = c.run.options
+        row: dict[str, Any] = {}
+        for i, name in enumerate(result.params):
+            row[f"param{i + 1}"] = name
+            row[f"value{i + 1}"] = fmt_value(name, pt.values[i])
+        row.update({
+            "variant": pt.variant, "route": pt.route, "caches": caches_name(o.caches),
+            "vpid": int(o.vpid), "nested": int(o.nested),
+            "extra_ioeventfds": o.extra_ioeventfds, "status": c.status,
+            "cycles": None if math.isnan(c.cycles) else round(c.cycles, 2),
+            "exits_per_notification": round(c.exits, 4),
+            "walk_refs_per_notification": round(c.walk_refs, 4),
+            "tlb_combined_hits_per_notification": round(c.tlb_hits, 4),
+            "tlb_combined_misses_per_notification": round(c.tlb_misses, 4),
+            "ratio_to_pio": None if pt.ratio is None else round(pt.ratio, 4),
+            "profile": c.pricing.profile if c.pricing else None, "reason": c.reason,
+        })
+        for comp in COMPONENTS:
+            row[f"cycles_{comp}"] = round(c.breakdown[comp], 2) if c.breakdown else None
+        rows.append(row)
+    return rows
+
+
+def write_sweep(result: SweepResult, out: Path) -> list[Path]:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    stem = out / _stem(result)
+    rows = _rows(result)
+    paths = []
+    try:
+        p = stem.with_suffix(".csv")
+        with p.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["route"])
+            w.writeheader()
+            w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+        paths.append(p)
+        p = stem.with_suffix(".json")
+        p.write_text(json.dumps(_clean({
+            "params": list(result.params),
+            "values": [[fmt_value(n, v) for v in vals]
+                       for n, vals in zip(result.params, result.values)],
+            "routes": list(result.routes), "variants": list(result.variants),
+            "profile": result.profile.name, "base": result.base.__dict__,
+            "points": rows, "timings_s": result.timings.to_json(),
+        }), indent=2) + "\n")
+        paths.append(p)
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out}: {exc.strerror or exc}") from None
+    series = result.series()
+    if series:
+        paths += plot_sweep(series, stem, parameter=result.params[0],
+                            title=f"cycles per notification against {result.params[0]} "
+                                  f"(profile {result.profile.name})",
+                            xticks=result.xticks())
+    return paths
