@@ -547,9 +547,10 @@ def _review_summary(rv: list[ReviewFinding]) -> list[Finding]:
                     f"and its read ro-read-eventfd), {label}: lacks " + "; ".join(
                 f"'{r.claim}' ({r.source}: {r.detail})" for r in lacking) + ".")
         else:
-            applicable = [r for r in checks if r.passed is not None]
-            text = (f"Review checks (fastmmio.review), {label}: has all {len(applicable)} "
-                    "applicable properties the review asked for")
+            n = len([r for r in checks if r.passed is not None])
+            text = (f"Review checks (fastmmio.review), {label}: has "
+                    + ("the one applicable property" if n == 1 else
+                       f"all {n} applicable properties") + " the review asked for")
             na = [r.name for r in checks if r.passed is None]
             text += f" (not applicable: {', '.join(na)})." if na else "."
         out.append(Finding("review", text, {"variant": v,
@@ -569,8 +570,9 @@ def _bottom_line(subs: list[Subject], scs: tuple[Scenario, ...], points: dict,
         if all(r is not None and r <= 1 + tolerance for r in rs):
             fast_everywhere.append(s.label)
         elif rs[0] <= 1 + tolerance:
-            worst = max((r, sc.key) for r, sc in zip(rs, scs) if r is not None)
-            fast_base.append(f"{s.label} (up to {worst[0]:.2f}x under {worst[1]})")
+            where = [f"{r:.2f}x {sc.key}" for r, sc in zip(rs, scs)
+                     if r is not None and r > 1 + tolerance]
+            fast_base.append(f"{s.label} (but {', '.join(where)})")
         else:
             slow.append(f"{s.label} ({rs[0]:.2f}x)")
     wrong = sorted({LABELS.get(c.variant, c.variant) for c in main if c.status not in (OK, NA)}
@@ -580,7 +582,7 @@ def _bottom_line(subs: list[Subject], scs: tuple[Scenario, ...], points: dict,
     if fast_everywhere:
         parts.append("as fast as port I/O under every setting: " + ", ".join(fast_everywhere))
     if fast_base:
-        parts.append(f"as fast only with {BASE.caches} caching, VPID on, bare metal: "
+        parts.append(f"as fast under {BASE.label}, not under every setting: "
                      + ", ".join(fast_base))
     if slow:
         parts.append("slower than port I/O already there: " + ", ".join(slow))

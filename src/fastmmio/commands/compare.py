@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -164,8 +165,8 @@ def run(args: argparse.Namespace) -> int:
     out = stdout_console()
     render(out, result)
     out.print()
-    out.print(f"Written: {', '.join(str(p) for p in paths)}  "
-              f"(compare took {result.wall_s:.1f} s)")
+    out.print(Text(f"Written: {', '.join(str(p) for p in paths)}  "
+                   f"(compare took {result.wall_s:.1f} s)"))
     failed = result.failed_baseline()
     for line in failed:
         print(f"fastmmio: upstream route failed its checks: {line}", file=sys.stderr)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from rich.text import Text
+
 from fastmmio.commands.compare import (
     add_sim_arguments,
     check_out_dir,
@@ -72,5 +74,5 @@ def run(args: argparse.Namespace) -> int:
     paths = write_sweep(result, args.out)
     out = stdout_console()
     out.print(sweep_table(result))
-    out.print(f"Written: {', '.join(str(p) for p in paths)}")
+    out.print(Text(f"Written: {', '.join(str(p) for p in paths)}"))
     return 0

@@ -112,7 +112,7 @@ def variant_table(run: CompareRun, variant: str) -> Table:
     lines = [f"{what} ({', '.join(routes)})" for what, routes in notes.items()]
     if with_kvm:
         lines.append(f"KVM: this host, {run.kvm.comparable()}")
-    table.caption = "\n".join(lines) if lines else None
+    table.caption = Text("\n".join(lines)) if lines else None
     return table
 
 
@@ -127,7 +127,7 @@ def verdict_table(run: CompareRun) -> Table | None:
     for sc in v.scenarios:
         table.add_column(sc.label.replace(", ", "\n"), justify="right")
     for s in v.subjects:
-        row = [f"{s.label}\n{s.route} [{s.variant}]"]
+        row: list[Any] = [Text(f"{s.label}\n{s.route} [{s.variant}]")]
         for sc in v.scenarios:
             p = v.points[(s.key, sc.key)]
             if p.status == NA or math.isnan(p.cycles):
@@ -163,10 +163,11 @@ def review_table(run: CompareRun) -> Table | None:
         mark = (Text("n/a", style="dim") if r.passed is None else
                 Text("yes", style="green") if r.passed else Text("NO", style="bold red"))
         detail = r.detail if r.passed is not None else "not applicable"
-        table.add_row(r.variant, r.name, r.source if r.passed is not None else "", mark, detail)
+        table.add_row(r.variant, r.name, r.source if r.passed is not None else "", mark,
+                      Text(detail))
         if r.passed is not None:
             claims.setdefault(r.name, r.claim)
-    table.caption = ("Checks use the RFC's doorbell (a length-0 ioeventfd over a read-only "
+    table.caption = Text("Checks use the RFC's doorbell (a length-0 ioeventfd over a read-only "
                      "memslot: ro-write-eventfd, ro-read-eventfd) and page-touch under every "
                      "variant.\n" + "\n".join(f"{k}: {c}" for k, c in claims.items()))
     table.caption_justify = "left"
@@ -183,8 +184,9 @@ def calibration_table(run: CompareRun) -> Table | None:
                         "kvm-unit-tests pci-testdev figures (QEMU 22773d60, 2013), simulated "
                         "upstream-2013 at CPL0",
                   title_justify="left", caption_justify="left",
-                  caption=f"fitted prices: {free}; every other price is held at its "
-                          "estimate. 'fit' is the residual recorded in the profile's [fit].")
+                  caption=Text(f"fitted prices: {free}; every other price is held at its "
+                               "estimate. 'fit' is the residual recorded in the profile's "
+                               "[fit] table."))
     for col in ("kvm-unit-tests", "route"):
         table.add_column(col, no_wrap=True)
     for col in ("published", "simulated", "residual", "fit"):
@@ -219,7 +221,7 @@ def render(console: Console, run: CompareRun, *, verdict_text: bool = True) -> N
         console.print()
     if run.kvm.status == "measured" and "upstream" not in run.options.variants:
         console.print(bench_table(run.kvm.results, run.kvm.host))
-    console.print(kvm_line(run))
+    console.print(Text(kvm_line(run)))
     console.print()
     for t in (calibration_table(run), verdict_table(run), review_table(run)):
         if t is not None:
