@@ -198,9 +198,6 @@ class Verdict:
             return None
         return p.ratio <= 1 + self.tolerance
 
-    def text(self) -> list[str]:
-        return [f.text for f in self.findings]
-
     def to_json(self) -> dict[str, Any]:
         return {
             "tolerance": self.tolerance,

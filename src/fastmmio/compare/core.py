@@ -379,8 +379,6 @@ class Comparison:
             return None
         return cell.cycles / pio.cycles
 
-    def runs(self) -> list[SimRun]:
-        return list(self._runs.values())
 
 
 def sim_options(variant: str, caches: str | TranslationCacheConfig = "sdm-max", vpid: bool = True,
@@ -397,9 +395,6 @@ class Matrix:
     variants: tuple[str, ...]
     routes: tuple[str, ...]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
-
-    def get(self, variant: str, route: str) -> Cell:
-        return self.cells[(variant, route)]
 
     def by_variant(self, variant: str) -> list[Cell]:
         return [self.cells[(variant, r)] for r in self.routes]

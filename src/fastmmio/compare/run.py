@@ -131,10 +131,6 @@ class CompareRun:
     timings: Timings
     wall_s: float = 0.0
 
-    def main_options(self, variant: str):
-        o = self.options
-        return sim_options(variant, o.caches, o.vpid, o.nested)
-
     def cells(self) -> list[Cell]:
         return list(self.matrix.cells.values())
 

@@ -257,39 +257,52 @@ def all_cells(run: CompareRun) -> list[Cell]:
     return out
 
 
-CSV_FIELDS = (["backend", "scenario", "variant", "caches", "vpid", "nested", "route", "status",
-               "correct", "cycles"] + [f"cycles_{c}" for c in COMPONENTS]
-              + ["exits_per_notification", "walk_refs_per_notification",
-                 "tlb_combined_hits_per_notification", "tlb_combined_misses_per_notification",
-                 "ept_entry", "ratio_to_pio", "iterations", "reason"])
+def _r(x: float | None, digits: int) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(x, digits)
+
+
+def cell_fields(c: Cell, ratio: float | None) -> dict[str, Any]:
+    """The CSV columns of one simulated cell (shared by compare and sweep)."""
+    o = c.run.options
+    row: dict[str, Any] = {
+        "variant": o.variant, "route": c.route, "caches": caches_name(o.caches),
+        "vpid": int(o.vpid), "nested": int(o.nested), "extra_ioeventfds": o.extra_ioeventfds,
+        "status": c.status, "correct": int(c.correct), "cycles": _r(c.cycles, 2)}
+    for comp in COMPONENTS:
+        row[f"cycles_{comp}"] = _r(c.breakdown.get(comp), 2)
+    row.update({
+        "exits_per_notification": round(c.exits, 4),
+        "walk_refs_per_notification": round(c.walk_refs, 4),
+        "tlb_combined_hits_per_notification": round(c.tlb_hits, 4),
+        "tlb_combined_misses_per_notification": round(c.tlb_misses, 4),
+        "ept_entry": c.run.ept_entry or "", "ratio_to_pio": _r(ratio, 4),
+        "iterations": c.run.iterations, "reason": c.reason})
+    return row
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(k for r in rows for k in r)) or ["route"]
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, restval="")
+        w.writeheader()
+        w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
 
 
 def _csv_rows(run: CompareRun, cells: Iterable[Cell]) -> list[dict[str, Any]]:
-    rows = []
-    for c in cells:
-        o = c.run.options
-        row = {"backend": f"sim:{o.variant}", "scenario": c.scenario, "variant": o.variant,
-               "caches": caches_name(o.caches), "vpid": int(o.vpid), "nested": int(o.nested),
-               "route": c.route, "status": c.status, "correct": int(c.correct),
-               "cycles": "" if math.isnan(c.cycles) else round(c.cycles, 2),
-               "exits_per_notification": round(c.exits, 4),
-               "walk_refs_per_notification": round(c.walk_refs, 4),
-               "tlb_combined_hits_per_notification": round(c.tlb_hits, 4),
-               "tlb_combined_misses_per_notification": round(c.tlb_misses, 4),
-               "ept_entry": c.run.ept_entry or "", "iterations": c.run.iterations,
-               "reason": c.reason}
-        ratio = run.comparison.ratio_to_pio(c)
-        row["ratio_to_pio"] = "" if ratio is None else round(ratio, 4)
-        for comp in COMPONENTS:
-            row[f"cycles_{comp}"] = round(c.breakdown[comp], 2) if c.breakdown else ""
-        rows.append(row)
+    rows = [{"backend": f"sim:{c.variant}", "scenario": c.scenario,
+             **cell_fields(c, run.comparison.ratio_to_pio(c))} for c in cells]
     for r in run.kvm.results:
-        ratio = run.kvm.ratio_to_pio(r.route)
         rows.append({"backend": "kvm", "scenario": "host", "variant": "upstream",
                      "route": r.route, "status": OK if r.correct else FAIL,
-                     "correct": int(r.correct),
-                     "cycles": "" if math.isnan(r.cycles) else round(r.cycles, 2),
-                     "ratio_to_pio": "" if ratio is None else round(ratio, 4),
+                     "correct": int(r.correct), "cycles": _r(r.cycles, 2),
+                     "ratio_to_pio": _r(run.kvm.ratio_to_pio(r.route), 4),
                      "iterations": r.iterations,
                      "reason": "; ".join(x for x in r.checks if x.startswith("FAIL"))})
     return rows
@@ -337,10 +350,7 @@ def plot_cells(run: CompareRun) -> list[Cell]:
 
 def write_outputs(run: CompareRun, out: Path) -> list[Path]:
     """results.json, results.csv, breakdown.png and breakdown.svg in ``out`` (created)."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    _make_out(out)
     with run.timings.measure("write"):
         cells = all_cells(run)
         paths = []
@@ -349,10 +359,7 @@ def write_outputs(run: CompareRun, out: Path) -> list[Path]:
             p.write_text(json.dumps(results_json(run, cells), indent=2) + "\n")
             paths.append(p)
             p = out / "results.csv"
-            with p.open("w", newline="") as fh:
-                w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-                w.writeheader()
-                w.writerows(_csv_rows(run, cells))
+            _write_csv(p, _csv_rows(run, cells))
             paths.append(p)
         except OSError as exc:
             raise UsageError(f"cannot write into {out}: {exc.strerror or exc}") from None
@@ -415,44 +422,24 @@ def _stem(result: SweepResult) -> str:
 def _rows(result: SweepResult) -> list[dict[str, Any]]:
     rows = []
     for pt in result.points:
-        c = pt.cell
-        o = c.run.options
         row: dict[str, Any] = {}
         for i, name in enumerate(result.params):
             row[f"param{i + 1}"] = name
             row[f"value{i + 1}"] = fmt_value(name, pt.values[i])
-        row.update({
-            "variant": pt.variant, "route": pt.route, "caches": caches_name(o.caches),
-            "vpid": int(o.vpid), "nested": int(o.nested),
-            "extra_ioeventfds": o.extra_ioeventfds, "status": c.status,
-            "cycles": None if math.isnan(c.cycles) else round(c.cycles, 2),
-            "exits_per_notification": round(c.exits, 4),
-            "walk_refs_per_notification": round(c.walk_refs, 4),
-            "tlb_combined_hits_per_notification": round(c.tlb_hits, 4),
-            "tlb_combined_misses_per_notification": round(c.tlb_misses, 4),
-            "ratio_to_pio": None if pt.ratio is None else round(pt.ratio, 4),
-            "profile": c.pricing.profile if c.pricing else None, "reason": c.reason,
-        })
-        for comp in COMPONENTS:
-            row[f"cycles_{comp}"] = round(c.breakdown[comp], 2) if c.breakdown else None
+        row.update(cell_fields(pt.cell, pt.ratio))
+        row["profile"] = pt.cell.pricing.profile if pt.cell.pricing else ""
         rows.append(row)
     return rows
 
 
 def write_sweep(result: SweepResult, out: Path) -> list[Path]:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create output folder {out}: {exc.strerror or exc}") from None
+    _make_out(out)
     stem = out / _stem(result)
     rows = _rows(result)
     paths = []
     try:
         p = stem.with_suffix(".csv")
-        with p.open("w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["route"])
-            w.writeheader()
-            w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
+        _write_csv(p, rows)
         paths.append(p)
         p = stem.with_suffix(".json")
         p.write_text(json.dumps(_clean({
