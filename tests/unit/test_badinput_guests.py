@@ -279,6 +279,18 @@ def test_leak_comparison():
         assert needle in found
 
 
+def test_leak_bounds_grow_with_runs_but_catch_a_per_run_leak():
+    """Allocator steps (a 64 MiB malloc arena, a few mappings) over tens of thousands of runs
+    are not leaks; a run's memslots (2 mappings, 2 MiB) left behind every run are, within a
+    few hundred runs."""
+    base = runner.ResourceSnapshot(10, {}, 200, 0, 2, 300_000, 30_000)
+    arena = dataclasses.replace(base, maps=208, vm_size_kb=300_000 + 83 * 1024)
+    assert runner.compare(base, arena, runs=31_000) == []
+    leaked = dataclasses.replace(base, maps=200 + 2 * 300, vm_size_kb=300_000 + 2 * 1024 * 300)
+    found = " ".join(runner.compare(base, leaked, runs=300))
+    assert "memory mappings" in found and "address space" in found
+
+
 def test_resource_snapshot_sees_an_eventfd():
     import os
 
