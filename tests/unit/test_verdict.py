@@ -109,9 +109,6 @@ def test_vpid_off_invalidates_at_every_exit_and_entry(comparison, verdict):
     assert "28.3.3.1" in f.text and "VPID off" in f.text
 
 
-@pytest.mark.xfail(strict=True, reason="sim/cpu handles OUT inline in a unicorn hook: after the "
-                   "VPID-off VM entry the loop's code page is not translated again, so the model "
-                   "counts no re-walk for port I/O (reported; remove this mark when it does)")
 def test_vpid_off_port_io_also_pays_re_walks(comparison):
     """SDM 28.3.3.1: with VPID off the VM entry after each OUT invalidates the combined
     mappings, so the loop's next instruction fetch must walk again."""

@@ -384,11 +384,16 @@ class GuestCpu:
         go_on = self.handler.io_exit(info, regs, port, size, is_in, value)
         regs["rip"] = rip  # the handler skipped the instruction; unicorn advances RIP
         self._write_back(before, regs)
-        self._resume_or_stop(go_on, info)
+        self._resume_or_stop(go_on, info, rip + (info.instruction_length or 0))
 
-    def _resume_or_stop(self, go_on: bool, info: ExitInfo) -> None:
+    def _resume_or_stop(self, go_on: bool, info: ExitInfo, next_rip: int) -> None:
+        """After an exit handled inside an instruction hook. unicorn goes on in the same run
+        with its translated blocks chained, so it will not ask for the code page again: the
+        first instruction fetch after the VM entry is translated here (a TLB hit with VPID on;
+        a new walk when the exit and entry invalidated combined mappings, 28.3.3.1)."""
         if go_on:
             self._vmentry()
+            self.processor.translate(next_rip, FETCH)
         else:
             self.flush_tlb()
             self._set_stop("handler", info.name)
@@ -422,7 +427,7 @@ class GuestCpu:
             # the handler skipped the instruction (rip += 2); unicorn advances RIP itself
             regs["rip"] = rip
             self._write_back(before, regs)
-            self._resume_or_stop(go_on, info)
+            self._resume_or_stop(go_on, info, rip + 2)
         except BaseException as exc:  # noqa: BLE001
             self._hook_error = exc
             uc.emu_stop()
