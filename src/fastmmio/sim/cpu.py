@@ -97,6 +97,9 @@ _PERMS = {READ: UC_PROT_READ, WRITE: UC_PROT_READ | UC_PROT_WRITE, FETCH: UC_PRO
 # a stop: a refused fill, a hook's emu_stop, HLT, an exception, the budget or the watchdog.)
 _END = 0x1
 _END_PAGE = _END >> 12
+# uc_ctl code for "write: flush the TLB" (op WRITE in bits 31:30, no arguments), as the
+# binding's Uc.ctl encodes it
+_CTL_TLB_FLUSH_W = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 _SCRATCH_HPA = (1 << 46) - 0x1000
 
 
@@ -256,7 +259,22 @@ class GuestCpu:
 
     def flush_tlb(self) -> None:
         """Drop unicorn's own TLB so the next access to every page asks the model again."""
-        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        if _uclib is None:  # pragma: no cover
+            self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+            return
+        err = _uclib.uc_ctl(self.uc._uch, _CTL_TLB_FLUSH_W)
+        if err:
+            raise UcError(err)
+
+    def _emu_start(self, rip: int, count: int) -> None:
+        """``emu_start`` without the binding's wrapper (this class's hooks keep their own
+        exceptions, see :meth:`_run`)."""
+        if _uclib is None:  # pragma: no cover
+            self.uc.emu_start(rip, _END, 0, count)
+            return
+        err = _uclib.uc_emu_start(self.uc._uch, rip, _END, 0, count)
+        if err:
+            raise UcError(err)
 
     def _vmentry(self) -> None:
         self.processor.vmentry()
@@ -282,7 +300,7 @@ class GuestCpu:
             self._pending_fault = None
             self._pending_exception = None
             try:
-                self.uc.emu_start(rip, _END, 0, insn_budget)
+                self._emu_start(rip, insn_budget)
             except UcError as exc:
                 if self._hook_error is not None:
                     err, self._hook_error = self._hook_error, None
