@@ -28,9 +28,9 @@ and the following must be equal:
   mailbox batch counter, the last value read and the data page are also checked by name.
 
 The simulated vCPU gets the CPUID table the real backend installs (``KVM_SET_CPUID2`` with
-``KVM_GET_SUPPORTED_CPUID``): ``KvmVcpu.cpuid`` is empty by default, so CPUID leaf 0 would read
-zeros in the simulator where the real vendor string is returned (the ``cpuid`` route writes EBX
-to the mailbox). Both machines are then the same.
+``KVM_GET_SUPPORTED_CPUID``): the simulator's default table (``sim.backend.DEFAULT_CPUID``) has
+only the vendor leaf, so other leaves, and leaf 0's maximum-leaf value, would differ from the
+host's (the ``cpuid`` route writes EBX to the mailbox). Both machines are then the same.
 """
 
 from __future__ import annotations

@@ -35,6 +35,10 @@ from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.sim.vmx.memory import HostMemory
 from fastmmio.sim.vmx.processor import Processor
 
+# The guest CPUID table (KVM_SET_CPUID2) the simulated vCPU gets unless a caller passes one:
+# leaf 0 names the vendor and caps the basic leaves at 0, so every other leaf reads zeros.
+# The differential tests pass the real host's KVM_GET_SUPPORTED_CPUID table instead.
+DEFAULT_CPUID = {(0, 0): (0, 0x756E_6547, 0x6C65_746E, 0x4965_6E69)}  # "GenuineIntel"
 EXIT_SAMPLE = 64  # exit records kept per batch (exact counts are kept separately)
 # Extra ioeventfds put on the buses for sweeps ("how does the look-up grow with devices"):
 # page-aligned doorbells above the real one in the MMIO hole, ports above the doorbell port.
@@ -131,7 +135,7 @@ class SimSession:
                                   variant=options.variant, mmio_caching=options.mmio_caching,
                                   ad_enabled=options.ept_ad)
         self.vcpu = self.vm.create_vcpu(self.processor, nested=options.nested,
-                                        userspace=self._userspace)
+                                        userspace=self._userspace, cpuid=DEFAULT_CPUID)
         self.processor.set_eptp(self.vm.mmu.eptp)
         self.processor.load_guest_state(cr0=boot.cr0, cr3=boot.cr3, cr4=boot.cr4,
                                         efer=boot.efer, cpl=boot.cpl)
