@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cpl", type=int, choices=(0, 3), help="guest CPL (default: from host detection)")
     s.add_argument("--device", default="/dev/kvm", metavar="PATH")
     s.set_defaults(func=run_soak)
+
+    from fastmmio.fuzz.differential import add_parser as add_diff_parser  # H9: fuzz diff
+
+    add_diff_parser(sub)
     return parser
 
 
