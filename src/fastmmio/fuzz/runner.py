@@ -201,7 +201,15 @@ class HangGuard:
             self._deadline = time.monotonic() + seconds
             self._what = what
             self._cond.notify()
-        faulthandler.dump_traceback_later(seconds + 10, exit=True, file=self.out)
+        faulthandler.dump_traceback_later(seconds + 10, exit=True, file=self._fd_file())
+
+    def _fd_file(self):
+        """faulthandler writes to a file descriptor: ``out`` if it has one, else stderr."""
+        try:
+            self.out.fileno()
+            return self.out
+        except (AttributeError, OSError, ValueError):
+            return sys.__stderr__
 
     def disarm(self) -> None:
         faulthandler.cancel_dump_traceback_later()
@@ -220,7 +228,7 @@ class HangGuard:
                     continue
                 print(f"fastmmio fuzz: HANG: {self._what} did not end; the host process is stuck",
                       file=self.out, flush=True)
-                faulthandler.dump_traceback(file=self.out, all_threads=True)
+                faulthandler.dump_traceback(file=self._fd_file(), all_threads=True)
                 os._exit(HANG_EXIT_STATUS)
 
     def close(self) -> None:
