@@ -43,7 +43,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from iced_x86 import Decoder
+from iced_x86 import Decoder, Instruction, MemorySizeExt, OpKind, Register, RegisterExt
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
@@ -72,6 +72,7 @@ from fastmmio.sim.vmx.exits import (
     ExitInfo,
     io_qualification,
 )
+from fastmmio.sim.vmx.layouts import QUAL_TRANSLATED
 from fastmmio.sim.vmx.memory import PAGE_SIZE, HostMemory
 from fastmmio.sim.vmx.processor import FETCH, READ, WRITE, Fault, Processor
 
@@ -174,6 +175,8 @@ class GuestCpu:
         self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         self._mapped: dict[int, object] = {}  # pfn -> ctypes view keeping the buffer exported
         self._pending_fault: Fault | None = None
+        self._pending_access = READ  # the access type of the refused fill
+        self._insns: dict[int, Instruction | None] = {}  # decoded guest instructions by RIP
         self._pending_exception: str | None = None
         self._lengths: dict[int, int] = {}
         self._stop: CpuStop | None = None
@@ -336,6 +339,7 @@ class GuestCpu:
     def _ept_exit(self, fault: Fault) -> None:
         regs, before = self._exit_regs()
         length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
+        fault = self._exact_fault(fault, regs)
         info = self.processor.exit_info(fault, length)
         self.processor.vmexit(info)
         go_on = self.handler.ept_exit(info, regs)
@@ -354,6 +358,18 @@ class GuestCpu:
         n = self._lengths.get(rip)
         if n is not None:
             return n
+        insn = self._decode_at(rip)
+        n = insn.len if insn is not None else None
+        if n:
+            self._lengths[rip] = n
+        return n or None
+
+    def _decode_at(self, rip: int) -> Instruction | None:
+        """The guest instruction at ``rip``, decoded as the processor does it: the look-up
+        made to read its bytes is not a counted memory reference (the counter is restored);
+        kept per RIP (guest code here is never rewritten)."""
+        if rip in self._insns:
+            return self._insns[rip]
         ev = self.events
         snapshot = Counter(ev)
         hpa = self.processor.translate(rip, FETCH)
@@ -362,10 +378,79 @@ class GuestCpu:
         if not isinstance(hpa, int):
             return None
         code = self.memory.read_bytes(hpa, min(15, PAGE_SIZE - (hpa & 0xFFF)))
-        n = Decoder(64, code, ip=rip).decode().len or None
-        if n is not None:
-            self._lengths[rip] = n
-        return n
+        insn = Decoder(64, code, ip=rip).decode()
+        self._insns[rip] = insn = insn if insn.len else None
+        return insn
+
+    def _exact_fault(self, fault: Fault, regs: dict[str, int]) -> Fault:
+        """The fault with the access's own linear and guest-physical address.
+
+        unicorn's TLB-fill hook is given the *page* of an access, not its address (unicorn
+        2.1: an access to 0x401014 asks for 0x401000), so the processor model translated the
+        page base. An EPT violation or misconfiguration reports the exact GPA, and the exact
+        GLA when it has one (SDM 27.2.1, "guest-physical address" and "guest linear address"
+        fields): KVM matches that GPA on ``KVM_FAST_MMIO_BUS`` (handle_ept_misconfig) and
+        hands it to the MMU and the emulator. The offset is recovered from the instruction at
+        RIP (SDM Vol. 1 3.7.5: base + index * scale + displacement, 32-bit with the
+        address-size prefix; RIP-relative from the next instruction), or RIP itself for a
+        fetch. For an EPT violation only an access to the final translation (qualification
+        bit 8) takes the offset into its GPA; a misconfiguration does not say, so its GPA
+        comes from translating the exact address again (a misconfiguration invalidates
+        nothing, SDM 28.3.3.1, and the counter is restored: it is the same reference). Found
+        by differential fuzzing (fastmmio.fuzz.differential): a read of 0x401014 hit the
+        length-0 ioeventfd at 0x401000 on KVM_FAST_MMIO_BUS."""
+        page = fault.linear
+        if page is None or page & 0xFFF:
+            return fault
+        exact = self._exact_address(page, regs)
+        if exact is None or exact == page:
+            return fault
+        if fault.kind == "ept_violation":
+            gpa = fault.gpa
+            if gpa is not None and fault.qualification & QUAL_TRANSLATED:
+                gpa = (gpa & ~0xFFF) | (exact & 0xFFF)
+            return Fault(fault.kind, exact, gpa, fault.error_code, fault.qualification,
+                         fault.structure, fault.level)
+        if fault.kind == "ept_misconfig":
+            ev = self.events
+            snapshot = Counter(ev)
+            again = self.processor.translate(exact, self._pending_access)
+            ev.clear()
+            ev.update(snapshot)
+            if isinstance(again, Fault) and again.kind == "ept_misconfig":
+                return again
+        return fault
+
+    def _exact_address(self, page: int, regs: dict[str, int]) -> int | None:
+        """The linear address in ``page`` the instruction at RIP accesses (its memory
+        operand, or its own bytes for a fetch), or None when it cannot be told."""
+        rip = regs["rip"]
+        if self._pending_access == FETCH:
+            return rip if rip >> 12 == page >> 12 else page
+        insn = self._decode_at(rip)
+        if insn is None or not any(insn.op_kind(i) == OpKind.MEMORY for i in range(insn.op_count)):
+            return None
+        if insn.is_ip_rel_memory_operand:
+            la = insn.ip_rel_memory_address
+        else:
+            la = insn.memory_displacement
+            a32 = False
+            for reg, scale in ((insn.memory_base, 1), (insn.memory_index, insn.memory_index_scale)):
+                if reg != Register.NONE:
+                    full = GPRS[RegisterExt.number(RegisterExt.full_register(reg))]
+                    la += regs[full] * scale
+                    a32 |= RegisterExt.size(reg) == 4
+            la &= 0xFFFF_FFFF if a32 else 0xFFFF_FFFF_FFFF_FFFF
+        seg = insn.memory_segment
+        if seg in (Register.FS, Register.GS):
+            la += self.reg(X.UC_X86_REG_FS_BASE if seg == Register.FS else X.UC_X86_REG_GS_BASE)
+        la &= 0xFFFF_FFFF_FFFF_FFFF
+        size = max(MemorySizeExt.size(insn.memory_size), 1)
+        if la >> 12 == page >> 12:
+            return la
+        if la < page < la + size:  # an access starting on the page before: its part here
+            return page
+        return None
 
     # -- hooks (exceptions are kept and re-raised after emu_start: unicorn would lose them) ---
 
@@ -386,6 +471,7 @@ class GuestCpu:
                 return True
             if r.is_vm_exit:
                 self._pending_fault = r
+                self._pending_access = access
             else:
                 self._pending_exception = f"guest {r!r} with no handler: triple fault"
             return False
