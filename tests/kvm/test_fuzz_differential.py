@@ -39,7 +39,7 @@ from fastmmio.fuzz.differential import (
     shrink,
 )
 from fastmmio.fuzz.programs import DiffProgram, MemRef, Op, programs
-from fastmmio.machine import IoEventFdSpec
+from fastmmio.machine import CoalescedZone, IoEventFdSpec
 
 REGRESSIONS = Path(__file__).parent / "regressions"
 NEW_FAILURE = Path(os.environ.get("FASTMMIO_FUZZ_DIFF_SAVE", REGRESSIONS / "new-failure.json"))
@@ -143,10 +143,12 @@ RICH = DiffProgram(
         Op("load", 8, "R9", "mov", None, "mmio", layout.MMIO_BASE + 0x40, MemRef("rip")),
         Op("out", 2, "AX", "dx", 0x1, "", layout.DOORBELL_PORT),
         Op("in", 1, "AL", "imm8", None, "", 0x61),
+        Op("store", 2, "DX", "mov", 0xC0DE, "mmio", layout.COALESCED_GPA + 0x10, MemRef("base", base="RSI")),
     ),
     gprs={"rbx": 0x77, "r12": 0xABCD},
     ioeventfds=(IoEventFdSpec("mmio-0", False, layout.MMIO_BASE, 1),
                 IoEventFdSpec("pio-1", True, layout.DOORBELL_PORT, 2, 1)),
+    coalesced=(CoalescedZone(layout.COALESCED_GPA, layout.PAGE_SIZE),),
     device_read_value=0x8877_6655_4433_2211,
     data_seed=5,
 )
@@ -159,8 +161,8 @@ def rich_case(device: str):
 
 def test_rich_program_agrees_and_exercises_every_field(kvm_device):
     """A hand-written program touching every compared field agrees, and what it did is
-    visible: both eventfds fired, three userspace exits (RO write, MMIO read, IN), a data-area
-    store, a loaded register."""
+    visible: both eventfds fired, four userspace exits (MMIO write, RO write, MMIO read, IN),
+    one coalesced-ring entry, a data-area store, a loaded register."""
     r = rich_case(kvm_device)
     assert r.agree, r.report()
     k = r.kvm
@@ -168,12 +170,13 @@ def test_rich_program_agrees_and_exercises_every_field(kvm_device):
     assert k.eventfds == {"mmio-0": 1, "pio-1": 1}
     assert [(e[0], e[2], e[3]) for e in k.exits] == [("mmio", 2, True), ("mmio", 1, True),
                                                      ("mmio", 8, False), ("io", 1, False)]
+    assert k.coalesced == 1
     assert k.regs["r9"] == 0x8877_6655_4433_2211
     assert k.memory["data"][0x10:0x14] == (0x1234_5678).to_bytes(4, "little")
 
 
 @pytest.mark.parametrize("field", ["regs", "data", "ro", "mailbox", "ram", "exits", "histogram",
-                                   "eventfd", "user_exits", "outcome"])
+                                   "eventfd", "user_exits", "coalesced", "outcome"])
 def test_compare_reports_a_planted_difference(kvm_device, field):
     """compare() names each field when (only) that field differs."""
     r = rich_case(kvm_device)
@@ -202,6 +205,9 @@ def test_compare_reports_a_planted_difference(kvm_device, field):
     elif field == "user_exits":
         sim.user_exits += 1
         want = "user_exits"
+    elif field == "coalesced":
+        sim.coalesced += 1
+        want = "coalesced"
     else:
         sim.outcome = "error:shutdown"
         want = "outcome"

@@ -111,8 +111,8 @@ def _collect(n: int):
 
 def test_generator_covers_every_form():
     """Across a few hundred programs: every access kind, width, region, load/store form,
-    addressing form, port form, and every kind of ioeventfd (MMIO, read-only slot, PIO;
-    lengths 0/1/2/4/8; wildcard and DATAMATCH) appears."""
+    addressing form, port form, every kind of ioeventfd (MMIO, read-only slot, PIO;
+    lengths 0/1/2/4/8; wildcard and DATAMATCH) and both kinds of coalesced zone appear."""
     progs = _collect(400)
     c: Counter = Counter()
     for p in progs:
@@ -127,6 +127,8 @@ def test_generator_covers_every_form():
                 c[("high8", op.reg in ("AH", "CH", "DH", "BH"))] += 1
             if op.kind in ("in", "out"):
                 c[(op.kind, op.form, op.width)] += 1
+        for z in p.coalesced:
+            c[("coalesced", z.pio)] += 1
         for e in p.ioeventfds:
             where = "pio" if e.pio else "mmio" if e.addr >= layout.MMIO_BASE else "ro"
             c[("ioeventfd", where, e.length, e.datamatch is None)] += 1
@@ -143,7 +145,7 @@ def test_generator_covers_every_form():
     want += [("ioeventfd", "mmio", n, True) for n in (0, 1, 2, 4, 8)]
     want += [("ioeventfd", "mmio", n, False) for n in (1, 2, 4, 8)]
     want += [("ioeventfd", "pio", n, True) for n in (0, 1, 2, 4)] + [("ioeventfd", "pio", 2, False)]
-    want += [("ioeventfd", "ro", 0, True)]
+    want += [("ioeventfd", "ro", 0, True), ("coalesced", True), ("coalesced", False)]
     missing = [w for w in want if not c[w]]
     assert not missing, missing
 

@@ -17,7 +17,9 @@ module does it for random programs (:mod:`fastmmio.fuzz.programs`). One case:
      when both backends kept all of them (the simulator keeps the first
      :data:`fastmmio.sim.backend.EXIT_SAMPLE`); always the exact histogram
      (``RunLoop.exit_histogram`` / ``SimSession.exit_histogram``);
-   * the number of userspace exits and every ioeventfd's count.
+   * the number of userspace exits, of coalesced-ring entries (the simulator counts them
+     without keeping them, so their order and data are not compared) and every ioeventfd's
+     count.
 
 Documented exclusions (the comparison hides nothing else):
 
@@ -117,6 +119,7 @@ class Observation:
     histogram: dict[tuple, int] = field(default_factory=dict)
     eventfds: dict[str, int] = field(default_factory=dict)
     user_exits: int = 0
+    coalesced: int = 0  # coalesced-ring entries drained during the batch
     seconds: float = 0.0
 
 
@@ -130,6 +133,7 @@ def _observe(obs: Observation, session: Any, batch: BatchResult | None, histogra
         obs.exits_complete = len(batch.exits) == batch.user_exits
         obs.eventfds = dict(batch.eventfd_signals)
         obs.user_exits = batch.user_exits
+        obs.coalesced = batch.coalesced_entries
     obs.histogram = dict(histogram)
     try:
         obs.regs = {k: v for k, v in session.regs().items() if k in REGS}
@@ -254,6 +258,8 @@ def compare(kvm: Observation, sim: Observation, kvm_kind: str = "pvm") -> list[D
         out.append(Difference("histogram", "; ".join(ka), "; ".join(kb)))
     if kvm.user_exits != sim.user_exits:
         out.append(Difference("user_exits", str(kvm.user_exits), str(sim.user_exits)))
+    if kvm.coalesced != sim.coalesced:
+        out.append(Difference("coalesced", str(kvm.coalesced), str(sim.coalesced)))
     for name in sorted(set(kvm.eventfds) | set(sim.eventfds)):
         if kvm.eventfds.get(name) != sim.eventfds.get(name):
             out.append(Difference(f"eventfd.{name}", str(kvm.eventfds.get(name)),
@@ -434,6 +440,9 @@ def shrink(program: DiffProgram, still_fails: Callable[[DiffProgram], bool],
                 else:
                     i += chunk
             chunk //= 2
+        for z in list(best.coalesced):
+            progress |= attempt(dataclasses.replace(
+                best, coalesced=tuple(x for x in best.coalesced if x != z)))
         for ev in list(best.ioeventfds):
             progress |= attempt(dataclasses.replace(
                 best, ioeventfds=tuple(e for e in best.ioeventfds if e != ev)))
@@ -594,6 +603,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def run_diff(args: argparse.Namespace) -> int:
     """Fuzz, then shrink and save the first case of each kind of disagreement. Exit status 1
     when the backends disagreed on any case."""
+    from fastmmio.real.backend import RealBackend
+
+    RealBackend(device=args.device).check()  # a missing or unusable device: one line, status 2
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     runner = DiffRunner(args.device, mmio_caching=args.mmio_caching)
     info = runner.info

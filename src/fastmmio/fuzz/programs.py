@@ -25,7 +25,10 @@ anything else is the hostile fuzzer's business (:mod:`fastmmio.fuzz.hostile`).
 The machine gets a few ioeventfds (:func:`ioeventfd_sets`): on the MMIO hole and the
 read-only slot wildcard lengths 1/2/4/8, length 0 (``KVM_FAST_MMIO_BUS`` too) and DATAMATCH;
 on ports lengths 0/1/2/4/8 and DATAMATCH. Every set obeys ``kvm_assign_ioeventfd()``'s
-collision rule (``ioeventfd_check_collision``, virt/kvm/eventfd.c), so KVM accepts it.
+collision rule (``ioeventfd_check_collision``, virt/kvm/eventfd.c), so KVM accepts it. It
+may also get coalesced zones (:data:`COALESCED_ZONES`: a page of the MMIO hole, a few ports),
+whose writes go to the coalesced ring instead of exiting (virt/kvm/coalesced_mmio.c), and
+which share the buses with the ioeventfds.
 
 Everything is encoded with iced-x86 (no raw bytes); a program is plain data and round-trips
 through JSON (:meth:`DiffProgram.to_json` / :meth:`DiffProgram.from_json`), which is how
@@ -52,7 +55,7 @@ from fastmmio.errors import UsageError
 from fastmmio.guest.asm import Asm, disassemble
 from fastmmio.guest.image import Region
 from fastmmio.guest.raw import build_raw_image
-from fastmmio.machine import IoEventFdSpec, Machine, MachineSpec, MemSlot
+from fastmmio.machine import CoalescedZone, IoEventFdSpec, Machine, MachineSpec, MemSlot
 
 M64 = (1 << 64) - 1
 
@@ -84,6 +87,14 @@ HIGH8 = ("AH", "CH", "DH", "BH")  # encodable only without a REX prefix
 _HIGH8_FULL = {"AH": "RAX", "CH": "RCX", "DH": "RDX", "BH": "RBX"}
 ACC = {1: "AL", 2: "AX", 4: "EAX", 8: "RAX"}
 INIT_GPRS = tuple(r.lower() for r in GPR64 if r != "RSP")  # boot-state registers set at random
+
+COALESCED_ZONES = (
+    CoalescedZone(layout.COALESCED_GPA, layout.PAGE_SIZE),  # the route catalogue's zone
+    CoalescedZone(layout.MMIO_BASE + 0x20, 0x20),  # shares the first page with ioeventfds
+    CoalescedZone(layout.COALESCED_PORT, 8, pio=True),
+    CoalescedZone(PORT_RANGE[0], 4, pio=True),
+)
+"""Zones a program may register (never overlapping one another: KVM does not check that)."""
 
 INTERESTING = (0, 1, 0x7F, 0x80, 0xFF, 0x100, 0x7FFF, 0x8000, 0xFFFF, 0x7FFF_FFFF, 0x8000_0000,
                0xFFFF_FFFF, 0x1_0000_0000, 0x7FFF_FFFF_FFFF_FFFF, 0x8000_0000_0000_0000, M64,
@@ -188,6 +199,7 @@ class DiffProgram:
     ops: tuple[Op, ...]
     gprs: Mapping[str, int] = field(default_factory=dict)  # boot-state registers, lower-case
     ioeventfds: tuple[IoEventFdSpec, ...] = ()
+    coalesced: tuple[CoalescedZone, ...] = ()  # KVM_REGISTER_COALESCED_MMIO zones
     device_read_value: int = layout.DEVICE_READ_VALUE
     data_seed: int = 0  # the RAM data area starts as data_bytes(data_seed); 0 = zeros
     cpl: int = 3
@@ -203,6 +215,7 @@ class DiffProgram:
                         fill=layout.RO_PATTERN),
             ),
             ioeventfds=tuple(self.ioeventfds),
+            coalesced=tuple(self.coalesced),
             done_port=layout.DONE_PORT,
             device_read_value=self.device_read_value,
             mmio_holes=((layout.MMIO_BASE, layout.MMIO_SIZE),),
@@ -231,6 +244,8 @@ class DiffProgram:
             dm = "wildcard" if ev.datamatch is None else f"DATAMATCH {ev.datamatch:#x}"
             lines.append(f"ioeventfd {ev.name}: {'PIO' if ev.pio else 'MMIO'} {ev.addr:#x} "
                          f"len {ev.length} {dm}")
+        for z in self.coalesced:
+            lines.append(f"coalesced {'PIO' if z.pio else 'MMIO'} zone {z.addr:#x}+{z.size:#x}")
         regs = " ".join(f"{k}={v:#x}" for k, v in sorted(self.gprs.items()))
         lines.append(f"initial registers: {regs or '(all 0)'}")
         return lines
@@ -244,6 +259,7 @@ class DiffProgram:
             "data_seed": self.data_seed,
             "gprs": {k: self.gprs[k] for k in sorted(self.gprs)},
             "ioeventfds": [asdict(e) for e in self.ioeventfds],
+            "coalesced": [asdict(z) for z in self.coalesced],
             "ops": [_op_json(o) for o in self.ops],
         }
 
@@ -252,7 +268,8 @@ class DiffProgram:
         try:
             ops = tuple(_op_from_json(o) for o in d["ops"])
             evs = tuple(IoEventFdSpec(**e) for e in d.get("ioeventfds", ()))
-            prog = cls(ops=ops, gprs=dict(d.get("gprs", {})), ioeventfds=evs,
+            zones = tuple(CoalescedZone(**z) for z in d.get("coalesced", ()))
+            prog = cls(ops=ops, gprs=dict(d.get("gprs", {})), ioeventfds=evs, coalesced=zones,
                        device_read_value=int(d.get("device_read_value", layout.DEVICE_READ_VALUE)),
                        data_seed=int(d.get("data_seed", 0)), cpl=int(d.get("cpl", 3)))
         except (KeyError, TypeError, ValueError) as exc:
@@ -557,13 +574,15 @@ def ioeventfd_sets(draw) -> tuple[IoEventFdSpec, ...]:
 
 
 @st.composite
-def _address(draw, region: str, width: int, evs: tuple[IoEventFdSpec, ...]) -> int:
+def _address(draw, region: str, width: int, evs: tuple[IoEventFdSpec, ...],
+             zones: tuple[CoalescedZone, ...] = ()) -> int:
     """A naturally aligned address in ``region``, often on or next to an ioeventfd there."""
     lo, size = REGIONS[region]
-    near = [e for e in evs if not e.pio and lo <= e.addr < lo + size]
+    near = [e.addr for e in evs if not e.pio and lo <= e.addr < lo + size]
+    near += [z.addr + z.size // 2 for z in zones if not z.pio and lo <= z.addr < lo + size]
+    near += [z.addr + z.size for z in zones if not z.pio and lo <= z.addr < lo + size]
     if near and draw(st.integers(0, 2)):
-        e = draw(st.sampled_from(near))
-        addr = e.addr + draw(st.sampled_from((0, 0, 0, 1, 2, 4, -1, -4, 8)))
+        addr = draw(st.sampled_from(near)) + draw(st.sampled_from((0, 0, 0, 1, 2, 4, -1, -4, 8)))
     elif region == "ram" or draw(st.booleans()):
         addr = lo + draw(st.integers(0, size - 1))
     else:  # the first two pages, where ioeventfds live, more often
@@ -609,9 +628,14 @@ def _mem_needs_rex(mem: MemRef) -> bool:
     return any(r and needs_rex(r) for r in (mem.base, mem.index))
 
 
-def _pick_reg(draw, width: int, mem: MemRef, avoid: tuple[str, ...] = ()) -> str:
+def _pick_reg(draw, width: int, mem: MemRef, avoid: tuple[str, ...] = (),
+              high8: bool = False) -> str:
     """A register operand of ``width`` bytes, not held in ``avoid``; AH..BH only when the
-    instruction needs no REX prefix for its memory operand."""
+    instruction needs no REX prefix for its memory operand (and one of them if ``high8``)."""
+    if high8 and width == 1 and not _mem_needs_rex(mem):
+        names = [n for n in HIGH8 if full_register(n) not in avoid]
+        if names:
+            return draw(st.sampled_from(names))
     names = list(_BY_WIDTH[width])
     if width == 1 and not _mem_needs_rex(mem):
         names += HIGH8
@@ -627,11 +651,11 @@ def sext32(value: int) -> int:
 
 
 @st.composite
-def _store(draw, evs: tuple[IoEventFdSpec, ...]) -> Op:
+def _store(draw, evs: tuple[IoEventFdSpec, ...], zones: tuple[CoalescedZone, ...] = ()) -> Op:
     region = draw(st.sampled_from(tuple(REGIONS)))
     form = draw(st.sampled_from(("mov", "mov_imm", "movnti", "moffs")))
     width = draw(st.sampled_from((4, 8) if form == "movnti" else (1, 2, 4, 8)))
-    addr = draw(_address(region, width, evs))
+    addr = draw(_address(region, width, evs, zones))
     value = _value_for(draw, addr, width, False, evs)
     if form == "moffs":
         mem = MemRef(mode="moffs", segment=draw(st.sampled_from(("", "", "FS", "GS"))))
@@ -646,33 +670,34 @@ def _store(draw, evs: tuple[IoEventFdSpec, ...]) -> Op:
     mem = draw(_memref(high8, width, False))
     # a value put in the source register first must not overwrite the address registers
     avoid = (mem.base, mem.index) if value is not None else ()
-    reg = _pick_reg(draw, width, mem, avoid)
+    reg = _pick_reg(draw, width, mem, avoid, high8)
     return Op("store", width, reg, form, value, region, addr, mem)
 
 
 @st.composite
-def _load(draw, evs: tuple[IoEventFdSpec, ...]) -> Op:
+def _load(draw, evs: tuple[IoEventFdSpec, ...], zones: tuple[CoalescedZone, ...] = ()) -> Op:
     region = draw(st.sampled_from(tuple(REGIONS)))
     form = draw(st.sampled_from(("mov", "movzx", "movsx", "movsxd", "moffs")))
     if form == "moffs":
         width = draw(st.sampled_from((1, 2, 4, 8)))
-        addr = draw(_address(region, width, evs))
+        addr = draw(_address(region, width, evs, zones))
         mem = MemRef(mode="moffs", segment=draw(st.sampled_from(("", "", "FS", "GS"))))
         return Op("load", width, ACC[width], "mov", None, region, addr, mem)
     width, dest_width = draw(st.sampled_from(sorted(LOAD_FORMS[form])))
-    addr = draw(_address(region, width, evs))
+    addr = draw(_address(region, width, evs, zones))
     if movsxd_crosses_page(form, width, addr):
         addr -= 2
     high8 = form == "mov" and width == 1 and draw(st.integers(0, 4)) == 0
     mem = draw(_memref(high8, width, False))
-    reg = _pick_reg(draw, dest_width, mem)
+    reg = _pick_reg(draw, dest_width, mem, high8=high8)
     return Op("load", width, reg, form, None, region, addr, mem)
 
 
 @st.composite
-def _port_op(draw, kind: str, evs: tuple[IoEventFdSpec, ...]) -> Op:
+def _port_op(draw, kind: str, evs: tuple[IoEventFdSpec, ...],
+             zones: tuple[CoalescedZone, ...] = ()) -> Op:
     width = draw(st.sampled_from((1, 2, 4)))
-    ports = [e.addr for e in evs if e.pio]
+    ports = [e.addr for e in evs if e.pio] + [z.addr + k for z in zones if z.pio for k in (0, z.size - 1)]
     c = draw(st.integers(0, 3))
     if ports and c:
         port = draw(st.sampled_from(ports)) + draw(st.sampled_from((0, 0, 0, 1, 2, -1)))
@@ -697,22 +722,24 @@ def _set(draw) -> Op:
     return Op("set", 8 if form == "imm64" else 4, reg, form, value)
 
 
-def ops(evs: tuple[IoEventFdSpec, ...]) -> st.SearchStrategy[Op]:
+def ops(evs: tuple[IoEventFdSpec, ...], zones: tuple[CoalescedZone, ...] = ()) -> st.SearchStrategy[Op]:
     """One step: a store, a load, an OUT, an IN, or a register load (in shrinking order)."""
-    return st.one_of(_store(evs), _load(evs), _port_op("out", evs), _port_op("in", evs), _set())
+    return st.one_of(_store(evs, zones), _load(evs, zones), _port_op("out", evs, zones),
+                     _port_op("in", evs, zones), _set())
 
 
 @st.composite
 def programs(draw, max_ops: int = 24, cpl: int = 3) -> DiffProgram:
     """The hypothesis strategy for :class:`DiffProgram` (see the module docstring)."""
     evs = draw(ioeventfd_sets())
+    zones = tuple(draw(st.lists(st.sampled_from(COALESCED_ZONES), unique=True, max_size=2)))
     gprs = draw(st.fixed_dictionaries({r: values for r in INIT_GPRS}))
     # several short lists rather than one long one: hypothesis keeps a list's average length
     # near 5 whatever its maximum, and each list still shrinks element by element
     steps: list[Op] = []
     for _ in range(max(1, max_ops // 8)):
-        steps += draw(st.lists(ops(evs), max_size=min(8, max_ops)))
+        steps += draw(st.lists(ops(evs, zones), max_size=min(8, max_ops)))
     device_read_value = draw(values)
     data_seed = draw(st.one_of(st.just(0), st.integers(1, (1 << 32) - 1)))
-    return DiffProgram(ops=tuple(steps), gprs=gprs, ioeventfds=evs,
+    return DiffProgram(ops=tuple(steps), gprs=gprs, ioeventfds=evs, coalesced=zones,
                        device_read_value=device_read_value, data_seed=data_seed, cpl=cpl)
