@@ -1,17 +1,21 @@
 """Differential fuzzing on this host: random programs (fastmmio.fuzz.programs) run on the
 simulator (upstream variant) and on /dev/kvm must agree on every compared field
 (fastmmio.fuzz.differential.compare: registers, data area, read-only slot, mailbox, the rest of
-RAM, every userspace exit in order and as a histogram, every ioeventfd count).
+RAM, every userspace exit in order and as a histogram, every ioeventfd count, the coalesced-ring
+entry count).
 
 * ``test_backends_agree_on_random_programs``: a bounded hypothesis run (derandomized, so CI
-  sees the same programs every time). A disagreement is shrunk by
+  sees the same programs every time; ``FASTMMIO_FUZZ_DIFF_EXAMPLES`` changes the count), the
+  simulator configured like the host; ``..._caching_mmio_sptes`` half as many with the
+  simulator's kvm.mmio_caching on (VMX's MMIO SPTE / EPT misconfiguration / fast MMIO paths,
+  which this PVM host does not have). A disagreement is shrunk by
   :func:`fastmmio.fuzz.differential.shrink` (at most :data:`SHRINK_RUNS` reruns: hypothesis's
   own shrinker, at two VMs per call, ran into its 5-minute limit on a planted failure) and
   the small program is written to ``tests/kvm/regressions/new-failure.json``, where the
   replay test below picks it up. Rename it after the cause and fill its ``cause`` field once
   explained or fixed.
 * ``test_regression``: every ``tests/kvm/regressions/*.json`` (program plus machine, as data)
-  is replayed and must agree.
+  is replayed in both configurations and must agree.
 * The comparison itself is checked to see what it claims to see (a planted difference in
   each field is reported), so an agreement is not an artefact of comparing nothing.
 
