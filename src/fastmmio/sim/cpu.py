@@ -102,6 +102,7 @@ _END_PAGE = _END >> 12
 # binding's Uc.ctl encodes it
 _CTL_TLB_FLUSH_W = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 _SCRATCH_HPA = (1 << 46) - 0x1000
+_UNDECODED = object()
 
 
 class ExitHandler(Protocol):
@@ -177,6 +178,7 @@ class GuestCpu:
         self._pending_fault: Fault | None = None
         self._pending_access = READ  # the access type of the refused fill
         self._insns: dict[int, Instruction | None] = {}  # decoded guest instructions by RIP
+        self._operands: dict[int, tuple | None] = {}  # their memory operands, by RIP
         self._pending_exception: str | None = None
         self._lengths: dict[int, int] = {}
         self._stop: CpuStop | None = None
@@ -427,30 +429,53 @@ class GuestCpu:
         rip = regs["rip"]
         if self._pending_access == FETCH:
             return rip if rip >> 12 == page >> 12 else page
-        insn = self._decode_at(rip)
-        if insn is None or not any(insn.op_kind(i) == OpKind.MEMORY for i in range(insn.op_count)):
+        op = self._operands.get(rip, _UNDECODED)
+        if op is _UNDECODED:
+            op = self._operands[rip] = self._memory_operand(rip)
+        if op is None:
             return None
-        if insn.is_ip_rel_memory_operand:
-            la = insn.ip_rel_memory_address
+        ip_rel, displ, base, index, scale, mask, seg, size = op
+        if ip_rel is not None:
+            la = ip_rel
         else:
-            la = insn.memory_displacement
-            a32 = False
-            for reg, scale in ((insn.memory_base, 1), (insn.memory_index, insn.memory_index_scale)):
-                if reg != Register.NONE:
-                    full = GPRS[RegisterExt.number(RegisterExt.full_register(reg))]
-                    la += regs[full] * scale
-                    a32 |= RegisterExt.size(reg) == 4
-            la &= 0xFFFF_FFFF if a32 else 0xFFFF_FFFF_FFFF_FFFF
-        seg = insn.memory_segment
-        if seg in (Register.FS, Register.GS):
-            la += self.reg(X.UC_X86_REG_FS_BASE if seg == Register.FS else X.UC_X86_REG_GS_BASE)
+            la = displ
+            if base is not None:
+                la += regs[base]
+            if index is not None:
+                la += regs[index] * scale
+            la &= mask
+        if seg is not None:
+            la += self.reg(seg)
         la &= 0xFFFF_FFFF_FFFF_FFFF
-        size = max(MemorySizeExt.size(insn.memory_size), 1)
         if la >> 12 == page >> 12:
             return la
         if la < page < la + size:  # an access starting on the page before: its part here
             return page
         return None
+
+    def _memory_operand(self, rip: int) -> tuple | None:
+        """The memory operand of the instruction at ``rip`` as a tuple the exit path can
+        evaluate without iced-x86: (RIP-relative address or None, displacement, base GPR name,
+        index GPR name, scale, address-size mask, FS/GS base register id, access size)."""
+        insn = self._decode_at(rip)
+        if insn is None or not any(insn.op_kind(i) == OpKind.MEMORY for i in range(insn.op_count)):
+            return None
+        size = max(MemorySizeExt.size(insn.memory_size), 1)
+        seg = {Register.FS: X.UC_X86_REG_FS_BASE,
+               Register.GS: X.UC_X86_REG_GS_BASE}.get(insn.memory_segment)
+        if insn.is_ip_rel_memory_operand:
+            return (insn.ip_rel_memory_address, 0, None, None, 1, 0, seg, size)
+        names = []
+        a32 = False
+        for reg in (insn.memory_base, insn.memory_index):
+            if reg == Register.NONE:
+                names.append(None)
+                continue
+            names.append(GPRS[RegisterExt.number(RegisterExt.full_register(reg))])
+            a32 |= RegisterExt.size(reg) == 4
+        mask = 0xFFFF_FFFF if a32 else 0xFFFF_FFFF_FFFF_FFFF
+        return (None, insn.memory_displacement, names[0], names[1], insn.memory_index_scale,
+                mask, seg, size)
 
     # -- hooks (exceptions are kept and re-raised after emu_start: unicorn would lose them) ---
 
