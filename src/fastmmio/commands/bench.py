@@ -17,19 +17,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from fastmmio.bench import DEFAULT_RUNS, DEFAULT_TARGET_TICKS, BenchOptions, bench_routes
 from fastmmio.errors import HostError, UsageError
+from fastmmio.argtypes import positive_int
 from fastmmio.report.bench import bench_table, json_records, kut_lines
 from fastmmio.result import BatchResult
 from fastmmio.routes import Route, get_route, load_catalogue
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
 
 
 # Calibration goals beyond 2^40 TSC ticks (minutes per batch at any TSC rate) are a typo, not
@@ -38,7 +29,7 @@ MAX_TARGET_TICKS = 1 << 40
 
 
 def _target_ticks(text: str) -> int:
-    value = _positive(text)
+    value = positive_int(text)
     if value > MAX_TARGET_TICKS:
         raise argparse.ArgumentTypeError(f"at most 2^40 = {MAX_TARGET_TICKS}: {text}")
     return value
@@ -79,12 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cpl", type=int, choices=(0, 3),
                    help="guest privilege level (default: from host detection; 3 under PVM)")
     n = p.add_mutually_exclusive_group()
-    n.add_argument("--iterations", "-n", type=_positive, metavar="N",
+    n.add_argument("--iterations", "-n", type=positive_int, metavar="N",
                    help="fixed N accesses per batch (no calibration)")
     n.add_argument("--target-ticks", type=_target_ticks, metavar="T", default=DEFAULT_TARGET_TICKS,
                    help=f"calibration goal per batch in TSC ticks (default 2^28 = "
                    f"{DEFAULT_TARGET_TICKS}; kvm-unit-tests uses 2^30)")
-    p.add_argument("--runs", "-r", type=_positive, default=DEFAULT_RUNS, metavar="R",
+    p.add_argument("--runs", "-r", type=positive_int, default=DEFAULT_RUNS, metavar="R",
                    help=f"measured batches per route; the median is reported (default {DEFAULT_RUNS})")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="also write a host record and one record per route as JSON")

@@ -24,6 +24,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from fastmmio.argtypes import csv_list, int_in_range, on_off
 from fastmmio.compare.core import DEFAULT_ITERATIONS, MAX_ITERATIONS
 from fastmmio.compare.run import (
     DEFAULT_CACHES,
@@ -39,27 +40,7 @@ from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.verdict import DEFAULT_TOLERANCE
 
 
-def csv_list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
-def on_off(text: str) -> bool:
-    t = text.strip().lower()
-    if t in ("on", "1", "yes", "true"):
-        return True
-    if t in ("off", "0", "no", "false"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected on or off, not {text!r}")
-
-
-def iterations_arg(text: str) -> int:
-    try:
-        n = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not 1 <= n <= MAX_ITERATIONS:
-        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_ITERATIONS}")
-    return n
+iterations_arg = int_in_range(1, MAX_ITERATIONS)
 
 
 def percent_arg(text: str) -> float:

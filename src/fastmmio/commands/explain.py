@@ -19,18 +19,9 @@ from rich.text import Text
 from fastmmio.costs import COMPONENTS
 from fastmmio.errors import UsageError
 from fastmmio.explain import DEFAULT_CPL, DEFAULT_PROFILE, DEFAULT_WARMUP, ExplainOptions, Explanation, explain
+from fastmmio.argtypes import positive_int
 from fastmmio.routes import get_route
 from fastmmio.sim.backend import SimOptions
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"CPU cost profile: a bundled name or a .toml file (default {DEFAULT_PROFILE})")
     p.add_argument("--cpl", type=int, choices=(0, 3), default=DEFAULT_CPL,
                    help=f"guest privilege level (default {DEFAULT_CPL}, as kvm-unit-tests on VMX)")
-    p.add_argument("--warmup", type=_positive, default=DEFAULT_WARMUP, metavar="N",
+    p.add_argument("--warmup", type=positive_int, default=DEFAULT_WARMUP, metavar="N",
                    help=f"iterations of the warm-up batch (default {DEFAULT_WARMUP})")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the steps as JSON to FILE, or to stdout instead of the table")

@@ -10,10 +10,10 @@ import argparse
 
 from rich.text import Text
 
+from fastmmio.argtypes import csv_list
 from fastmmio.commands.compare import (
     add_sim_arguments,
     check_out_dir,
-    csv_list,
     progress_display,
     stdout_console,
 )
