@@ -80,3 +80,36 @@ def test_ept_exits_report_the_exact_address_not_its_page():
     assert [(e.addr, e.size, e.is_write) for e in batch.exits] == [
         (0x401000, 2, False), (0x401014, 1, False), (0x402FFC, 4, True)]
     assert s.regs()["r15"] == 0x9E
+
+
+def test_length0_ioeventfd_in_a_coalesced_zone_wins_once_the_page_has_an_mmio_spte():
+    """VMX with kvm.mmio_caching (found by the differential fuzzer against PVM, where it does
+    not happen). The machine: ioeventfds at 0x400038 (length 1), 0x400030 (length 0) and
+    0x401020 (length 8, another page), then a coalesced zone 0x400020+0x20.
+    kvm_io_bus_register_dev inserts each range before the first one kvm_io_bus_cmp ranks above
+    it; that comparison is no total order, and the KVM_MMIO_BUS array ends up
+    [0x400030/0, 0x400038/1, zone, 0x401020/8]. A 2-byte write to 0x400030: bsearch lands on
+    the zone, the walk back (kvm_io_bus_get_first_dev) stops at 0x400038, which does not cover
+    0x400030, so the zone takes the write. The first write to the page is an EPT violation and
+    emulated that way (vcpu_mmio_write); the page then has an MMIO SPTE, the next write is an
+    EPT misconfiguration and handle_ept_misconfig tries KVM_FAST_MMIO_BUS first (68c3b4d1),
+    which holds only the length-0 ioeventfd: it signals and the store is skipped. Without
+    caching both writes are emulated: both to the zone. Without the unrelated ioeventfd at
+    0x401020 the array has three entries, bsearch lands on 0x400030 and the ioeventfd takes
+    the emulated writes too (real KVM here does the same for both machines)."""
+    from fastmmio.fuzz.programs import DiffProgram, MemRef, Op
+    from fastmmio.machine import CoalescedZone, IoEventFdSpec
+
+    store = Op("store", 2, "BP", "mov", 0x1234, "mmio", 0x400030, MemRef("base", base="RSI"))
+    evs = (IoEventFdSpec("len1", False, 0x400038, 1), IoEventFdSpec("len0", False, 0x400030, 0),
+           IoEventFdSpec("far", False, 0x401020, 8))
+    prog = DiffProgram(ops=(store, store), ioeventfds=evs, coalesced=(CoalescedZone(0x400020, 0x20),))
+    seen, batch, _ = _sim_exits(prog, mmio_caching=True)
+    assert [s[0] for s in seen] == ["EPT_VIOLATION", "EPT_MISCONFIG"]
+    assert batch.coalesced_entries == 1 and batch.eventfd_signals["len0"] == 1
+    assert batch.user_exits == 0
+    _, batch, _ = _sim_exits(prog, mmio_caching=False)
+    assert batch.coalesced_entries == 2 and batch.eventfd_signals["len0"] == 0
+    three = DiffProgram(ops=(store, store), ioeventfds=evs[:2], coalesced=prog.coalesced)
+    _, batch, _ = _sim_exits(three, mmio_caching=False)
+    assert batch.coalesced_entries == 0 and batch.eventfd_signals["len0"] == 2

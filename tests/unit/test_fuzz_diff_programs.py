@@ -306,3 +306,46 @@ def test_movsxd_r16_page_end_exclusion_is_needed_and_enforced():
         DiffProgram(ops=(bad,)).validate()
     assert not any(op.form == "movsxd" and op.width == 2 and op.addr & 0xFFF == 0xFFE
                    for p in _collect(200) for op in p.ops)
+
+
+def test_excluded_only_where_the_fast_mmio_bus_decides(monkeypatch):
+    """DiffRunner.excluded: with the simulator caching MMIO SPTEs and the host not, a load at a
+    length-0 MMIO ioeventfd (handle_ept_misconfig skips it on KVM_FAST_MMIO_BUS) and a store
+    there inside a coalesced MMIO zone (the fast bus has no coalesced zone; KVM_MMIO_BUS
+    offers it to the zone first) are not comparable; nothing else is, and nothing at all when
+    both sides have the same setting."""
+    import fastmmio.fuzz.differential as D
+    from fastmmio.machine import CoalescedZone
+    from fastmmio.result import HostInfo
+
+    info = HostInfo("cpu", None, "kernel", "pvm", True, 3, "test")
+    ev = IoEventFdSpec("len0", False, layout.MMIO_BASE + 0x30, 0)
+    zone = CoalescedZone(layout.MMIO_BASE + 0x20, 0x20)
+    at = dict(region="mmio", addr=ev.addr, mem=MemRef("base", base="RSI"))
+    load = DiffProgram(ops=(Op("load", 2, "AX", "mov", None, **at),), ioeventfds=(ev,))
+    store = DiffProgram(ops=(Op("store", 2, "AX", "mov", None, **at),), ioeventfds=(ev,))
+    store_in_zone = dataclasses.replace(store, coalesced=(zone,))
+    beside = dataclasses.replace(load, ops=(Op("load", 2, "AX", "mov", None, "mmio", ev.addr + 2,
+                                              MemRef("base", base="RSI")),))
+    for host, sim, expect in (("N", "on", [True, False, True, False]),
+                              ("Y", "on", [False] * 4), ("N", "host", [False] * 4),
+                              ("N", "off", [False] * 4)):
+        monkeypatch.setattr(D, "host_mmio_caching", lambda host=host: host == "Y")
+        r = D.DiffRunner(info=info, mmio_caching=sim)
+        got = [r.excluded(p) is not None for p in (load, store, store_in_zone, beside)]
+        assert got == expect, (host, sim)
+    with pytest.raises(UsageError):
+        D.DiffRunner(info=info, mmio_caching="maybe")
+
+
+def test_host_mmio_caching_reads_the_module_parameter(tmp_path):
+    """kvm.mmio_caching from /sys/module/kvm/parameters (Y/N); the kernel's default (on) when
+    the file is missing."""
+    from fastmmio.fuzz.differential import host_mmio_caching
+
+    f = tmp_path / "mmio_caching"
+    f.write_text("N\n")
+    assert host_mmio_caching(f) is False
+    f.write_text("Y\n")
+    assert host_mmio_caching(f) is True
+    assert host_mmio_caching(tmp_path / "missing") is True

@@ -353,20 +353,36 @@ class DiffRunner:
     def excluded(self, program: DiffProgram) -> str | None:
         """Why ``program`` cannot be compared on this host in this configuration, or None.
 
-        One case: the simulator has ``kvm.mmio_caching`` on and the host off, and the program
-        loads from the exact address of a length-0 ioeventfd in the MMIO hole. With caching
-        (VMX), once the page has an MMIO SPTE such a load is an EPT misconfiguration whose
-        ``KVM_FAST_MMIO_BUS`` write (length 0, no data: ``handle_ept_misconfig``, 68c3b4d1)
-        matches the ioeventfd, signals it and skips the load; without caching it is emulated
-        and exits to userspace (tests/kvm/regressions/read-at-length0-ioeventfd.json)."""
+        The simulator has ``kvm.mmio_caching`` on, the host off, and the program accesses
+        the exact address of a length-0 ioeventfd in the MMIO hole in a way only
+        ``KVM_FAST_MMIO_BUS`` decides. With caching (VMX), once the page has an MMIO SPTE,
+        such an access is an EPT misconfiguration whose fast-bus write (length 0, no data:
+        ``handle_ept_misconfig``, 68c3b4d1) matches the ioeventfd, signals it and skips the
+        instruction; without caching it is emulated and goes through ``KVM_MMIO_BUS`` in
+        address order (``kvm_io_bus_get_first_dev``):
+
+        * a load: skipped with caching, an exit to userspace without
+          (tests/kvm/regressions/read-at-length0-ioeventfd.json);
+        * a store inside a coalesced MMIO zone: with caching the ioeventfd takes it (the fast
+          bus holds no coalesced zone); without it, whichever of the two
+          ``kvm_io_bus_get_first_dev`` reaches first on ``KVM_MMIO_BUS``, which depends on the
+          registration order and on unrelated neighbours, ``kvm_io_bus_cmp`` being no total
+          order (tests/kvm/regressions/length0-ioeventfd-in-coalesced-zone.json: the zone).
+        """
         if not self.sim_options.mmio_caching or self.host_mmio_caching:
             return None
         fast = {e.addr for e in program.ioeventfds if not e.pio and e.length == 0
                 and layout.MMIO_BASE <= e.addr < layout.MMIO_BASE + layout.MMIO_SIZE}
+        zones = [z for z in program.coalesced if not z.pio]
         for op in program.ops:
             if op.kind == "load" and op.addr in fast:
                 return (f"{op.describe()}: a read at a length-0 MMIO ioeventfd takes "
                         "KVM_FAST_MMIO_BUS with kvm.mmio_caching on, not on this host")
+            if (op.kind == "store" and op.addr in fast
+                    and any(z.addr <= op.addr < z.addr + z.size for z in zones)):
+                return (f"{op.describe()}: a write at a length-0 MMIO ioeventfd inside a "
+                        "coalesced zone goes to the ioeventfd through KVM_FAST_MMIO_BUS with "
+                        "kvm.mmio_caching on, to the zone on this host")
         return None
 
     def run(self, program: DiffProgram) -> CaseResult:
