@@ -64,3 +64,24 @@ def test_bad_options_are_usage_errors():
         SimOptions(variant="nope")
     with pytest.raises(UsageError, match="cache configuration"):
         SimOptions(caches="nope")
+
+
+def test_close_releases_the_engine_and_is_idempotent():
+    s = SimBackend().open(build_machine(get_route("pio-eventfd-len1"), 3))
+    s.run_batch(2)
+    s.close()
+    assert not hasattr(s.cpu, "uc")
+    s.close()
+    with pytest.raises(GuestError, match="closed"):
+        s.run_batch(1)
+
+
+def test_close_runs_uc_close_at_once():
+    """The engine is closed by close() itself (its weakref finalizer has run), not left to the
+    garbage collector, which only finds it later through the engine <-> hooks cycle."""
+    s = SimBackend().open(build_machine(get_route("mmio-eventfd-len0"), 3))
+    finalizer = s.cpu.uc._Uc__finalizer
+    s.run_batch(2)
+    assert finalizer.alive
+    s.close()
+    assert not finalizer.alive

@@ -257,8 +257,9 @@ class SimSession:
         return self.cpu.regs()
 
     def close(self) -> None:
-        if not self.closed or self.cpu is not None:
-            self.closed = True
+        """Release the unicorn engine and its memory (also after a guest error)."""
+        self.closed = True
+        self.cpu.close()
 
     def __enter__(self) -> "SimSession":
         return self

@@ -567,5 +567,13 @@ class GuestCpu:
         uc.emu_stop()
 
     def close(self) -> None:
-        self.uc.release_handle() if hasattr(self.uc, "release_handle") else None
+        """Close the unicorn engine now (``uc_close``) rather than when the garbage collector
+        finds the cycle between the engine and this object's hooks; then drop the page views.
+        Idempotent."""
+        uc = self.__dict__.pop("uc", None)
+        if uc is None:
+            return
+        finalizer = getattr(uc, "_Uc__finalizer", None)
+        if finalizer is not None:
+            finalizer()  # runs Uc.release_handle(uch) once; the finalizer is then dead
         self._mapped.clear()
