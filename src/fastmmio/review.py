@@ -59,12 +59,12 @@ def _session(route: str, options: SimOptions, cpl: int):
 
 
 def check_read_not_skipped(options: SimOptions, cpl: int = 3) -> ReviewCheck:
-    s = _session("ro-read-eventfd", options, cpl)
-    s.run_batch(4)
-    b = s.run_batch(STEADY_N)
+    with _session("ro-read-eventfd", options, cpl) as s:
+        s.run_batch(4)
+        b = s.run_batch(STEADY_N)
     signals = sum(b.eventfd_signals.values()) / STEADY_N
     mb = layout.MAILBOX_GPA + layout.MAILBOX_LAST_READ
-    value = int.from_bytes(s.read_guest(mb, 8), "little") & 0xFF
+    value = int.from_bytes(s.read_guest(mb, 8), "little") & 0xFF  # memory outlives the engine
     ok = signals == 0 and value == layout.RO_PATTERN
     detail = (f"a read of the doorbell signals {signals:g} eventfd per read and returns "
               f"{value:#04x} (memory holds {layout.RO_PATTERN:#04x})")
@@ -76,9 +76,11 @@ def check_read_not_skipped(options: SimOptions, cpl: int = 3) -> ReviewCheck:
 
 
 def _doorbell_write_session(options: SimOptions, cpl: int):
-    s = _session("ro-write-eventfd", options, cpl)
-    s.run_batch(4)
-    b = s.run_batch(STEADY_N)
+    """A steady-state batch of doorbell writes; the session is closed (its engine released)
+    but its models stay readable."""
+    with _session("ro-write-eventfd", options, cpl) as s:
+        s.run_batch(4)
+        b = s.run_batch(STEADY_N)
     return s, b
 
 
@@ -130,8 +132,8 @@ def check_writes_signal_once(options: SimOptions, cpl: int = 3) -> ReviewCheck:
 
 
 def check_demand_faults(options: SimOptions, cpl: int = 3) -> ReviewCheck:
-    s = _session("page-touch", options, cpl)
-    b = s.run_batch(TOUCH_N)
+    with _session("page-touch", options, cpl) as s:
+        b = s.run_batch(TOUCH_N)
     faults = b.events.get("exit.EPT_VIOLATION", 0)
     lookups = sum(v for k, v in b.events.items() if k.startswith("kvm.bus.lookup."))
     per_fault = lookups / faults if faults else 0.0
