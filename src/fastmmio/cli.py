@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None, label: str) -> int:
+    """Parse, run the chosen subcommand's ``func``, and turn a :class:`FastmmioError` into
+    ``label: message`` on stderr and its exit status (2), an interrupt into 130."""
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
@@ -46,11 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FastmmioError as exc:
-        print(f"fastmmio: {exc}", file=sys.stderr)
+        print(f"{label}: {exc}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
-        print("fastmmio: interrupted", file=sys.stderr)
+        print(f"{label}: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    return dispatch(build_parser(), argv, "fastmmio")
 
 
 if __name__ == "__main__":

@@ -17,34 +17,15 @@ import sys
 import time
 
 from fastmmio.cli import _Parser
-from fastmmio.errors import FastmmioError
+from fastmmio.argtypes import positive_int, positive_seconds
 
-
-def _count(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
-    return value
 
 
 MAX_WATCHDOG_S = 600.0
 
 
 def _watchdog(text: str) -> float:
-    value = _seconds(text)
+    value = positive_seconds(text)
     if value > MAX_WATCHDOG_S:
         raise argparse.ArgumentTypeError(f"at most {MAX_WATCHDOG_S:g} s: {text}")
     return value
@@ -68,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     h = sub.add_parser("hostile", help="run hostile guests until --runs or --seconds; report outcomes and leaks")
-    h.add_argument("--runs", type=_count, metavar="N", help="stop after N runs")
-    h.add_argument("--seconds", type=_seconds, metavar="S", help="stop after S seconds (default 60 without --runs)")
+    h.add_argument("--runs", type=positive_int, metavar="N", help="stop after N runs")
+    h.add_argument("--seconds", type=positive_seconds, metavar="S", help="stop after S seconds (default 60 without --runs)")
     h.add_argument("--seed", type=int, default=None, help="program stream (default: from the clock, printed)")
     h.add_argument("--start", type=int, default=0, metavar="I", help="first program index (default 0)")
     h.add_argument("--only", type=int, metavar="I", help="run program I of --seed alone, with its listing")
@@ -85,9 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("soak", help="N notifications through each ioeventfd route: none lost, no user exit")
     s.add_argument("routes", nargs="*", metavar="ROUTE", help="routes (default: every ioeventfd route this host runs)")
-    s.add_argument("--notifications", "-n", type=_count, default=DEFAULT_NOTIFICATIONS, metavar="N",
+    s.add_argument("--notifications", "-n", type=positive_int, default=DEFAULT_NOTIFICATIONS, metavar="N",
                    help=f"notifications per route (default {DEFAULT_NOTIFICATIONS})")
-    s.add_argument("--batch", type=_count, default=DEFAULT_BATCH, metavar="B",
+    s.add_argument("--batch", type=positive_int, default=DEFAULT_BATCH, metavar="B",
                    help=f"notifications per guest batch (default {DEFAULT_BATCH})")
     s.add_argument("--cpl", type=int, choices=(0, 3), help="guest CPL (default: from host detection)")
     s.add_argument("--device", default="/dev/kvm", metavar="PATH")
@@ -166,19 +147,9 @@ def run_soak(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except FastmmioError as exc:
-        print(f"fastmmio fuzz: {exc}", file=sys.stderr)
-        return exc.exit_status
-    except KeyboardInterrupt:
-        print("fastmmio fuzz: interrupted", file=sys.stderr)
-        return 130
+    from fastmmio.cli import dispatch
+
+    return dispatch(build_parser(), argv, "fastmmio fuzz")
 
 
 __all__ = ["main", "build_parser"]

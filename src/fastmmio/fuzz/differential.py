@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmmio import layout
+from fastmmio.argtypes import positive_int, positive_seconds
 from fastmmio.errors import FastmmioError, GuestError, UsageError
 from fastmmio.fuzz.programs import DATA_SIZE, DiffProgram, MemRef, data_bytes, programs
 from fastmmio.guest.build import MAILBOX_SIZE
@@ -562,28 +563,8 @@ def fuzz(runner: DiffRunner, examples: int, seconds: float, seed: int, max_ops: 
     return summary
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text}")
-    return value
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text}")
-    return value
-
-
 def _max_ops(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if value > 200:
         raise argparse.ArgumentTypeError(f"at most 200 steps: {text}")
     return value
@@ -597,9 +578,9 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         description="Differential fuzzing: random programs on the simulator and on this "
                     "host's KVM; every kind of disagreement is shrunk and saved as a "
                     "regression case (tests/kvm/test_fuzz_differential.py replays them).")
-    d.add_argument("--examples", type=_positive_int, default=1000, metavar="N",
+    d.add_argument("--examples", type=positive_int, default=1000, metavar="N",
                    help="programs to generate (default 1000)")
-    d.add_argument("--seconds", type=_positive_seconds, default=600.0, metavar="S",
+    d.add_argument("--seconds", type=positive_seconds, default=600.0, metavar="S",
                    help="time bound (default 600 s)")
     d.add_argument("--seed", type=int, default=None, help="hypothesis seed (default: random, printed)")
     d.add_argument("--max-ops", type=_max_ops, default=24, metavar="K",
