@@ -19,15 +19,18 @@ from dataclasses import dataclass
 
 from fastmmio import layout
 from fastmmio.errors import UsageError
+# the entry bits are declared once, with the processor model's layouts
+from fastmmio.sim.vmx.layouts import (
+    PTE_A,
+    PTE_D,
+    PTE_P,
+    PTE_PCD,
+    PTE_PS,
+    PTE_PWT,
+    PTE_RW,
+    PTE_US,
+)
 
-PTE_P = 1 << 0
-PTE_RW = 1 << 1
-PTE_US = 1 << 2
-PTE_PWT = 1 << 3
-PTE_PCD = 1 << 4
-PTE_A = 1 << 5
-PTE_D = 1 << 6
-PTE_PS = 1 << 7
 ADDR_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12
 
 ENTRIES = 512
