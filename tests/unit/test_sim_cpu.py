@@ -151,3 +151,19 @@ def test_guest_page_fault_without_handler_is_a_shutdown():
     tb, cpu, h = _machine(Access(AccessKind.WRITE, 8, 0x7000_0000, 1))
     stop = _batch(tb, cpu, 1)
     assert stop.kind == "shutdown" and "page_fault" in stop.detail
+
+
+def test_the_simulators_own_lookups_are_not_counted():
+    """Processor.uncounted(): reading an instruction's bytes to decode it (the VM-exit
+    instruction length, the exact address of an EPT exit) is not a guest memory reference, so
+    it adds no event and no ref_log entry; the guest's own references still do."""
+    tb, cpu, h = _machine(Access(AccessKind.OUT, 1, layout.DOORBELL_PORT, 1), config="none")
+    tb.proc.ref_log = []
+    before = dict(tb.proc.events)
+    with tb.proc.uncounted():
+        assert isinstance(tb.proc.translate(layout.CODE_GPA, 2), int)  # FETCH
+    assert dict(tb.proc.events) == before and tb.proc.ref_log == []
+    tb.proc.translate(layout.CODE_GPA, 2)
+    assert sum(v for k, v in tb.proc.events.items() if k.startswith("walk.ref.")) > \
+        sum(v for k, v in before.items() if k.startswith("walk.ref."))
+    assert tb.proc.ref_log

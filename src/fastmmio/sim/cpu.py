@@ -335,7 +335,8 @@ class GuestCpu:
         return self._stop
 
     def _last_insn_is_hlt(self, rip: int) -> bool:
-        hpa = self.processor.translate(rip - 1, FETCH)
+        with self.processor.uncounted():
+            hpa = self.processor.translate(rip - 1, FETCH)
         return isinstance(hpa, int) and self.memory.read(hpa, 1) == 0xF4
 
     def _ept_exit(self, fault: Fault) -> None:
@@ -368,15 +369,12 @@ class GuestCpu:
 
     def _decode_at(self, rip: int) -> Instruction | None:
         """The guest instruction at ``rip``, decoded as the processor does it: the look-up
-        made to read its bytes is not a counted memory reference (the counter is restored);
-        kept per RIP (guest code here is never rewritten)."""
+        made to read its bytes is not a counted memory reference; kept per RIP (guest code
+        here is never rewritten)."""
         if rip in self._insns:
             return self._insns[rip]
-        ev = self.events
-        snapshot = Counter(ev)
-        hpa = self.processor.translate(rip, FETCH)
-        ev.clear()
-        ev.update(snapshot)
+        with self.processor.uncounted():
+            hpa = self.processor.translate(rip, FETCH)
         if not isinstance(hpa, int):
             return None
         code = self.memory.read_bytes(hpa, min(15, PAGE_SIZE - (hpa & 0xFFF)))
@@ -398,7 +396,7 @@ class GuestCpu:
         fetch. For an EPT violation only an access to the final translation (qualification
         bit 8) takes the offset into its GPA; a misconfiguration does not say, so its GPA
         comes from translating the exact address again (a misconfiguration invalidates
-        nothing, SDM 28.3.3.1, and the counter is restored: it is the same reference). Found
+        nothing, SDM 28.3.3.1, and it is not counted: it is the same reference). Found
         by differential fuzzing (fastmmio.fuzz.differential): a read of 0x401014 hit the
         length-0 ioeventfd at 0x401000 on KVM_FAST_MMIO_BUS."""
         page = fault.linear
@@ -414,11 +412,8 @@ class GuestCpu:
             return Fault(fault.kind, exact, gpa, fault.error_code, fault.qualification,
                          fault.structure, fault.level)
         if fault.kind == "ept_misconfig":
-            ev = self.events
-            snapshot = Counter(ev)
-            again = self.processor.translate(exact, self._pending_access)
-            ev.clear()
-            ev.update(snapshot)
+            with self.processor.uncounted():
+                again = self.processor.translate(exact, self._pending_access)
             if isinstance(again, Fault) and again.kind == "ept_misconfig":
                 return again
         return fault

@@ -58,6 +58,8 @@ Architectural rules implemented here, with their source (SDM Vol. 3, 2016, 32538
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastmmio.sim.vmx import layouts as L
@@ -356,6 +358,19 @@ class Walker:
             self._counts[self._tlb_hit_ev] += self._fast_hits
             self._fast_hits = 0
         return self._counts
+
+    @contextmanager
+    def uncounted(self) -> Iterator[None]:
+        """Translations made inside are a simulator's own look-ups (reading the bytes of an
+        instruction it decodes, say), not memory references of the guest: their events go
+        to a scratch counter and their references to no ``ref_log``. What they do to the
+        caches stays (a look-up is a look-up)."""
+        saved = self._counts, self._fast_hits, self.ref_log
+        self._counts, self._fast_hits, self.ref_log = Counter(), 0, None
+        try:
+            yield
+        finally:
+            self._counts, self._fast_hits, self.ref_log = saved
 
     def reset_events(self) -> Counter[str]:
         """Return the events so far and start counting afresh."""
