@@ -30,6 +30,7 @@ two: reads are not served by the read-only mapping, and no SPTE is ever installe
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 from fastmmio import layout
 from fastmmio.errors import GuestError, IoEventFdError
@@ -58,7 +59,8 @@ def _session(route: str, options: SimOptions, cpl: int):
     return SimBackend(options).open(build_machine(get_route(route), cpl))
 
 
-def check_read_not_skipped(options: SimOptions, cpl: int = 3) -> ReviewCheck:
+def check_read_not_skipped(runs: _Runs) -> ReviewCheck:
+    options, cpl = runs.options, runs.cpl
     with _session("ro-read-eventfd", options, cpl) as s:
         s.run_batch(4)
         b = s.run_batch(STEADY_N)
@@ -75,17 +77,25 @@ def check_read_not_skipped(options: SimOptions, cpl: int = 3) -> ReviewCheck:
                        ok, detail, {"signals_per_read": signals, "value_read": value})
 
 
-def _doorbell_write_session(options: SimOptions, cpl: int):
-    """A steady-state batch of doorbell writes; the session is closed (its engine released)
-    but its models stay readable."""
-    with _session("ro-write-eventfd", options, cpl) as s:
-        s.run_batch(4)
-        b = s.run_batch(STEADY_N)
-    return s, b
+class _Runs:
+    """The simulations the checks read, each made once per :func:`review_checks` call."""
+
+    def __init__(self, options: SimOptions, cpl: int):
+        self.options = options
+        self.cpl = cpl
+
+    @cached_property
+    def doorbell_writes(self):
+        """A steady-state batch of doorbell writes (route ``ro-write-eventfd``); the session
+        is closed (its engine released) but its models stay readable."""
+        with _session("ro-write-eventfd", self.options, self.cpl) as s:
+            s.run_batch(4)
+            b = s.run_batch(STEADY_N)
+        return s, b
 
 
-def check_doorbell_spte_present(options: SimOptions, cpl: int = 3) -> ReviewCheck:
-    s, b = _doorbell_write_session(options, cpl)
+def check_doorbell_spte_present(runs: _Runs) -> ReviewCheck:
+    s, b = runs.doorbell_writes
     spte = s.vm.mmu.get_spte(layout.RO_BASE)
     rwx_bits = spte & 0b111
     rwx = "".join(c if spte >> i & 1 else "-" for i, c in enumerate("rwx"))
@@ -106,8 +116,8 @@ def check_doorbell_spte_present(options: SimOptions, cpl: int = 3) -> ReviewChec
                        {"spte_cacheable": float(cacheable), "spte_rwx": float(rwx_bits)})
 
 
-def check_write_translation_cached(options: SimOptions, cpl: int = 3) -> ReviewCheck:
-    s, b = _doorbell_write_session(options, cpl)
+def check_write_translation_cached(runs: _Runs) -> ReviewCheck:
+    s, b = runs.doorbell_writes
     refs = _walk_refs(b.events) / STEADY_N
     cached = s.processor.has_translation(layout.RO_BASE)
     ok = refs == 0
@@ -120,8 +130,8 @@ def check_write_translation_cached(options: SimOptions, cpl: int = 3) -> ReviewC
                        ok, detail, {"walk_refs_per_write": refs, "translation_cached": float(cached)})
 
 
-def check_writes_signal_once(options: SimOptions, cpl: int = 3) -> ReviewCheck:
-    s, b = _doorbell_write_session(options, cpl)
+def check_writes_signal_once(runs: _Runs) -> ReviewCheck:
+    s, b = runs.doorbell_writes
     signals = sum(b.eventfd_signals.values()) / STEADY_N
     exits = b.user_exits / STEADY_N
     ok = signals == 1 and exits == 0
@@ -131,7 +141,8 @@ def check_writes_signal_once(options: SimOptions, cpl: int = 3) -> ReviewCheck:
                        {"signals_per_write": signals, "user_exits_per_write": exits})
 
 
-def check_demand_faults(options: SimOptions, cpl: int = 3) -> ReviewCheck:
+def check_demand_faults(runs: _Runs) -> ReviewCheck:
+    options, cpl = runs.options, runs.cpl
     with _session("page-touch", options, cpl) as s:
         b = s.run_batch(TOUCH_N)
     faults = b.events.get("exit.EPT_VIOLATION", 0)
@@ -155,10 +166,11 @@ def review_checks(options: SimOptions, cpl: int = 3) -> list[ReviewCheck]:
     failed with the guest's error as its detail; one whose machine the variant cannot build
     (a length-0 ioeventfd before KVM_CAP_IOEVENTFD_NO_LENGTH) is not applicable."""
     out = []
+    runs = _Runs(options, cpl)
     for check in CHECKS:
         name = check.__name__.removeprefix("check_").replace("_", "-")
         try:
-            out.append(check(options, cpl))
+            out.append(check(runs))
         except GuestError as exc:
             out.append(ReviewCheck(name, "guest error", name, False, str(exc)))
         except IoEventFdError as exc:
