@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     from fastmmio.fuzz.hostile import KINDS
     from fastmmio.fuzz.soak import DEFAULT_BATCH, DEFAULT_NOTIFICATIONS
 
-    parser = _Parser(prog="python -m fastmmio.fuzz", description="Hostile guests and the ioeventfd soak on real KVM.")
+    parser = _Parser(prog="python -m fastmmio.fuzz", description="Reliability runs on real KVM: hostile guests, the ioeventfd soak, and differential fuzzing against the simulator.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     h = sub.add_parser("hostile", help="run hostile guests until --runs or --seconds; report outcomes and leaks")
