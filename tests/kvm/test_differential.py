@@ -88,7 +88,7 @@ def rflags_mask(info: HostInfo) -> int:
     return full & ~RFLAGS_IOPL if info.kvm_kind == "pvm" else full
 
 
-def comparable_stats(info: HostInfo) -> tuple[str, ...]:
+def comparable_stats(info: HostInfo, route: str = "") -> tuple[str, ...]:
     """KVM binary stats compared per notification in the steady-state batch.
 
     ``exits`` (synchronous) and ``mmio_exits`` (``KVM_EXIT_MMIO`` returns) mean the same on
@@ -99,8 +99,15 @@ def comparable_stats(info: HostInfo) -> tuple[str, ...]:
     ``x86_decode_emulated_instruction``: on VMX the fast PIO and fast MMIO paths decode
     nothing; under PVM every doorbell is emulated. ``pf_taken``/``pf_emulate``: on VMX an EPT
     misconfiguration goes to ``handle_mmio_page_fault`` without counting them, while PVM (no EPT)
-    takes every MMIO access as a page fault. SVM has its own NPF paths, not modelled."""
+    takes every MMIO access as a page fault. SVM has its own NPF paths, not modelled.
+
+    Under PVM, ``exits`` is not compared for ``cpuid``: whether PVM counts a CPL3 CPUID as a
+    KVM exit depends on the host's PVM version (counted on the hosts this project started on;
+    on a 6.18 PVM host the steady-state batch counts 0 exits per CPUID while each still costs
+    more host time than an in-kernel ioeventfd exit), so the stat says nothing about the path."""
     base = ("exits", "mmio_exits")
+    if info.kvm_kind == "pvm" and route == "cpuid":
+        return ("mmio_exits",)
     if info.kvm_kind == "vmx":
         return base + ("io_exits", "insn_emulation", "pf_taken", "pf_emulate")
     return base
@@ -221,7 +228,7 @@ def test_exit_histograms_agree(pair):
 
 
 @by_route
-def test_exits_per_notification_agree(pair, kvm_device):
+def test_exits_per_notification_agree(pair, kvm_device, request):
     """The steady-state batch's exit counters (KVM_GET_STATS_FD; the model's kvm_stats()),
     those comparable on this host (comparable_stats), per notification. The first batch is
     not compared: first-touch faults (EPT violations building the EPT on VMX, shadow-page
@@ -230,7 +237,7 @@ def test_exits_per_notification_agree(pair, kvm_device):
     info = host(kvm_device)
     r = sync_stats(real.batches[-1].kvm_stats, real=True)
     s = sync_stats(sim.batches[-1].kvm_stats, real=False)
-    for name in comparable_stats(info):
+    for name in comparable_stats(info, request.node.callspec.params["pair"]):
         assert s.get(name, 0) / N == r.get(name, 0) / N, \
             f"{name}: kvm {r.get(name, 0)} sim {s.get(name, 0)} (N={N}, {info.kvm_kind})"
 
