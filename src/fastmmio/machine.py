@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from fastmmio import kvmabi
 from fastmmio.guest.image import GuestImage
 
 
@@ -40,6 +41,17 @@ class IoEventFdSpec:
     addr: int
     length: int
     datamatch: int | None = None
+
+    @property
+    def flags(self) -> int:
+        """``struct kvm_ioeventfd.flags`` for assigning it."""
+        return kvmabi.ioeventfd_flags(pio=self.pio, datamatch=self.datamatch is not None)
+
+    @property
+    def key(self) -> kvmabi.IoEventFdKey:
+        """What ``ioeventfd_check_collision`` compares."""
+        return kvmabi.IoEventFdKey(kvmabi.ioeventfd_bus_from_flags(self.flags), self.addr,
+                                   self.length, self.datamatch)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import struct
 import pytest
 
 from fastmmio.errors import HostError
+from fastmmio.kvmabi import collides
 from fastmmio.real import binding as B
 from fastmmio.real.backend import RealBackend
 from fastmmio.routes import build_machine, get_route
@@ -60,8 +61,8 @@ def test_explain_collision(old, new, expected):
 
 def test_collision_needs_same_bus_and_address():
     with ev() as a, ev(pio=True) as b, ev(addr=0x1004) as c, ev(length=2) as d:
-        assert O._collides(a, a)
-        assert not O._collides(a, b) and not O._collides(a, c) and not O._collides(a, d)
+        assert collides(a.key, a.key)
+        assert not collides(a.key, b.key) and not collides(a.key, c.key) and not collides(a.key, d.key)
 
 
 def test_explain_deassign_unknown():

@@ -50,7 +50,7 @@ from typing import Any
 from hypothesis import strategies as st
 from iced_x86 import Code, Instruction, MemoryOperand, Register
 
-from fastmmio import layout
+from fastmmio import kvmabi, layout
 from fastmmio.errors import UsageError
 from fastmmio.guest.asm import Asm, disassemble
 from fastmmio.guest.image import Region
@@ -512,20 +512,16 @@ def encode_ops(ops: tuple[Op, ...] | list[Op]) -> Asm:
 
 
 def collides(a: IoEventFdSpec, b: IoEventFdSpec) -> bool:
-    """``ioeventfd_check_collision`` (virt/kvm/eventfd.c): same bus and address, and either
-    length 0 or the same length with a wildcard on either side or equal DATAMATCH values."""
-    return (a.pio == b.pio and a.addr == b.addr
-            and (not a.length or not b.length
-                 or (a.length == b.length
-                     and (a.datamatch is None or b.datamatch is None or a.datamatch == b.datamatch))))
+    """``ioeventfd_check_collision`` (virt/kvm/eventfd.c), as :func:`fastmmio.kvmabi.collides`."""
+    return kvmabi.collides(a.key, b.key)
 
 
 def valid_set(specs: list[IoEventFdSpec]) -> list[IoEventFdSpec]:
     """``specs`` in order, dropping each one KVM would refuse after the ones kept before it
-    (EEXIST, or EINVAL for length 0 with DATAMATCH)."""
+    (:func:`fastmmio.kvmabi.assign_check`'s EINVAL, or EEXIST)."""
     kept: list[IoEventFdSpec] = []
     for s in specs:
-        if s.length == 0 and s.datamatch is not None:
+        if kvmabi.assign_check(s.addr, s.length, s.flags) is not None:
             continue
         if any(collides(s, k) for k in kept):
             continue

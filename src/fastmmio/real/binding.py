@@ -23,6 +23,14 @@ import ctypes.util
 import errno as _errno
 import os
 
+from fastmmio.kvmabi import (  # noqa: F401 - part of the ioctl's ABI, named here too
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY,
+    KVM_IOEVENTFD_VALID_FLAG_MASK,
+)
+
 # --------------------------------------------------------------------------------------------
 # asm-generic/ioctl.h
 # --------------------------------------------------------------------------------------------
@@ -325,11 +333,7 @@ class kvm_ioeventfd(ctypes.Structure):
     ]
 
 
-KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
-KVM_IOEVENTFD_FLAG_PIO = 1 << 1
-KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
-KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY = 1 << 3
-KVM_IOEVENTFD_VALID_FLAG_MASK = (1 << 5) - 1  # kvm_ioeventfd_flag_nr_max == 5
+# KVM_IOEVENTFD_FLAG_* and their rules: imported from fastmmio.kvmabi at the top.
 
 
 class kvm_coalesced_mmio_zone(ctypes.Structure):

@@ -19,6 +19,25 @@ import os
 from dataclasses import dataclass
 
 from fastmmio.errors import FastmmioError, HostError, IoEventFdError, UsageError
+from fastmmio.kvmabi import (  # noqa: F401 - the rule names are part of this module's API
+    RULE_BUS_FULL,
+    RULE_DATAMATCH_ON_WILDCARD,
+    RULE_DUPLICATE,
+    RULE_FLAGS,
+    RULE_LEN0_DATAMATCH,
+    RULE_LENGTH,
+    RULE_LENGTH0_COLLISION,
+    RULE_NOT_EVENTFD,
+    RULE_UNKNOWN_DEASSIGN,
+    RULE_WILDCARD_ON_DATAMATCH,
+    RULE_WRAP,
+    IoEventFdKey,
+    assign_check,
+    collides,
+    collision_rule,
+    ioeventfd_bus_from_flags,
+    ioeventfd_flags,
+)
 from fastmmio.real import binding as B
 from fastmmio.real.stats import KvmStats
 
@@ -175,33 +194,6 @@ class MemSlot:
 # ioeventfd
 # --------------------------------------------------------------------------------------------
 
-# The registration rules of virt/kvm/eventfd.c, in words (kvm_assign_ioeventfd,
-# ioeventfd_check_collision, kvm_deassign_ioeventfd_idx).
-RULE_LENGTH = "length must be 0, 1, 2, 4 or 8 (kvm_assign_ioeventfd)"
-RULE_WRAP = "address + length wraps around the end of the address space (kvm_assign_ioeventfd)"
-RULE_FLAGS = "unknown flag bits (kvm_assign_ioeventfd: KVM_IOEVENTFD_VALID_FLAG_MASK)"
-RULE_LEN0_DATAMATCH = "length 0 (any width) cannot be combined with DATAMATCH (kvm_assign_ioeventfd)"
-RULE_DUPLICATE = "an identical ioeventfd is already registered (ioeventfd_check_collision)"
-RULE_DATAMATCH_ON_WILDCARD = (
-    "a DATAMATCH ioeventfd on the address of a wildcard one with the same length collides "
-    "(ioeventfd_check_collision)"
-)
-RULE_WILDCARD_ON_DATAMATCH = (
-    "a wildcard ioeventfd on the address of a DATAMATCH one with the same length collides "
-    "(ioeventfd_check_collision)"
-)
-RULE_LENGTH0_COLLISION = (
-    "a length-0 ioeventfd collides with any other on the same bus and address "
-    "(ioeventfd_check_collision)"
-)
-RULE_UNKNOWN_DEASSIGN = (
-    "no registered ioeventfd has this eventfd, bus, address, length and datamatch "
-    "(kvm_deassign_ioeventfd_idx)"
-)
-RULE_NOT_EVENTFD = "the fd is not an open eventfd (eventfd_ctx_fdget)"
-RULE_BUS_FULL = "the I/O bus has no room for another device (kvm_io_bus_register_dev)"
-
-
 class IoEventFd:
     """An eventfd (non-blocking) and the KVM_IOEVENTFD registration it is meant for."""
 
@@ -228,17 +220,16 @@ class IoEventFd:
 
     @property
     def bus(self) -> str:
-        return "KVM_PIO_BUS" if self.pio else "KVM_MMIO_BUS"
+        return ioeventfd_bus_from_flags(self.args().flags)
+
+    @property
+    def key(self) -> IoEventFdKey:
+        """What ioeventfd_check_collision() compares."""
+        return IoEventFdKey(self.bus, self.addr, self.length, self.datamatch)
 
     def args(self, deassign: bool = False) -> B.kvm_ioeventfd:
-        flags = 0
-        if self.pio:
-            flags |= B.KVM_IOEVENTFD_FLAG_PIO
-        if self.datamatch is not None:
-            flags |= B.KVM_IOEVENTFD_FLAG_DATAMATCH
-        if deassign:
-            flags |= B.KVM_IOEVENTFD_FLAG_DEASSIGN
-        flags |= self.extra_flags
+        flags = ioeventfd_flags(pio=self.pio, datamatch=self.datamatch is not None,
+                                deassign=deassign, extra=self.extra_flags)
         return B.kvm_ioeventfd(
             datamatch=(self.datamatch or 0) & 0xFFFF_FFFF_FFFF_FFFF,
             addr=self.addr & 0xFFFF_FFFF_FFFF_FFFF,
@@ -285,20 +276,6 @@ class IoEventFd:
         self.close()
 
 
-def _collides(a: IoEventFd, b: IoEventFd) -> bool:
-    """ioeventfd_check_collision(): same bus and address, and a length 0 on either side, or the
-    same length with a wildcard on either side or equal datamatch values."""
-    return (
-        a.pio == b.pio
-        and a.addr == b.addr
-        and (
-            a.length == 0
-            or b.length == 0
-            or (a.length == b.length and (a.datamatch is None or b.datamatch is None or a.datamatch == b.datamatch))
-        )
-    )
-
-
 def explain_ioeventfd_error(err: int, ev: IoEventFd, registered: list[IoEventFd], deassign: bool) -> str:
     """Which rule of virt/kvm/eventfd.c the kernel applied when it answered ``err``.
 
@@ -308,27 +285,14 @@ def explain_ioeventfd_error(err: int, ev: IoEventFd, registered: list[IoEventFd]
         if err == errno.ENOENT:
             return RULE_UNKNOWN_DEASSIGN
     elif err == errno.EINVAL:
-        if ev.length not in (0, 1, 2, 4, 8):
-            return f"{RULE_LENGTH}; got {ev.length}"
-        if ev.addr + ev.length > 0xFFFF_FFFF_FFFF_FFFF:
-            return f"{RULE_WRAP}; {ev.addr:#x}+{ev.length}"
-        if ev.args().flags & ~B.KVM_IOEVENTFD_VALID_FLAG_MASK:
-            return f"{RULE_FLAGS}; flags {ev.args().flags:#x}"
-        if ev.length == 0 and ev.datamatch is not None:
-            return RULE_LEN0_DATAMATCH
+        broken = assign_check(ev.addr, ev.length, ev.args().flags)
+        if broken is not None:
+            return broken[1]
     elif err == errno.EEXIST:
         for other in registered:
-            if other is ev or not _collides(ev, other):
+            if other is ev or not collides(ev.key, other.key):
                 continue
-            if 0 in (ev.length, other.length) and not (
-                ev.length == other.length and ev.datamatch == other.datamatch
-            ):
-                return f"{RULE_LENGTH0_COLLISION}; existing {other.describe()}"
-            if ev.datamatch is not None and other.datamatch is None:
-                return f"{RULE_DATAMATCH_ON_WILDCARD}; existing {other.describe()}"
-            if ev.datamatch is None and other.datamatch is not None:
-                return f"{RULE_WILDCARD_ON_DATAMATCH}; existing {other.describe()}"
-            return f"{RULE_DUPLICATE}; existing {other.describe()}"
+            return f"{collision_rule(ev.key, other.key)}; existing {other.describe()}"
         return f"{RULE_DUPLICATE} (registered outside this VM object)"
     elif err == errno.ENOSPC:
         return RULE_BUS_FULL

@@ -6,10 +6,8 @@ Models virt/kvm/eventfd.c:
   otherwise the access length must equal the registered one, then a wildcard matches and a
   DATAMATCH one compares the value (zero-extended from the access width) with the u64
   datamatch.
-* ``kvm_assign_ioeventfd``: length 0, 1, 2, 4 or 8 (EINVAL); ``addr + len`` must not wrap
-  (EINVAL); no flag outside ``KVM_IOEVENTFD_VALID_FLAG_MASK`` (EINVAL); length 0 with
-  DATAMATCH is EINVAL; ``ioeventfd_check_collision`` (same bus and address, and either length
-  0, or the same length with either side wildcard or equal datamatch) is EEXIST. A length-0
+* ``kvm_assign_ioeventfd``: the argument checks (EINVAL) and ``ioeventfd_check_collision``
+  (EEXIST) are :mod:`fastmmio.kvmabi`'s, shared with the real backend. A length-0
   MMIO ioeventfd is registered a second time on ``KVM_FAST_MMIO_BUS`` (Jason Wang, Linux
   4.4); PIO ones never are.
 * ``kvm_deassign_ioeventfd``: finds the ioeventfd with the same bus, eventfd, address,
@@ -27,17 +25,24 @@ from collections import Counter
 from dataclasses import dataclass
 
 from fastmmio.errors import IoEventFdError
+from fastmmio.kvmabi import (  # noqa: F401 - the flags are part of this model's API
+    KVM_IOEVENTFD_FLAG_DATAMATCH,
+    KVM_IOEVENTFD_FLAG_DEASSIGN,
+    KVM_IOEVENTFD_FLAG_FAST_MMIO,
+    KVM_IOEVENTFD_FLAG_PIO,
+    KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY,
+    KVM_IOEVENTFD_VALID_FLAG_MASK,
+    U64_MAX,
+    IoEventFdKey,
+    assign_check,
+    collides,
+    ioeventfd_flags,
+)
+from fastmmio.kvmabi import ioeventfd_bus_from_flags as _bus_name
 from fastmmio.machine import IoEventFdSpec
 from fastmmio.sim.kvm.iobus import IoBusError, KvmBus, KvmIoBuses, KvmIoDevice
 
-KVM_IOEVENTFD_FLAG_DATAMATCH = 1 << 0
-KVM_IOEVENTFD_FLAG_PIO = 1 << 1
-KVM_IOEVENTFD_FLAG_DEASSIGN = 1 << 2
-KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY = 1 << 3
-KVM_IOEVENTFD_FLAG_FAST_MMIO = 1 << 4  # defined in the uapi, inside the valid mask, unused on x86
-KVM_IOEVENTFD_VALID_FLAG_MASK = (1 << 5) - 1
-
-_ULLONG_MAX = (1 << 64) - 1
+_ULLONG_MAX = U64_MAX
 
 
 class EventFd:
@@ -107,6 +112,12 @@ class IoEventFd(KvmIoDevice):
         self.events["kvm.eventfd.signal"] += 1
         return True
 
+    @property
+    def key(self) -> IoEventFdKey:
+        """What ``ioeventfd_check_collision`` compares."""
+        return IoEventFdKey(self.bus_idx, self.addr, self.length,
+                            None if self.wildcard else self.datamatch)
+
     def __repr__(self) -> str:
         dm = "wildcard" if self.wildcard else f"datamatch={self.datamatch:#x}"
         return f"IoEventFd({self.bus_idx.name}, {self.addr:#x}, len={self.length}, {dm})"
@@ -114,11 +125,7 @@ class IoEventFd(KvmIoDevice):
 
 def ioeventfd_bus_from_flags(flags: int) -> KvmBus:
     """``ioeventfd_bus_from_flags``."""
-    if flags & KVM_IOEVENTFD_FLAG_PIO:
-        return KvmBus.KVM_PIO_BUS
-    if flags & KVM_IOEVENTFD_FLAG_VIRTIO_CCW_NOTIFY:
-        return KvmBus.KVM_VIRTIO_CCW_NOTIFY_BUS
-    return KvmBus.KVM_MMIO_BUS
+    return KvmBus[_bus_name(flags)]
 
 
 class IoEventFds:
@@ -141,16 +148,13 @@ class IoEventFds:
 
     def assign(self, fd: EventFd, addr: int, length: int, *, pio: bool = False,
                datamatch: int | None = None, extra_flags: int = 0) -> None:
-        flags = extra_flags | (KVM_IOEVENTFD_FLAG_PIO if pio else 0)
-        if datamatch is not None:
-            flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+        flags = ioeventfd_flags(pio=pio, datamatch=datamatch is not None, extra=extra_flags)
         self.kvm_ioeventfd(KvmIoEventFdArgs(addr, length, fd, flags, datamatch or 0))
 
     def deassign(self, fd: EventFd, addr: int, length: int, *, pio: bool = False,
                  datamatch: int | None = None, extra_flags: int = 0) -> None:
-        flags = extra_flags | KVM_IOEVENTFD_FLAG_DEASSIGN | (KVM_IOEVENTFD_FLAG_PIO if pio else 0)
-        if datamatch is not None:
-            flags |= KVM_IOEVENTFD_FLAG_DATAMATCH
+        flags = ioeventfd_flags(pio=pio, datamatch=datamatch is not None, deassign=True,
+                                extra=extra_flags)
         self.kvm_ioeventfd(KvmIoEventFdArgs(addr, length, fd, flags, datamatch or 0))
 
     def assign_spec(self, spec: IoEventFdSpec) -> EventFd:
@@ -163,18 +167,11 @@ class IoEventFds:
 
     def _assign(self, args: KvmIoEventFdArgs) -> None:
         bus_idx = ioeventfd_bus_from_flags(args.flags)
-        if args.len not in ((0, 1, 2, 4, 8) if self.no_length else (1, 2, 4, 8)):
-            raise IoEventFdError("EINVAL", f"length {args.len} is not "
-                                 + ("0, 1, 2, 4 or 8" if self.no_length else "1, 2, 4 or 8 (no KVM_CAP_IOEVENTFD_NO_LENGTH)"))
         if not 0 <= args.addr <= _ULLONG_MAX:
             raise IoEventFdError("EINVAL", f"address {args.addr:#x} is not a u64")
-        if args.addr + args.len > _ULLONG_MAX:
-            raise IoEventFdError("EINVAL", f"address {args.addr:#x} + length {args.len} wraps")
-        if args.flags & ~KVM_IOEVENTFD_VALID_FLAG_MASK:
-            raise IoEventFdError(
-                "EINVAL", f"unknown flags {args.flags & ~KVM_IOEVENTFD_VALID_FLAG_MASK:#x}")
-        if not args.len and args.flags & KVM_IOEVENTFD_FLAG_DATAMATCH:
-            raise IoEventFdError("EINVAL", "length 0 cannot be combined with DATAMATCH")
+        broken = assign_check(args.addr, args.len, args.flags, no_length=self.no_length)
+        if broken is not None:
+            raise IoEventFdError(*broken)
         self._assign_idx(bus_idx, args)
         if not args.len and bus_idx == KvmBus.KVM_MMIO_BUS:
             try:
@@ -188,7 +185,7 @@ class IoEventFds:
         datamatch = args.datamatch if args.flags & KVM_IOEVENTFD_FLAG_DATAMATCH else None
         p = IoEventFd(bus_idx, args.addr, args.len, args.fd, datamatch, self.events)
         for q in self.items:
-            if self._collides(q, p):
+            if collides(q.key, p.key):
                 raise IoEventFdError(
                     "EEXIST", f"{bus_idx.name} {args.addr:#x}: collides with {q!r}")
         bus = self.buses[bus_idx]
@@ -198,14 +195,6 @@ class IoEventFds:
             raise IoEventFdError(e.errno_name, e.rule) from None
         bus.ioeventfd_count += 1
         self.items.append(p)
-
-    @staticmethod
-    def _collides(a: IoEventFd, b: IoEventFd) -> bool:
-        """``ioeventfd_check_collision``."""
-        return (a.bus_idx == b.bus_idx and a.addr == b.addr
-                and (not a.length or not b.length
-                     or (a.length == b.length
-                         and (a.wildcard or b.wildcard or a.datamatch == b.datamatch))))
 
     # -- kvm_deassign_ioeventfd -------------------------------------------------------------
 
