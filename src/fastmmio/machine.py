@@ -2,7 +2,7 @@
 
 A :class:`MachineSpec` is backend-neutral: the real backend turns it into
 KVM_SET_USER_MEMORY_REGION / KVM_IOEVENTFD / KVM_REGISTER_COALESCED_MMIO calls, the simulator
-into its memslot array and I/O buses. Together with a :class:`~fastmmio.guest.image.GuestImage`
+into its memslot array and I/O buses. Together with a :class:`~fastmmio.image.GuestImage`
 it is a :class:`Machine`, which is what a backend runs.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from fastmmio import kvmabi
-from fastmmio.guest.image import GuestImage
+from fastmmio.image import GuestImage
 
 
 class Bus(str, Enum):

@@ -21,7 +21,7 @@ from fastmmio.errors import GuestError
 from fastmmio.fuzz import hostile as H
 from fastmmio.fuzz.program import DEFINED_OUTCOMES, DONE, REFUSED, SHUTDOWN, WATCHDOG, Program, ProgramBuilder, plain_spec
 from fastmmio.fuzz.runner import ResourceSnapshot, campaign, compare, run_program
-from fastmmio.guest.image import Region
+from fastmmio.image import Region
 from fastmmio.guest.paging import build_page_tables
 from fastmmio.machine import IoEventFdSpec, MachineSpec
 from fastmmio.real.backend import RealBackend

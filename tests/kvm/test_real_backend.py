@@ -12,7 +12,7 @@ import pytest
 
 from fastmmio import layout
 from fastmmio.errors import GuestError, HostError, IoEventFdError
-from fastmmio.guest.image import Region
+from fastmmio.image import Region
 from fastmmio.machine import IoEventFdSpec, Machine
 from fastmmio.real import binding as B
 from fastmmio.real import objects as O

@@ -10,7 +10,7 @@ from fastmmio import layout
 from fastmmio.errors import UsageError
 from fastmmio.guest import paging
 from fastmmio.guest.build import build_image
-from fastmmio.guest.image import GuestImage
+from fastmmio.image import GuestImage
 from fastmmio.guest.program import Access, AccessKind
 
 

@@ -63,7 +63,7 @@ from fastmmio.fuzz.program import (
     random_spec,
 )
 from fastmmio.guest import gdt
-from fastmmio.guest.image import Region
+from fastmmio.image import Region
 from fastmmio.guest.paging import ADDR_MASK, PTE_P, PTE_PS, PTE_RW, PTE_US, PageTables, build_page_tables
 from fastmmio.machine import CoalescedZone, IoEventFdSpec, MachineSpec
 

@@ -53,7 +53,7 @@ from iced_x86 import Code, Instruction, MemoryOperand, Register
 from fastmmio import kvmabi, layout
 from fastmmio.errors import UsageError
 from fastmmio.guest.asm import Asm, disassemble
-from fastmmio.guest.image import Region
+from fastmmio.image import Region
 from fastmmio.guest.raw import build_raw_image
 from fastmmio.machine import CoalescedZone, IoEventFdSpec, Machine, MachineSpec, MemSlot
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from fastmmio import layout
 from fastmmio.errors import UsageError
 from fastmmio.guest import gdt
-from fastmmio.guest.image import BootState
+from fastmmio.image import BootState
 
 CR0_PE = 1 << 0
 CR0_MP = 1 << 1

@@ -1,4 +1,4 @@
-"""Assemble a complete :class:`~fastmmio.guest.image.GuestImage` for one access and CPL."""
+"""Assemble a complete :class:`~fastmmio.image.GuestImage` for one access and CPL."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from fastmmio import layout
 from fastmmio.errors import UsageError
 from fastmmio.guest import gdt
 from fastmmio.guest.boot import long_mode_boot_state
-from fastmmio.guest.image import GuestImage, Region
+from fastmmio.image import GuestImage, Region
 from fastmmio.guest.paging import build_page_tables
 from fastmmio.guest.program import Access, doorbell_loop
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 
 from fastmmio import layout
-from fastmmio.guest.image import Segment
+from fastmmio.image import Segment
 
 SEL_NULL = 0x00
 SEL_KERNEL_CODE = 0x08

@@ -18,7 +18,7 @@ from fastmmio.errors import UsageError
 from fastmmio.guest import gdt
 from fastmmio.guest.boot import long_mode_boot_state
 from fastmmio.guest.build import MAILBOX_SIZE
-from fastmmio.guest.image import GuestImage, Region
+from fastmmio.image import GuestImage, Region
 from fastmmio.guest.paging import PageTables, build_page_tables
 
 CODE_LIMIT = layout.STACK_TOP - layout.PAGE_SIZE  # code may not run into the stack page

@@ -65,7 +65,7 @@ try:  # the binding's ctypes library: registers read and written without per-cal
 except ImportError:  # pragma: no cover - another binding layout: use the public API
     _uclib = None
 
-from fastmmio.guest.image import BootState
+from fastmmio.image import BootState
 from fastmmio.sim.vmx.exits import (
     EXIT_CPUID,
     EXIT_IO_INSTRUCTION,

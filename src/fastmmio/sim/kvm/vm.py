@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from fastmmio.guest.image import GuestImage
+from fastmmio.image import GuestImage
 from fastmmio.machine import IoEventFdSpec, MachineSpec, MemSlot
 from fastmmio.sim.kvm.coalesced import CoalescedMmioDev, CoalescedRing, register_coalesced_zone
 from fastmmio.sim.kvm.emulator import VcpuMmioInfo
