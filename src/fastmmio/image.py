@@ -10,23 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-@dataclass(frozen=True)
-class Segment:
-    """A segment register's hidden state, as KVM's ``struct kvm_segment`` holds it."""
-
-    selector: int
-    base: int = 0
-    limit: int = 0xFFFF_FFFF
-    type: int = 0  # 4-bit type field (e.g. 0xB execute/read accessed code, 0x3 r/w accessed data)
-    present: int = 1
-    dpl: int = 0
-    db: int = 0
-    s: int = 1  # 1 = code/data, 0 = system (TSS, LDT)
-    l: int = 0  # 64-bit code segment
-    g: int = 1
-    avl: int = 0
-    unusable: int = 0
+from fastmmio.x86.segments import Segment  # noqa: F401 - BootState holds them
 
 
 @dataclass(frozen=True)

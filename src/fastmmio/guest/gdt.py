@@ -1,9 +1,7 @@
 """GDT and 64-bit TSS: the descriptors a long-mode guest at CPL0 or CPL3 needs.
 
-Descriptor formats: Intel SDM Vol. 3A 3.4.5 "Segment Descriptors" (Figure 3-8), 5.2.1 for the
-L flag of a 64-bit code segment, 7.2.3 "TSS Descriptor in 64-bit mode" (Figure 7-4, a 16-byte
-system descriptor of type 9 = available 64-bit TSS, 0xB once busy) and 7.7 "Task Management
-in 64-bit Mode" (Figure 7-11, the 104-byte TSS).
+The descriptor formats are :mod:`fastmmio.x86.segments`'; the TSS is SDM Vol. 3A 7.7 "Task
+Management in 64-bit Mode" (Figure 7-11, the 104-byte TSS).
 
 The selectors follow the SYSCALL/SYSRET layout (kernel CS, kernel SS, user SS, user CS), so a
 later program could use STAR without reordering.
@@ -14,7 +12,15 @@ from __future__ import annotations
 import struct
 
 from fastmmio import layout
-from fastmmio.image import Segment
+from fastmmio.x86.segments import (  # noqa: F401 - the descriptor types are this module's API too
+    TYPE_CODE_XR_A,
+    TYPE_DATA_RW_A,
+    TYPE_TSS64_AVAIL,
+    TYPE_TSS64_BUSY,
+    Segment,
+    descriptor,
+    tss_descriptor,
+)
 
 SEL_NULL = 0x00
 SEL_KERNEL_CODE = 0x08
@@ -29,10 +35,6 @@ IO_BITMAP_SIZE = 0x10000 // 8  # one bit per port, 0 = allowed
 TSS_LIMIT = IO_BITMAP_OFFSET + IO_BITMAP_SIZE  # covers the bitmap and its 0xFF terminator byte
 KERNEL_STACK_TOP = layout.STACK_TOP - 0x800  # RSP0: used only if the guest ever entered CPL0
 
-TYPE_CODE_XR_A = 0xB  # execute/read, accessed
-TYPE_DATA_RW_A = 0x3  # read/write, accessed
-TYPE_TSS64_AVAIL = 0x9
-TYPE_TSS64_BUSY = 0xB
 
 
 def code_segment(dpl: int) -> Segment:
@@ -58,33 +60,6 @@ def tss_segment() -> Segment:
 def ldt_segment() -> Segment:
     """LDTR: null and unusable."""
     return Segment(selector=0, base=0, limit=0, type=0x2, present=0, s=0, g=0, unusable=1)
-
-
-def descriptor(seg: Segment) -> int:
-    """Encode a code/data segment as the 8-byte descriptor of SDM Figure 3-8."""
-    limit = seg.limit >> 12 if seg.g else seg.limit
-    d = limit & 0xFFFF
-    d |= (seg.base & 0xFFFFFF) << 16
-    d |= (seg.type & 0xF) << 40
-    d |= (seg.s & 1) << 44
-    d |= (seg.dpl & 3) << 45
-    d |= (seg.present & 1) << 47
-    d |= ((limit >> 16) & 0xF) << 48
-    d |= (seg.avl & 1) << 52
-    d |= (seg.l & 1) << 53
-    d |= (seg.db & 1) << 54
-    d |= (seg.g & 1) << 55
-    d |= ((seg.base >> 24) & 0xFF) << 56
-    return d
-
-
-def tss_descriptor(base: int, limit: int, busy: bool = True) -> tuple[int, int]:
-    """The 16-byte 64-bit TSS descriptor of SDM Figure 7-4, as two qwords."""
-    seg = Segment(
-        selector=SEL_TSS, base=base & 0xFFFF_FFFF, limit=limit,
-        type=TYPE_TSS64_BUSY if busy else TYPE_TSS64_AVAIL, dpl=0, db=0, s=0, l=0, g=0,
-    )
-    return descriptor(seg), (base >> 32) & 0xFFFF_FFFF
 
 
 def build_gdt() -> bytes:

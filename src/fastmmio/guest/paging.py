@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from fastmmio import layout
 from fastmmio.errors import UsageError
-# the entry bits are declared once, with the processor model's layouts
-from fastmmio.sim.vmx.layouts import (
+# the entry bits are declared once, with the x86 formats the processor models read
+from fastmmio.x86.paging import (
     PTE_A,
     PTE_D,
     PTE_P,
@@ -29,9 +29,10 @@ from fastmmio.sim.vmx.layouts import (
     PTE_PWT,
     PTE_RW,
     PTE_US,
+    phys_addr_mask,
 )
 
-ADDR_MASK = 0x000F_FFFF_FFFF_F000  # bits 51:12
+ADDR_MASK = phys_addr_mask(52)  # bits 51:12
 
 ENTRIES = 512
 

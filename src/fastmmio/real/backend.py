@@ -19,7 +19,8 @@ from __future__ import annotations
 import gc
 
 from fastmmio.errors import FastmmioError, HostError, UsageError
-from fastmmio.image import BootState, Segment
+from fastmmio.image import BootState
+from fastmmio.x86.segments import Segment
 from fastmmio.machine import Machine
 from fastmmio.real import binding as B
 from fastmmio.real.host import detect_host

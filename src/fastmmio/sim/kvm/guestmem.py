@@ -29,7 +29,7 @@ from typing import Mapping, Protocol
 
 from fastmmio.errors import GuestError
 from fastmmio.sim.kvm.memslots import PAGE_SHIFT, PAGE_SIZE, KvmMemslots
-from fastmmio.sim.vmx.layouts import guest_reserved_mask
+from fastmmio.x86.paging import guest_reserved_mask
 from fastmmio.sim.vmx.memory import HostMemory
 
 # Page-fault error code bits (SDM 4.7, KVM's PFERR_*).

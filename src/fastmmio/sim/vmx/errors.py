@@ -9,14 +9,11 @@ backed.
 from __future__ import annotations
 
 from fastmmio.errors import FastmmioError, UsageError
+from fastmmio.x86.bits import LayoutError  # noqa: F401 - raised by the VMX layouts too
 
 
 class VmxError(FastmmioError):
     """Base of every error raised by :mod:`fastmmio.sim.vmx`."""
-
-
-class LayoutError(VmxError, UsageError):
-    """A bit-layout field name is unknown or a value does not fit its field."""
 
 
 class HostMemoryError(VmxError):

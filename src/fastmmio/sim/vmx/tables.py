@@ -15,18 +15,8 @@ from __future__ import annotations
 from typing import Callable
 
 from fastmmio.sim.vmx.errors import LayoutError
-from fastmmio.sim.vmx.layouts import (
-    EPT_LARGE,
-    EPT_RWX,
-    LEVEL_SHIFT,
-    MT_WB,
-    PTE_P,
-    PTE_PS,
-    PTE_RW,
-    PTE_US,
-    make_ept_entry,
-    make_guest_entry,
-)
+from fastmmio.sim.vmx.layouts import EPT_LARGE, EPT_RWX, MT_WB, make_ept_entry
+from fastmmio.x86.paging import LEVEL_SHIFT, PTE_P, PTE_PS, PTE_RW, PTE_US, make_guest_entry
 from fastmmio.sim.vmx.memory import HostMemory, PageAllocator
 
 _ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
