@@ -57,3 +57,36 @@ def test_detect_host_without_device(tmp_path):
     info = host.detect_host(str(tmp_path / "nokvm"))
     assert info.kernel and info.guest_cpl in (0, 3)
     assert info.to_json()["kvm_kind"] == info.kvm_kind
+
+
+class _FakeKvm:
+    """A Kvm whose KVM_CHECK_EXTENSION answers from a set of capabilities."""
+
+    def __init__(self, caps):
+        self.caps = set(caps)
+
+    def check_extension(self, cap):
+        return cap in self.caps
+
+
+def test_unsupported_reason_names_the_missing_capability():
+    """A length-0 ioeventfd needs KVM_CAP_IOEVENTFD and ANY_LENGTH or NO_LENGTH (f848a5a8); a
+    read-only slot needs KVM_CAP_READONLY_MEM; coalesced PIO needs KVM_CAP_COALESCED_PIO."""
+    from dataclasses import replace
+
+    from fastmmio.real import binding as B
+    from fastmmio.routes import get_route
+
+    every = {B.KVM_CAP_IOEVENTFD, B.KVM_CAP_IOEVENTFD_NO_LENGTH, B.KVM_CAP_READONLY_MEM,
+             B.KVM_CAP_COALESCED_MMIO, B.KVM_CAP_COALESCED_PIO}
+    len0 = get_route("mmio-eventfd-len0")
+    assert host.unsupported_reason(_FakeKvm(every), len0) is None
+    assert host.unsupported_reason(_FakeKvm(every - {B.KVM_CAP_IOEVENTFD_NO_LENGTH}), len0) == (
+        "this host's KVM lacks KVM_CAP_IOEVENTFD_ANY_LENGTH or KVM_CAP_IOEVENTFD_NO_LENGTH")
+    assert host.unsupported_reason(_FakeKvm({B.KVM_CAP_IOEVENTFD, B.KVM_CAP_IOEVENTFD_ANY_LENGTH}), len0) is None
+    assert "KVM_CAP_READONLY_MEM" in host.unsupported_reason(_FakeKvm(every - {B.KVM_CAP_READONLY_MEM}),
+                                                             get_route("ro-write"))
+    assert "KVM_CAP_COALESCED_PIO" in host.unsupported_reason(_FakeKvm(every - {B.KVM_CAP_COALESCED_PIO}),
+                                                              get_route("coalesced-pio"))
+    assert "only the simulator" in host.unsupported_reason(
+        _FakeKvm(every), replace(get_route("pio-user"), variant="some-variant"))

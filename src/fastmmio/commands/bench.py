@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 
 from fastmmio.bench import DEFAULT_RUNS, DEFAULT_TARGET_TICKS, BenchOptions, bench_routes
 from fastmmio.errors import HostError, UsageError
+from fastmmio.real.host import unsupported_reason
 from fastmmio.argtypes import positive_int
 from fastmmio.report.bench import bench_table, json_records, kut_lines
 from fastmmio.result import BatchResult
@@ -84,30 +85,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="/dev/kvm", metavar="PATH", help="KVM device (default /dev/kvm)")
     p.add_argument("--list", action="store_true", help="list the routes and exit")
     p.set_defaults(func=run)
-
-
-def unsupported_reason(kvm, route: Route) -> str | None:
-    """Why this host's KVM cannot run ``route`` (a missing capability), or None."""
-    from fastmmio.real import binding as B
-
-    if route.variant is not None:
-        return f"needs the KVM variant {route.variant!r}: only the simulator runs it"
-    needs: list[tuple[int, ...]] = []
-    if route.target_region == "ro-slot":
-        needs.append((B.KVM_CAP_READONLY_MEM,))
-    if route.ioeventfd is not None:
-        needs.append((B.KVM_CAP_IOEVENTFD,))
-        if route.ioeventfd.length == 0:
-            needs.append((B.KVM_CAP_IOEVENTFD_ANY_LENGTH, B.KVM_CAP_IOEVENTFD_NO_LENGTH))
-    if route.coalesced == "mmio":
-        needs.append((B.KVM_CAP_COALESCED_MMIO,))
-    if route.coalesced == "pio":
-        needs.append((B.KVM_CAP_COALESCED_PIO,))
-    for alternatives in needs:
-        if not any(kvm.check_extension(cap) for cap in alternatives):
-            names = " or ".join(B.CAP_NAMES.get(c, str(c)) for c in alternatives)
-            return f"this host's KVM lacks {names}"
-    return None
 
 
 # A bound on one access, for the watchdog only: the slowest route measured on PVM (an exit to

@@ -181,7 +181,7 @@ def plan(options: CompareOptions, comparison: Comparison) -> list[tuple[Route, A
 def run_kvm(routes: tuple[Route, ...], options: CompareOptions, progress: Progress | None,
             done0: int, total: int, timings: Timings) -> KvmSide:
     """The upstream routes on this host's KVM (a small calibrated batch, ``kvm_runs`` runs)."""
-    from fastmmio.commands.bench import unsupported_reason
+    from fastmmio.real.host import unsupported_reason
     from fastmmio.real.backend import RealBackend
     from fastmmio.real.host import detect_host
     from fastmmio.real.objects import Kvm

@@ -42,7 +42,7 @@ def is_soak_route(route: Route) -> bool:
 
 def soak_routes(device: str = "/dev/kvm") -> tuple[list[Route], list[tuple[Route, str]]]:
     """The soak routes this host can run, and those it cannot with the reason."""
-    from fastmmio.commands.bench import unsupported_reason
+    from fastmmio.real.host import unsupported_reason
     from fastmmio.real.objects import Kvm
 
     chosen, skipped = [], []

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastmmio.errors import FastmmioError, UsageError
 from fastmmio.result import HostInfo
+
+if TYPE_CHECKING:
+    from fastmmio.real.objects import Kvm
+    from fastmmio.routes import Route
 
 SYS_MODULE = Path("/sys/module")
 PROC_CPUINFO = Path("/proc/cpuinfo")
@@ -110,3 +115,28 @@ def detect_host(device: str = "/dev/kvm", cpl: int | None = None) -> HostInfo:
         guest_cpl=guest_cpl,
         cpl_reason=reason,
     )
+
+
+def unsupported_reason(kvm: "Kvm", route: "Route") -> str | None:
+    """Why this host's KVM cannot run ``route`` (a missing capability, or a KVM variant only
+    the simulator has), or None. ``kvm``: an open :class:`fastmmio.real.objects.Kvm`."""
+    from fastmmio.real import binding as B
+
+    if route.variant is not None:
+        return f"needs the KVM variant {route.variant!r}: only the simulator runs it"
+    needs: list[tuple[int, ...]] = []
+    if route.target_region == "ro-slot":
+        needs.append((B.KVM_CAP_READONLY_MEM,))
+    if route.ioeventfd is not None:
+        needs.append((B.KVM_CAP_IOEVENTFD,))
+        if route.ioeventfd.length == 0:
+            needs.append((B.KVM_CAP_IOEVENTFD_ANY_LENGTH, B.KVM_CAP_IOEVENTFD_NO_LENGTH))
+    if route.coalesced == "mmio":
+        needs.append((B.KVM_CAP_COALESCED_MMIO,))
+    if route.coalesced == "pio":
+        needs.append((B.KVM_CAP_COALESCED_PIO,))
+    for alternatives in needs:
+        if not any(kvm.check_extension(cap) for cap in alternatives):
+            names = " or ".join(B.CAP_NAMES.get(c, str(c)) for c in alternatives)
+            return f"this host's KVM lacks {names}"
+    return None
