@@ -27,6 +27,7 @@ from fastmmio.guest.program import Access, AccessKind, doorbell_loop
 from fastmmio.guest.raw import build_raw_image
 from fastmmio.real.backend import RealBackend
 from fastmmio.real.runloop import Watchdog
+from fastmmio.deadline import DeadlineTimer
 
 # ---- guest/raw.py ------------------------------------------------------------------------------
 
@@ -322,12 +323,60 @@ def test_hang_guard_ends_a_stuck_process():
     assert time.monotonic() - t0 < 20
 
 
+def _run_guard_script(code: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter: a guard that fires ends that process (``os._exit``),
+    never pytest itself."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+
+
 def test_hang_guard_disarmed_stays_quiet():
-    g = runner.HangGuard()
-    g.arm(0.2, "x")
-    g.disarm()
-    time.sleep(0.4)
-    g.close()
+    """Disarmed before its bound, the guard neither prints nor ends the process."""
+    proc = _run_guard_script(
+        "import time\n"
+        "from fastmmio.fuzz.runner import HangGuard\n"
+        "g = HangGuard()\n"
+        "g.arm(0.2, 'x')\n"
+        "g.disarm()\n"
+        "time.sleep(0.6)\n"
+        "g.close()\n"
+        "print('survived')\n"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "survived\n" and "HANG" not in proc.stderr
+
+
+def test_hang_guard_takes_a_huge_bound():
+    """HangGuard().arm(1e12, ...) neither raises (faulthandler and a lock timeout both overflow
+    a time_t there) nor kills its timer thread: a later short arming still ends the process."""
+    proc = _run_guard_script(
+        "import time\n"
+        "from fastmmio.fuzz.runner import HangGuard\n"
+        "g = HangGuard()\n"
+        "g.arm(1e12, 'huge')\n"
+        "time.sleep(0.3)\n"
+        "g.disarm()\n"
+        "g.arm(0.2, 'program Y')\n"
+        "time.sleep(30)\n"
+    )
+    assert proc.returncode == runner.HANG_EXIT_STATUS, proc.stderr
+    assert "HANG: program Y did not end" in proc.stderr and "huge" not in proc.stderr
+
+
+@pytest.mark.parametrize("bound", [1e12, math.inf])
+def test_deadline_timer_survives_a_huge_bound(bound):
+    """The one deadline thread (run-loop watchdog and hang guard): a bound past a lock
+    timeout's range is waited in steps, so the thread lives and a later arming fires."""
+    t = DeadlineTimer()
+    fired = threading.Event()
+    try:
+        t.arm(bound, fired.set)
+        time.sleep(0.2)
+        assert t._thread is not None and t._thread.is_alive()
+        assert not t.disarm() and not fired.is_set()
+        t.arm(0.05, fired.set)
+        assert fired.wait(5) and t.disarm()
+    finally:
+        t.close()
 
 
 # ---- the real backend's watchdog bound ----------------------------------------------------------

@@ -20,13 +20,13 @@ from __future__ import annotations
 import faulthandler
 import os
 import sys
-import threading
 import time
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from fastmmio.deadline import DeadlineTimer
 from fastmmio.errors import FastmmioError, GuestError
 from fastmmio.fuzz.program import DONE, KVM_ERROR, REFUSED, SHUTDOWN, WATCHDOG, Program
 from fastmmio.real.backend import RealBackend
@@ -34,6 +34,7 @@ from fastmmio.real.backend import RealBackend
 DEFAULT_WATCHDOG_S = 0.25  # a hostile run either ends within milliseconds or loops forever
 HANG_MARGIN_S = 20.0  # the hang guard fires this long after a run's watchdog bound
 HANG_EXIT_STATUS = 3
+FAULTHANDLER_MAX_S = 365 * 86400.0  # far below what faulthandler.dump_traceback_later can hold (time_t)
 
 
 @dataclass(frozen=True)
@@ -181,27 +182,23 @@ def compare(base: ResourceSnapshot, now: ResourceSnapshot, runs: int = 0) -> lis
 
 class HangGuard:
     """Ends the process if one run outlives its bound: the run loop's watchdog should have
-    stopped any guest long before. A thread prints which program was running and every
-    thread's stack, then ``os._exit(3)``; ``faulthandler.dump_traceback_later`` backs it up
-    should the stuck thread hold the GIL."""
+    stopped any guest long before. A :class:`~fastmmio.deadline.DeadlineTimer` (the run loop's
+    watchdog thread too) prints which program was running and every thread's stack, then
+    ``os._exit(3)``; ``faulthandler.dump_traceback_later`` backs it up should the stuck thread
+    hold the GIL (not for a bound past :data:`FAULTHANDLER_MAX_S`, which faulthandler cannot
+    hold: such a bound means "no bound" in practice, and the timer thread alone watches it)."""
 
     def __init__(self, out=None) -> None:
         self.out = out if out is not None else sys.stderr
-        self._cond = threading.Condition()
-        self._deadline: float | None = None
+        self._timer = DeadlineTimer("fastmmio-hang-guard")
         self._what = ""
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
     def arm(self, seconds: float, what: str) -> None:
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name="fastmmio-hang-guard", daemon=True)
-                self._thread.start()
-            self._deadline = time.monotonic() + seconds
-            self._what = what
-            self._cond.notify()
-        faulthandler.dump_traceback_later(seconds + 10, exit=True, file=self._fd_file())
+        self._what = what
+        self._timer.arm(seconds, self._hang)
+        faulthandler.cancel_dump_traceback_later()
+        if seconds + 10 <= FAULTHANDLER_MAX_S:
+            faulthandler.dump_traceback_later(seconds + 10, exit=True, file=self._fd_file())
 
     def _fd_file(self):
         """faulthandler writes to a file descriptor: ``out`` if it has one, else stderr."""
@@ -213,32 +210,17 @@ class HangGuard:
 
     def disarm(self) -> None:
         faulthandler.cancel_dump_traceback_later()
-        with self._cond:
-            self._deadline = None
+        self._timer.disarm()
 
-    def _main(self) -> None:
-        with self._cond:
-            while not self._stop:
-                if self._deadline is None:
-                    self._cond.wait()
-                    continue
-                remaining = self._deadline - time.monotonic()
-                if remaining > 0:
-                    self._cond.wait(remaining)
-                    continue
-                print(f"fastmmio fuzz: HANG: {self._what} did not end; the host process is stuck",
-                      file=self.out, flush=True)
-                faulthandler.dump_traceback(file=self._fd_file(), all_threads=True)
-                os._exit(HANG_EXIT_STATUS)
+    def _hang(self) -> None:
+        print(f"fastmmio fuzz: HANG: {self._what} did not end; the host process is stuck",
+              file=self.out, flush=True)
+        faulthandler.dump_traceback(file=self._fd_file(), all_threads=True)
+        os._exit(HANG_EXIT_STATUS)
 
     def close(self) -> None:
         self.disarm()
-        with self._cond:
-            self._stop = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._timer.close()
 
 
 # ------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from fastmmio import layout
+from fastmmio.deadline import DeadlineTimer
 from fastmmio.errors import GuestError
 from fastmmio.real import binding as B
 from fastmmio.result import BatchResult, ExitRecord
@@ -63,64 +64,24 @@ def _guest_error(kind: str, message: str, rip: int | None = None, exit_reason: i
     return exc
 
 
-class Watchdog:
-    """A timer thread that, once armed, interrupts one thread's KVM_RUN after a deadline.
+class Watchdog(DeadlineTimer):
+    """A :class:`~fastmmio.deadline.DeadlineTimer` that, once armed, interrupts one thread's
+    KVM_RUN after a deadline.
 
     ``arm(seconds, thread_id, on_fire)``; ``disarm()`` returns whether it fired. After
     ``disarm()`` returns, no further signal is sent for that arming."""
 
     def __init__(self, signum: int = WATCHDOG_SIGNAL):
+        super().__init__("fastmmio-watchdog")
         self.signum = signum
-        self._cond = threading.Condition()
-        self._deadline: float | None = None
-        self._tid = 0
-        self._on_fire = None
-        self._fired = False
-        self._stop = False
-        self._thread: threading.Thread | None = None
 
-    def arm(self, seconds: float, thread_id: int, on_fire) -> None:
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._main, name="fastmmio-watchdog", daemon=True)
-                self._thread.start()
-            self._deadline = time.monotonic() + seconds
-            self._tid = thread_id
-            self._on_fire = on_fire
-            self._fired = False
-            self._cond.notify()
+    def arm(self, seconds: float, thread_id: int, on_fire=None) -> None:  # type: ignore[override]
+        def fire() -> None:
+            if on_fire is not None:
+                on_fire()
+            signal.pthread_kill(thread_id, self.signum)
 
-    def disarm(self) -> bool:
-        with self._cond:
-            self._deadline = None
-            self._on_fire = None
-            return self._fired
-
-    def _main(self) -> None:
-        with self._cond:
-            while not self._stop:
-                if self._deadline is None:
-                    self._cond.wait()
-                    continue
-                remaining = self._deadline - time.monotonic()
-                if remaining > 0:
-                    # in steps: a huge bound would overflow the lock's timeout and kill this thread
-                    self._cond.wait(min(remaining, 3600.0))
-                    continue
-                self._fired = True
-                self._deadline = None
-                if self._on_fire is not None:
-                    self._on_fire()
-                signal.pthread_kill(self._tid, self.signum)
-
-    def close(self) -> None:
-        with self._cond:
-            self._stop = True
-            self._deadline = None
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        super().arm(seconds, fire)
 
 
 class RunLoop:
@@ -263,7 +224,7 @@ class RunLoop:
                 if r < 0:
                     e = get_errno()
                     if e == errno.EINTR or e == errno.EAGAIN:
-                        if wd._fired:
+                        if wd.fired:
                             break
                         continue  # another signal: Python runs its handler at the next bytecode
                     error = _guest_error("kvm-run", f"KVM_RUN failed: {B.errno_name(e)} ({e})")
