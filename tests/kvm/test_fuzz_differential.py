@@ -123,7 +123,7 @@ def test_regression(kvm_device, path, mmio_caching):
     program = load_regression(path)
     why = r.excluded(program)
     if why is not None:
-        pytest.skip(why)
+        pytest.skip(f"{why} (its simulator side replays in tests/unit/test_fuzz_diff_compare.py)")
     result = r.run(program)
     assert result.agree, result.report()
 

@@ -283,6 +283,57 @@ def _ram_rest(ram: bytes) -> bytes:
     return bytes(m)
 
 
+def fast_bus_only(program: DiffProgram) -> str | None:
+    """Why ``program``'s outcome depends on ``kvm.mmio_caching`` (see
+    :meth:`DiffRunner.excluded`): it accesses the exact address of a length-0 MMIO ioeventfd
+    with a load, or with a store inside a coalesced MMIO zone; None otherwise."""
+    fast = {e.addr for e in program.ioeventfds if not e.pio and e.length == 0
+            and layout.MMIO_BASE <= e.addr < layout.MMIO_BASE + layout.MMIO_SIZE}
+    zones = [z for z in program.coalesced if not z.pio]
+    for op in program.ops:
+        if op.kind == "load" and op.addr in fast:
+            return (f"{op.describe()}: a read at a length-0 MMIO ioeventfd takes "
+                    "KVM_FAST_MMIO_BUS with kvm.mmio_caching on, not on this host")
+        if (op.kind == "store" and op.addr in fast
+                and any(z.addr <= op.addr < z.addr + z.size for z in zones)):
+            return (f"{op.describe()}: a write at a length-0 MMIO ioeventfd inside a "
+                    "coalesced zone goes to the ioeventfd through KVM_FAST_MMIO_BUS with "
+                    "kvm.mmio_caching on, to the zone on this host")
+    return None
+
+
+# What a regression may store of the simulator's own outcome with kvm.mmio_caching on (the VMX
+# paths), so that a case the host cannot check (its caching is off) still replays against it.
+SIM_CACHING_ON_EXPECTED = "expected_sim_mmio_caching_on"
+EXPECTED_FIELDS = ("outcome", "regs", "exits", "user_exits", "eventfds", "coalesced")
+
+
+def run_sim_caching_on(program: DiffProgram) -> Observation:
+    """``program`` on the simulator alone, ``upstream`` variant with ``kvm.mmio_caching`` on
+    (no /dev/kvm needed)."""
+    from fastmmio.sim.backend import SimOptions
+
+    return run_sim(program.machine(), SimOptions(variant="upstream", mmio_caching=True))
+
+
+def differs_from_expected(obs: Observation, expected: dict) -> list[str]:
+    """Each field of ``expected`` (a subset of :data:`EXPECTED_FIELDS`, as JSON: registers by
+    name, exits as lists) that ``obs`` does not match, as ``field: expected | got``."""
+    out = []
+    for name, want in expected.items():
+        if name not in EXPECTED_FIELDS:
+            raise UsageError(f"an expected outcome has no field {name!r} "
+                             f"(fields: {', '.join(EXPECTED_FIELDS)})")
+        got: Any = getattr(obs, name)
+        if name == "regs":
+            got = {r: got.get(r) for r in want}
+        elif name == "exits":
+            got = [list(e) for e in got]
+        if got != want:
+            out.append(f"{name}: expected {want} | got {got}")
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # Cases
 # ------------------------------------------------------------------------------------------
@@ -372,19 +423,7 @@ class DiffRunner:
         """
         if not self.sim_options.mmio_caching or self.host_mmio_caching:
             return None
-        fast = {e.addr for e in program.ioeventfds if not e.pio and e.length == 0
-                and layout.MMIO_BASE <= e.addr < layout.MMIO_BASE + layout.MMIO_SIZE}
-        zones = [z for z in program.coalesced if not z.pio]
-        for op in program.ops:
-            if op.kind == "load" and op.addr in fast:
-                return (f"{op.describe()}: a read at a length-0 MMIO ioeventfd takes "
-                        "KVM_FAST_MMIO_BUS with kvm.mmio_caching on, not on this host")
-            if (op.kind == "store" and op.addr in fast
-                    and any(z.addr <= op.addr < z.addr + z.size for z in zones)):
-                return (f"{op.describe()}: a write at a length-0 MMIO ioeventfd inside a "
-                        "coalesced zone goes to the ioeventfd through KVM_FAST_MMIO_BUS with "
-                        "kvm.mmio_caching on, to the zone on this host")
-        return None
+        return fast_bus_only(program)
 
     def run(self, program: DiffProgram) -> CaseResult:
         if program.cpl != self.cpl:
