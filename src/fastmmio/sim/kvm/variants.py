@@ -42,7 +42,7 @@ undefined makes such a skip impossible, and the model reports it as an internal 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastmmio.errors import UsageError
 from fastmmio.sim.kvm.iobus import KvmBus
@@ -51,7 +51,17 @@ from fastmmio.sim.vmx.layouts import QUAL_WRITE
 
 if TYPE_CHECKING:  # pragma: no cover
     from fastmmio.sim.kvm.handlers import KvmVcpu
-    from fastmmio.sim.kvm.vm import KvmVm
+    from fastmmio.sim.kvm.iobus import KvmIoBuses
+    from fastmmio.sim.kvm.mmu import TdpMmu
+
+
+class VariantVm(Protocol):
+    """What a variant's hooks use of :class:`fastmmio.sim.kvm.vm.KvmVm` (a protocol: the VM
+    module imports this one, not the other way round)."""
+
+    buses: KvmIoBuses
+    mmu: TdpMmu
+    running_vcpu: Any  # KvmVcpu | None
 
 
 class Variant:
@@ -63,7 +73,7 @@ class Variant:
     ioeventfd_no_length = True  # KVM_CAP_IOEVENTFD_NO_LENGTH (f848a5a8)
     ioeventfd_pf_cap = False  # KVM_CAP_IOEVENTFD_PF (RFC patch 3/3)
 
-    def configure(self, vm: "KvmVm") -> None:
+    def configure(self, vm: "VariantVm") -> None:
         """Install MMU hooks on a new VM."""
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
@@ -117,11 +127,11 @@ class BadPage(Variant):
     summary = "fast-bus write in the read-only-write (bad page) path, after fast_page_fault"
     ioeventfd_pf_cap = True
 
-    def configure(self, vm: "KvmVm") -> None:
+    def configure(self, vm: "VariantVm") -> None:
         vm.mmu.ro_write_fault_hook = lambda gpa: self._hook(vm, gpa)
 
     @staticmethod
-    def _hook(vm: "KvmVm", gpa: int) -> bool:
+    def _hook(vm: "VariantVm", gpa: int) -> bool:
         vcpu = vm.running_vcpu
         if vcpu is None:
             return False
@@ -137,7 +147,7 @@ class ReservedWriteMostly(Variant):
     summary = "MMIO-style (misconfigured) SPTE for a read-only page carrying a length-0 ioeventfd"
     ioeventfd_pf_cap = True
 
-    def configure(self, vm: "KvmVm") -> None:
+    def configure(self, vm: "VariantVm") -> None:
         def write_mostly(gfn: int) -> bool:
             base = gfn << 12
             return any(base <= r.addr < base + 0x1000 and r.len == 0
