@@ -10,7 +10,7 @@ touches the processor's TLBs or paging-structure caches.
   a gfn without a (valid) memslot fails (-EFAULT), a write to a ``KVM_MEM_READONLY`` slot
   fails (``__gfn_to_hva_many`` returns ``KVM_HVA_ERR_RO_BAD``).
 * :class:`GuestPageWalker`: 4-level IA-32e walk (SDM Vol. 3A 4.5, access rights 4.6, #PF
-  error code 4.7): present, reserved bits (via :func:`fastmmio.sim.vmx.layouts.guest_reserved_mask`),
+  error code 4.7): present, reserved bits (via :func:`fastmmio.x86.paging.guest_reserved_mask`),
   U/S against CPL, R/W with CR0.WP, XD with EFER.NXE, SMEP and SMAP; sets accessed flags on
   every level and the dirty flag on the leaf of a write, as
   ``FNAME(update_accessed_dirty_bits)``. Counts ``kvm.emulate.walk`` per walk and
