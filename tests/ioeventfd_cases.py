@@ -1,7 +1,9 @@
 """ioeventfd cases shared by the real-KVM tests and the simulator tests.
 
 One table, two backends: every case here must give the same answer from ``/dev/kvm`` and from
-:mod:`fastmmio.sim.kvm.eventfd`. The rules come from virt/kvm/eventfd.c
+:mod:`fastmmio.sim.kvm.eventfd`. Both take the registration rules from :mod:`fastmmio.kvmabi`
+(the real backend to name the rule the kernel applied, the model to apply it), so this table
+holds that one module to the kernel. The rules come from virt/kvm/eventfd.c
 (``kvm_assign_ioeventfd``, ``ioeventfd_check_collision``, ``kvm_deassign_ioeventfd_idx``,
 ``ioeventfd_in_range``) and virt/kvm/kvm_main.c (``kvm_io_bus_cmp``); FACTS.md section 6 lists
 what was measured on this project's host.
