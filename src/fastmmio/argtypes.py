@@ -45,6 +45,26 @@ def positive_seconds(text: str) -> float:
     return value
 
 
+def percent(text: str) -> float:
+    """``5`` or ``5%`` -> 0.05; strictly between 0 and 100."""
+    try:
+        v = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < v < 100:
+        raise argparse.ArgumentTypeError("must be between 0 and 100 (percent)")
+    return v / 100.0
+
+
+def cpu_number(text: str) -> int:
+    """A CPU number (``--cpu``); whether this process may run there is checked by
+    :func:`fastmmio.bench.check_cpu`."""
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a CPU number: {text}")
+    return value
+
+
 def on_off(text: str) -> bool:
     t = text.strip().lower()
     if t in ("on", "1", "yes", "true"):

@@ -37,6 +37,30 @@ class BatchResult:
     host_ns_outside_run: int = 0  # host time spent outside KVM_RUN (run-loop overhead)
 
 
+@dataclass(frozen=True)
+class Spread:
+    """How one measured route's runs scatter and whether its median settled, judged by
+    :class:`fastmmio.bench.StopRule` (``rule`` states it). Figures are cycles per notification;
+    ``iqr_rel`` and ``median_moved`` are fractions of the median."""
+
+    runs: int
+    median: float
+    min: float
+    max: float
+    q1: float  # first quartile (statistics.quantiles, inclusive method)
+    q3: float
+    iqr_rel: float  # (q3 - q1) / median
+    ci_low: float  # confidence interval of the median (order statistics)
+    ci_high: float
+    ci_rel: float  # max(median - ci_low, ci_high - median) / median
+    confidence: float  # the interval's coverage (95%, or less with few runs)
+    median_moved: float  # largest move of the running median over the rule's last runs
+    stable: bool  # the rule's verdict; False: "noisy", no ratio is derived from the median
+    reason: str  # why (not) stable, one line
+    stopped_by: str = ""  # "stable" | "max runs" | "time bound"
+    rule: str = ""
+
+
 @dataclass
 class RunResult:
     """One route on one backend: the JSON record of ``bench`` and ``compare``."""
@@ -54,6 +78,12 @@ class RunResult:
     events: dict[str, int] = field(default_factory=dict)
     breakdown: dict[str, float] = field(default_factory=dict)  # cycles by component (simulator)
     extra: dict[str, Any] = field(default_factory=dict)
+    spread: Spread | None = None  # timed runs only (real KVM); None for priced simulations
+
+    @property
+    def noisy(self) -> bool:
+        """Measured, but the runs did not settle within the rule's tolerance."""
+        return self.spread is not None and not self.spread.stable
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -15,10 +15,18 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from fastmmio.bench import DEFAULT_RUNS, DEFAULT_TARGET_TICKS, BenchOptions, bench_routes
+from fastmmio.bench import (
+    DEFAULT_MIN_RUNS,
+    DEFAULT_RUNS,
+    DEFAULT_SECONDS,
+    DEFAULT_TARGET_TICKS,
+    DEFAULT_TOLERANCE,
+    BenchOptions,
+    bench_routes,
+)
 from fastmmio.errors import HostError, UsageError
 from fastmmio.real.host import unsupported_reason
-from fastmmio.argtypes import positive_int
+from fastmmio.argtypes import cpu_number, percent, positive_int, positive_seconds
 from fastmmio.report.bench import bench_table, json_records, kut_lines
 from fastmmio.result import BatchResult
 from fastmmio.routes import Route, get_route, load_catalogue
@@ -62,9 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="measure routes on this host's KVM (cycles per notification, kvm-unit-tests style)",
         description="Run each route's doorbell loop on /dev/kvm: calibrate N by doubling from 64 "
-        "until a batch takes the target number of TSC ticks (or use a fixed N), run it R times, "
-        "report the median cycles per notification and check that the route took its path "
-        "(eventfd counts, user exits, exit records, read-only memory, read values).",
+        "until a batch takes the target number of TSC ticks (or use a fixed N), then run it, the "
+        "routes interleaved, until the median of each route's runs is stable (the interquartile "
+        "range within the tolerance of the median), at most R runs and S seconds; report the "
+        "median cycles per notification with its spread, flag a route that did not settle as "
+        "noisy, and check that the route took its path (eventfd counts, user exits, exit "
+        "records, read-only memory, read values).",
     )
     p.add_argument("routes", nargs="*", metavar="ROUTE",
                    help="route names (default: every route this host supports)")
@@ -77,7 +88,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"calibration goal per batch in TSC ticks (default 2^28 = "
                    f"{DEFAULT_TARGET_TICKS}; kvm-unit-tests uses 2^30)")
     p.add_argument("--runs", "-r", type=positive_int, default=DEFAULT_RUNS, metavar="R",
-                   help=f"measured batches per route; the median is reported (default {DEFAULT_RUNS})")
+                   help=f"at most R measured batches per route; the median is reported, and a "
+                   f"route stops after {DEFAULT_MIN_RUNS} runs once it is stable (default "
+                   f"{DEFAULT_RUNS})")
+    p.add_argument("--tolerance", type=percent, default=DEFAULT_TOLERANCE, metavar="PCT",
+                   help=f"a route is stable once the interquartile range of its runs is within "
+                   f"PCT of their median (default {DEFAULT_TOLERANCE * 100:g}%%)")
+    p.add_argument("--seconds", type=positive_seconds, default=DEFAULT_SECONDS, metavar="S",
+                   help=f"time bound of the whole measurement (default {DEFAULT_SECONDS:g} s; "
+                   "every route gets at least one run)")
+    p.add_argument("--cpu", type=cpu_number, metavar="N",
+                   help="pin the vCPU thread (the one that issues KVM_RUN) to CPU N")
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="also write a host record and one record per route as JSON")
     p.add_argument("--format", choices=("table", "kut"), default="table",
@@ -134,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
         iterations=args.iterations,
         target_ticks=args.target_ticks if args.iterations is None else DEFAULT_TARGET_TICKS,
         runs=args.runs,
+        tolerance=args.tolerance,
+        max_seconds=args.seconds,
+        cpu=args.cpu,
     )
     if args.json is not None:
         check_writable(args.json)

@@ -24,11 +24,17 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fastmmio.argtypes import csv_list, int_in_range, on_off
+from fastmmio.argtypes import cpu_number, csv_list, int_in_range, on_off, positive_int, positive_seconds
+from fastmmio.argtypes import percent as percent_arg
 from fastmmio.compare.core import DEFAULT_ITERATIONS, MAX_ITERATIONS
 from fastmmio.compare.run import (
     DEFAULT_CACHES,
     DEFAULT_PROFILE,
+    KVM_MAX_TARGET_TICKS,
+    KVM_RUNS,
+    KVM_SECONDS,
+    KVM_TARGET_TICKS,
+    KVM_TOLERANCE,
     CompareOptions,
     default_out,
     run_compare,
@@ -41,16 +47,6 @@ from fastmmio.verdict import DEFAULT_TOLERANCE
 
 
 iterations_arg = int_in_range(1, MAX_ITERATIONS)
-
-
-def percent_arg(text: str) -> float:
-    try:
-        v = float(text.rstrip("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 < v < 100:
-        raise argparse.ArgumentTypeError("must be between 0 and 100 (percent)")
-    return v / 100.0
 
 
 def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str) -> None:
@@ -92,6 +88,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-kvm", action="store_true", help="do not measure on this host's KVM")
     p.add_argument("--device", default="/dev/kvm", metavar="PATH",
                    help="KVM device (default /dev/kvm)")
+    p.add_argument("--kvm-runs", type=positive_int, default=KVM_RUNS, metavar="R",
+                   help=f"at most R runs per route on KVM; a route whose median is stable "
+                   f"stops earlier (default {KVM_RUNS})")
+    p.add_argument("--kvm-target-ticks", type=int_in_range(1, KVM_MAX_TARGET_TICKS),
+                   default=KVM_TARGET_TICKS, metavar="T",
+                   help=f"calibration goal of one KVM batch in TSC ticks (default 2^24 = "
+                   f"{KVM_TARGET_TICKS}; at most 2^32)")
+    p.add_argument("--kvm-seconds", type=positive_seconds, default=KVM_SECONDS, metavar="S",
+                   help=f"time bound of the KVM measurement (default {KVM_SECONDS:g} s)")
+    p.add_argument("--kvm-tolerance", type=percent_arg, default=KVM_TOLERANCE, metavar="PCT",
+                   help=f"a KVM route is stable once the interquartile range of its runs is "
+                   f"within PCT of their median (default {KVM_TOLERANCE * 100:g}%%); otherwise "
+                   "it is flagged noisy and gets no ratio")
+    p.add_argument("--cpu", type=cpu_number, metavar="N",
+                   help="pin the vCPU thread to CPU N while measuring on KVM")
     p.add_argument("--tolerance", type=percent_arg, default=DEFAULT_TOLERANCE, metavar="PCT",
                    help=f"'as fast as port I/O' means within this many percent "
                    f"(default {DEFAULT_TOLERANCE * 100:g}%%)")
@@ -129,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     options = CompareOptions(
         routes=tuple(args.routes), variants=tuple(args.variants), profile=args.profile,
         caches=args.caches, vpid=args.vpid, nested=args.nested, iterations=args.iterations,
-        kvm=not args.no_kvm, device=args.device, tolerance=args.tolerance,
+        kvm=not args.no_kvm, device=args.device, kvm_runs=args.kvm_runs,
+        kvm_target_ticks=args.kvm_target_ticks, kvm_seconds=args.kvm_seconds,
+        kvm_tolerance=args.kvm_tolerance, kvm_cpu=args.cpu, tolerance=args.tolerance,
         verdict=not args.no_verdict, review=not args.no_review)
     check_out_dir(args.out)
     progress, _ = progress_display()

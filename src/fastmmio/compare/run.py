@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fastmmio.bench import BenchOptions, bench_routes
+from fastmmio.bench import DEFAULT_MIN_RUNS, BenchOptions, bench_routes
+from fastmmio.bench import DEFAULT_TOLERANCE as KVM_TOLERANCE
 from fastmmio.compare.calibration import CALIBRATIONS, CalibrationRow, calibration_rows
 from fastmmio.compare.core import (
     DEFAULT_ITERATIONS,
@@ -38,8 +39,15 @@ from fastmmio.verdict import DEFAULT_TOLERANCE, Verdict, build_verdict, required
 
 DEFAULT_PROFILE = "skylake-sp"  # the current Intel server profile
 DEFAULT_CACHES = "sdm-max"
-KVM_TARGET_TICKS = 1 << 24  # a small calibrated batch: ~7 ms at 2.3 GHz
-KVM_RUNS = 3
+# The KVM column: short calibrated batches (2^24 ticks, ~7 ms at 2.3 GHz: a preempted batch is
+# one outlier run that the median ignores, not a bias in every run), as many runs as the
+# measuring rule of fastmmio.bench needs, at most KVM_RUNS per route and KVM_SECONDS in all.
+KVM_TARGET_TICKS = 1 << 24
+KVM_RUNS = 40
+KVM_SECONDS = 30.0
+# At most 2^32 ticks per batch (under 5 s at a 1 GHz TSC, 2x that while calibrating): the
+# real backend's default watchdog (10 s) still bounds every batch.
+KVM_MAX_TARGET_TICKS = 1 << 32
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -58,7 +66,10 @@ class CompareOptions:
     kvm: bool = True
     device: str = "/dev/kvm"
     kvm_target_ticks: int = KVM_TARGET_TICKS
-    kvm_runs: int = KVM_RUNS
+    kvm_runs: int = KVM_RUNS  # at most, per route
+    kvm_seconds: float = KVM_SECONDS  # time bound of the KVM measurement
+    kvm_tolerance: float = KVM_TOLERANCE  # the measuring rule's IQR / median bound
+    kvm_cpu: int | None = None  # pin the vCPU thread
     tolerance: float = DEFAULT_TOLERANCE
     verdict: bool = True
     review: bool = True
@@ -70,8 +81,16 @@ class CompareOptions:
             get_route(name)  # UsageError listing the valid names
         if not 0 < self.tolerance < 1:
             raise UsageError(f"tolerance must be a fraction between 0 and 1, got {self.tolerance}")
-        if self.kvm_runs < 1 or self.kvm_target_ticks < 1:
-            raise UsageError("KVM runs and target ticks must be positive")
+        if self.kvm_runs < 1 or not 1 <= self.kvm_target_ticks <= KVM_MAX_TARGET_TICKS:
+            raise UsageError(f"KVM runs must be positive and target ticks between 1 and "
+                             f"2^32 = {KVM_MAX_TARGET_TICKS}")
+        self.kvm_bench()  # the measuring rule's bounds, the CPU to pin to
+
+    def kvm_bench(self) -> BenchOptions:
+        """How the KVM column is measured (UsageError for a bad bound or CPU)."""
+        return BenchOptions(target_ticks=self.kvm_target_ticks, runs=self.kvm_runs,
+                            min_runs=DEFAULT_MIN_RUNS, tolerance=self.kvm_tolerance,
+                            max_seconds=self.kvm_seconds, cpu=self.kvm_cpu)
 
     def to_json(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
@@ -94,6 +113,8 @@ class KvmSide:
         res = self.by_route()
         pio, r = res.get(PIO_REFERENCE), res.get(route)
         if pio is None or r is None or not pio.correct or not r.correct or not pio.cycles:
+            return None
+        if pio.noisy or r.noisy:  # no ratio from a median the measuring rule did not settle
             return None
         return r.cycles / pio.cycles
 
@@ -180,7 +201,9 @@ def plan(options: CompareOptions, comparison: Comparison) -> list[tuple[Route, A
 
 def run_kvm(routes: tuple[Route, ...], options: CompareOptions, progress: Progress | None,
             done0: int, total: int, timings: Timings) -> KvmSide:
-    """The upstream routes on this host's KVM (a small calibrated batch, ``kvm_runs`` runs)."""
+    """The upstream routes on this host's KVM: a small calibrated batch, runs interleaved
+    across routes until each median is stable (:class:`fastmmio.bench.StopRule`), at most
+    ``kvm_runs`` runs and ``kvm_seconds``; the vCPU thread pinned to ``kvm_cpu`` if given."""
     from fastmmio.real.host import unsupported_reason
     from fastmmio.real.backend import RealBackend
     from fastmmio.real.host import detect_host
@@ -208,8 +231,7 @@ def run_kvm(routes: tuple[Route, ...], options: CompareOptions, progress: Progre
 
         side.results = bench_routes(
             RealBackend(device=options.device), chosen, host.guest_cpl,
-            BenchOptions(target_ticks=options.kvm_target_ticks, runs=options.kvm_runs),
-            on_result=on_result)
+            options.kvm_bench(), on_result=on_result)
     except HostError as exc:
         side.status, side.reason = "unavailable", f"KVM failed during the run: {exc}"
     timings.add("kvm", time.perf_counter() - t0)

@@ -1,7 +1,10 @@
 """Output of ``fastmmio bench``: a rich table, kvm-unit-tests lines, JSON records.
 
 The cycle figure is what kvm-unit-tests' x86/vmexit.c prints: TSC ticks per notification
-over the whole batch, loop overhead included. The KVM statistics are the binary-stats deltas
+over the whole batch, loop overhead included: the median of the route's runs, with their
+min-max, their interquartile range as a fraction of the median and the number of runs; a route
+that the measuring rule (:class:`fastmmio.bench.StopRule`) did not find stable is flagged
+``noisy``. The KVM statistics are the binary-stats deltas
 (KVM_GET_STATS_FD) of the last batch divided by N, so that 1.00 means "once per doorbell"; the
 backend reports only non-zero deltas, so a statistic missing from a non-empty set is 0.
 """
@@ -42,17 +45,45 @@ def host_line(host: HostInfo) -> str:
     return f"{host.cpu_model}; KVM {host.kvm_kind}{nested}; {tsc}; guest CPL{host.guest_cpl}"
 
 
+def _pct(x: float) -> str:
+    return f"{x:.0%}" if x >= 0.095 else f"{x:.1%}"
+
+
+def spread_text(r: RunResult) -> Text:
+    """The median's confidence interval as +-percent of it, flagged ``noisy`` when the
+    measuring rule did not find the route stable."""
+    s = r.spread
+    if s is None:
+        return Text("-")
+    pct = "+-" + _pct(s.ci_rel)
+    return Text(pct) if s.stable else Text(f"{pct} noisy", style="yellow")
+
+
+def rule_line(results: list[RunResult]) -> str:
+    """The measuring rule, as the results record it, and what the spread columns mean."""
+    rules = {r.spread.rule for r in results if r.spread is not None}
+    if not rules:
+        return ""
+    return ("median +-: its confidence interval, from order statistics; IQR: interquartile "
+            "range of the runs / median; rule: " + "; ".join(sorted(rules))
+            + " (a noisy route gets no ratio)")
+
+
 def bench_table(results: list[RunResult], host: HostInfo | None = None) -> Table:
     """One row per route; failed checks are listed under the table by the caller."""
+    caption = "\n".join(x for x in (host_line(host) if host else "", rule_line(results)) if x)
     table = Table(
         title="fastmmio bench: cycles per notification (TSC ticks, loop included, as kvm-unit-tests)",
-        caption=host_line(host) if host else None,
+        caption=caption or None,
         title_justify="left",
         caption_justify="left",
     )
     table.add_column("route", no_wrap=True)
     table.add_column("cycles", justify="right", no_wrap=True)
     table.add_column("min-max", justify="right", no_wrap=True)
+    table.add_column("IQR", justify="right", no_wrap=True)
+    table.add_column("median\n+-", justify="right", no_wrap=True)
+    table.add_column("runs", justify="right")
     table.add_column("N", justify="right")
     table.add_column("user exits\n/notif", justify="right")
     table.add_column("eventfd\nsignals", justify="right")
@@ -68,6 +99,9 @@ def bench_table(results: list[RunResult], host: HostInfo | None = None) -> Table
             r.route,
             _fmt_cycles(r.cycles),
             spread,
+            _pct(r.spread.iqr_rel) if r.spread else "-",
+            spread_text(r),
+            str(r.spread.runs) if r.spread else "-",
             str(n) if n else "-",
             _per(n, r.user_exits),
             str(r.eventfd_signals) if n else "-",

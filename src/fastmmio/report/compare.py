@@ -28,7 +28,7 @@ from fastmmio.compare.run import CompareRun
 from fastmmio.compare.sweep import SweepResult, fmt_value
 from fastmmio.costs.profile import COMPONENTS
 from fastmmio.errors import UsageError
-from fastmmio.report.bench import _clean, bench_table, host_line
+from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spread_text
 from fastmmio.report.plots import plot_breakdown, plot_sweep
 from fastmmio.result import RunResult
 from fastmmio.verdict import LABELS, doorbell_route
@@ -82,7 +82,8 @@ def variant_table(run: CompareRun, variant: str) -> Table:
     table.add_column("ok", justify="center")
     if with_kvm:
         table.add_column("KVM\ncycles", justify="right", no_wrap=True)
-        table.add_column("KVM\nxPIO", justify="right")
+        table.add_column("KVM\nmedian +-", justify="right", no_wrap=True)
+        table.add_column("KVM\nxPIO", justify="right", no_wrap=True)
     notes: dict[str, list[str]] = {}
     for cell in cells:
         ratio = run.comparison.ratio_to_pio(cell)
@@ -104,16 +105,31 @@ def variant_table(run: CompareRun, variant: str) -> Table:
         if with_kvm:
             k = kvm.get(cell.route)
             if k is None:
-                row += ["-", "-"]
+                row += ["-", "-", "-"]
             else:
                 kc = _num(k.cycles) + ("" if k.correct else " (FAIL)")
-                row += [kc, _num(run.kvm.ratio_to_pio(cell.route), "{:.2f}")]
+                row += [kc, spread_text(k), kvm_ratio_text(run, cell.route)]
         table.add_row(*row)
     lines = [f"{what} ({', '.join(routes)})" for what, routes in notes.items()]
     if with_kvm:
         lines.append(f"KVM: this host, {run.kvm.comparable()}")
+        rule = rule_line(run.kvm.results)
+        if rule:
+            lines.append(f"KVM {rule}")
     table.caption = Text("\n".join(lines)) if lines else None
     return table
+
+
+def kvm_ratio_text(run: CompareRun, route: str) -> Text:
+    """The KVM ratio to PIO, or why there is none: a noisy route (or a noisy PIO reference)
+    gets no ratio."""
+    res = run.kvm.by_route()
+    k, pio = res.get(route), res.get(PIO_REFERENCE)
+    if k is not None and k.noisy:
+        return Text("noisy", style="yellow")
+    if pio is not None and pio.noisy and k is not None and k.correct:
+        return Text("PIO noisy", style="yellow")
+    return Text(_num(run.kvm.ratio_to_pio(route), "{:.2f}"))
 
 
 def verdict_table(run: CompareRun) -> Table | None:
@@ -207,6 +223,12 @@ def kvm_line(run: CompareRun) -> str:
         return f"This host's KVM: not measured: {k.reason}."
     line = (f"This host's KVM: {len(k.results)} upstream routes measured ({host_line(k.host)}"
             f"; {k.comparable()})." if k.host else "")
+    noisy = [r.route for r in k.results if r.noisy]
+    if k.results and any(r.spread for r in k.results):
+        s = [r.spread for r in k.results if r.spread is not None]
+        line += (f" Runs per route {min(x.runs for x in s)}-{max(x.runs for x in s)}; "
+                 + (f"noisy (no ratio to PIO): {', '.join(noisy)}." if noisy
+                    else "every route stable."))
     if k.skipped:
         line += " Skipped: " + "; ".join(f"{r} ({why})" for r, why in k.skipped) + "."
     return line
@@ -304,8 +326,20 @@ def _csv_rows(run: CompareRun, cells: Iterable[Cell]) -> list[dict[str, Any]]:
                      "correct": int(r.correct), "cycles": _r(r.cycles, 2),
                      "ratio_to_pio": _r(run.kvm.ratio_to_pio(r.route), 4),
                      "iterations": r.iterations,
+                     **kvm_spread_fields(r),
                      "reason": "; ".join(x for x in r.checks if x.startswith("FAIL"))})
     return rows
+
+
+def kvm_spread_fields(r: RunResult) -> dict[str, Any]:
+    """The CSV columns of a KVM record's spread (empty for an unmeasured route)."""
+    s = r.spread
+    if s is None:
+        return {}
+    return {"kvm_runs": s.runs, "kvm_min": _r(s.min, 2), "kvm_max": _r(s.max, 2),
+            "kvm_q1": _r(s.q1, 2), "kvm_q3": _r(s.q3, 2), "kvm_iqr_rel": _r(s.iqr_rel, 4),
+            "kvm_median_ci_low": _r(s.ci_low, 2), "kvm_median_ci_high": _r(s.ci_high, 2),
+            "kvm_median_ci_rel": _r(s.ci_rel, 4), "kvm_stable": int(s.stable)}
 
 
 def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
