@@ -223,7 +223,7 @@ class BenchOptions:
             raise UsageError("target ticks must be positive")
         if self.runs < 1:
             raise UsageError("runs must be at least 1")
-        self.rule  # validates tolerance, min runs and the time bound
+        _ = self.rule  # validates tolerance, min runs and the time bound
         if self.cpu is not None:
             check_cpu(self.cpu)
 

@@ -93,7 +93,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    f"stops earlier (default {KVM_RUNS})")
     p.add_argument("--kvm-target-ticks", type=int_in_range(1, KVM_MAX_TARGET_TICKS),
                    default=KVM_TARGET_TICKS, metavar="T",
-                   help=f"calibration goal of one KVM batch in TSC ticks (default 2^24 = "
+                   help=f"calibration goal of one KVM batch in TSC ticks (default 2^20 = "
                    f"{KVM_TARGET_TICKS}; at most 2^32)")
     p.add_argument("--kvm-seconds", type=positive_seconds, default=KVM_SECONDS, metavar="S",
                    help=f"time bound of the KVM measurement (default {KVM_SECONDS:g} s)")
