@@ -71,8 +71,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="measure routes on this host's KVM (cycles per notification, kvm-unit-tests style)",
         description="Run each route's doorbell loop on /dev/kvm: calibrate N by doubling from 64 "
         "until a batch takes the target number of TSC ticks (or use a fixed N), then run it, the "
-        "routes interleaved, until the median of each route's runs is stable (the interquartile "
-        "range within the tolerance of the median), at most R runs and S seconds; report the "
+        "routes interleaved, until the median of each route's runs is stable (its 95% confidence "
+        "interval within the tolerance), at most R runs and S seconds; report the "
         "median cycles per notification with its spread, flag a route that did not settle as "
         "noisy, and check that the route took its path (eventfd counts, user exits, exit "
         "records, read-only memory, read values).",
@@ -89,11 +89,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    f"{DEFAULT_TARGET_TICKS}; kvm-unit-tests uses 2^30)")
     p.add_argument("--runs", "-r", type=positive_int, default=DEFAULT_RUNS, metavar="R",
                    help=f"at most R measured batches per route; the median is reported, and a "
-                   f"route stops after {DEFAULT_MIN_RUNS} runs once it is stable (default "
-                   f"{DEFAULT_RUNS})")
+                   f"route stops as soon as it is stable (at least {DEFAULT_MIN_RUNS} runs; "
+                   f"default {DEFAULT_RUNS})")
     p.add_argument("--tolerance", type=percent, default=DEFAULT_TOLERANCE, metavar="PCT",
-                   help=f"a route is stable once the interquartile range of its runs is within "
-                   f"PCT of their median (default {DEFAULT_TOLERANCE * 100:g}%%)")
+                   help=f"a route is stable once the 95%% confidence interval of its median is "
+                   f"within +-PCT of it (default {DEFAULT_TOLERANCE * 100:g}%%)")
     p.add_argument("--seconds", type=positive_seconds, default=DEFAULT_SECONDS, metavar="S",
                    help=f"time bound of the whole measurement (default {DEFAULT_SECONDS:g} s; "
                    "every route gets at least one run)")

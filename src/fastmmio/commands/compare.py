@@ -98,9 +98,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kvm-seconds", type=positive_seconds, default=KVM_SECONDS, metavar="S",
                    help=f"time bound of the KVM measurement (default {KVM_SECONDS:g} s)")
     p.add_argument("--kvm-tolerance", type=percent_arg, default=KVM_TOLERANCE, metavar="PCT",
-                   help=f"a KVM route is stable once the interquartile range of its runs is "
-                   f"within PCT of their median (default {KVM_TOLERANCE * 100:g}%%); otherwise "
-                   "it is flagged noisy and gets no ratio")
+                   help=f"a KVM route is stable once the 95%% confidence interval of its median "
+                   f"is within +-PCT of it (default {KVM_TOLERANCE * 100:g}%%); otherwise it "
+                   "is flagged noisy and gets no ratio")
     p.add_argument("--cpu", type=cpu_number, metavar="N",
                    help="pin the vCPU thread to CPU N while measuring on KVM")
     p.add_argument("--tolerance", type=percent_arg, default=DEFAULT_TOLERANCE, metavar="PCT",

@@ -71,7 +71,7 @@ class CompareOptions:
     kvm_target_ticks: int = KVM_TARGET_TICKS
     kvm_runs: int = KVM_RUNS  # at most, per route
     kvm_seconds: float = KVM_SECONDS  # time bound of the KVM measurement
-    kvm_tolerance: float = KVM_TOLERANCE  # the measuring rule's IQR / median bound
+    kvm_tolerance: float = KVM_TOLERANCE  # the median's 95% interval within +- this
     kvm_cpu: int | None = None  # pin the vCPU thread
     tolerance: float = DEFAULT_TOLERANCE
     verdict: bool = True
