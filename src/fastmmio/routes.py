@@ -94,6 +94,11 @@ class Route:
         return self.variant is None
 
     @property
+    def hypercall(self) -> bool:
+        """The guest access is a VMCALL (KVM's hypercall handler)."""
+        return self.access.kind is AccessKind.VMCALL
+
+    @property
     def cpl0_only(self) -> bool:
         """The guest access raises #GP above CPL0 (MOV CR8): the route cannot run at CPL3."""
         return self.access.cpl0_only
@@ -223,10 +228,17 @@ def _parse_route(raw: dict, index: int) -> Route:
         expect=expect,
         ioeventfd=ioeventfd,
         coalesced=coalesced,
-        kut=raw.get("kut"),
+        kut=raw.get("kut") or _kut_name(name),
         variant=raw.get("variant") or None,
         irqchip=_irqchip(raw.get("irqchip", False), where),
     )
+
+
+def _kut_name(route: str) -> str | None:
+    """The kvm-unit-tests name data/kut.toml maps to ``route`` today."""
+    from fastmmio.kut import load_kut_table
+
+    return load_kut_table().name_for_route(route)
 
 
 def _irqchip(value: Any, where: str) -> bool:
