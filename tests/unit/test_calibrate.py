@@ -42,6 +42,8 @@ inl_from_kernel 2339
 outl_to_kernel 1391
 wbinvd 12345
 tscdeadline_immed 9999
+vmcall (skipped)
+  ipi self_ipi 1234
 """
 
 

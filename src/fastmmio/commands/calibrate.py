@@ -149,10 +149,12 @@ def summary_lines(result) -> list[str]:
         lines.append(f"  {k} = {v:g} cycles" + (f" (base {prior:g})" if prior is not None else "")
                      + (" (at the bound 0)" if v == 0 else ""))
     if result.tied:
-        lines.append("not separable by these figures (same event vectors as fitted prices; "
-                     "held at the base profile's value):")
+        lines.append("not separable by these figures (its counts per figure are a combination "
+                     "of the fitted prices' counts; held at the base profile's value):")
         for k, with_ in result.tied.items():
-            lines.append(f"  {k}: moves with {', '.join(with_) or '(no fitted price)'}")
+            p = prof.prices[k]
+            lines.append(f"  {k} = {p.cycles:g} ({p.basis}): a combination of "
+                         f"{', '.join(with_) or '(no fitted price)'}")
     others = {k: v for k, v in result.held.items() if k not in result.tied}
     if others:
         lines.append("held:")
