@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from fastmmio.compare.core import Comparison, sim_options
-from fastmmio.costs.fit import FitResult, refit
+from fastmmio.costs.fit import FitResult, Target, fit_profile, refit, separable_prices
+from fastmmio.costs.model import CostModel
 from fastmmio.costs.profile import Profile, load_profile
 from fastmmio.errors import FastmmioError
 
@@ -226,8 +227,6 @@ def calibrate(base: Profile, figures: FigureSet, fit: Sequence[str] | None = Non
     without it, the largest set of prices the figures can separate
     (:func:`fastmmio.costs.fit.separable_prices`). Every other price keeps its value, basis
     and source from ``base``."""
-    from fastmmio.costs.fit import Target, fit_profile, separable_prices
-
     cal = figures.calibration
     if not cal.figures:
         raise FastmmioError(f"{figures.label}: no figure maps to a route: nothing to fit")
@@ -243,8 +242,6 @@ def calibrate(base: Profile, figures: FigureSet, fit: Sequence[str] | None = Non
                          notes="kvm-unit-tests names: " + ", ".join(
                              f"{f.route} = {f.kut}" for f in cal.figures))
     model_prices = dict(result.profile.prices)
-    from fastmmio.costs.model import CostModel
-
     model = CostModel(base, nested=False)
     users: dict[str, list[str]] = {}
     for t in targets:
