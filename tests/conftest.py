@@ -83,10 +83,9 @@ def guest_cpl() -> int:
 @pytest.fixture
 def skip_unsupported(kvm_device):
     """A function that skips the test, with the reason, when this host cannot run a route at
-    a CPL (fastmmio.commands.bench.unsupported_reason: a missing capability, VMCALL under
+    a CPL (fastmmio.real.host.unsupported_reason: a missing capability, VMCALL under
     PVM, a CPL0-only access at CPL3)."""
-    from fastmmio.commands.bench import unsupported_reason
-    from fastmmio.real.host import kvm_kind
+    from fastmmio.real.host import kvm_kind, unsupported_reason
     from fastmmio.real.objects import Kvm
 
     def check(route, cpl: int) -> None:

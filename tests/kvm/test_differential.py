@@ -171,9 +171,9 @@ def runs(name: str, device: str) -> tuple[Run, Run]:
 
 @functools.lru_cache(maxsize=None)
 def unsupported(name: str, device: str) -> str | None:
-    """Why this host cannot run route ``name`` (fastmmio.commands.bench.unsupported_reason:
+    """Why this host cannot run route ``name`` (fastmmio.real.host.unsupported_reason:
     a missing capability, VMCALL under PVM, a CPL0-only access at CPL3), or None."""
-    from fastmmio.commands.bench import unsupported_reason
+    from fastmmio.real.host import unsupported_reason
     from fastmmio.real.objects import Kvm
 
     info = host(device)

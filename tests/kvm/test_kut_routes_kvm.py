@@ -9,7 +9,7 @@ import pytest
 
 from fastmmio.bench import BenchOptions, measure_route
 from fastmmio.cli import main
-from fastmmio.commands.bench import unsupported_reason
+from fastmmio.real.host import unsupported_reason
 from fastmmio.real.backend import RealBackend
 from fastmmio.real.host import detect_host
 from fastmmio.real.objects import Kvm
