@@ -78,3 +78,20 @@ def guest_cpl() -> int:
     from fastmmio.real.host import detect_host
 
     return detect_host(KVM_DEVICE).guest_cpl
+
+
+@pytest.fixture
+def skip_unsupported(kvm_device):
+    """A function that skips the test, with the reason, when this host cannot run a route at
+    a CPL (fastmmio.real.host.unsupported_reason: a missing capability, VMCALL under
+    PVM, a CPL0-only access at CPL3)."""
+    from fastmmio.real.host import kvm_kind, unsupported_reason
+    from fastmmio.real.objects import Kvm
+
+    def check(route, cpl: int) -> None:
+        with Kvm(kvm_device) as kvm:
+            why = unsupported_reason(kvm, route, cpl, kvm_kind(device=kvm_device))
+        if why:
+            pytest.skip(why)
+
+    return check

@@ -155,7 +155,7 @@ _LEVEL = {"pml4e": "PML4E", "pdpte": "PDPTE", "pde": "PDE", "pte": "PTE"}
 _SERVED = {"l1": "L1D", "l2": "L2", "llc": "LLC", "mem": "memory"}
 _HANDLER = {"ept_misconfig": "handle_ept_misconfig", "ept_violation": "handle_ept_violation",
             "io": "handle_io (kvm_fast_pio)", "cpuid": "handle_cpuid (kvm_emulate_cpuid)",
-            "hlt": "handle_halt", "vmcall": "handle_vmcall"}
+            "hlt": "handle_halt", "vmcall": "kvm_emulate_hypercall"}
 _TEXT = {
     "vmentry": "VM entry: back into the guest",
     "kvm.bus.probe": "  bus: one bsearch step or device tried",

@@ -44,6 +44,10 @@ COALESCED_GPA = MMIO_BASE + 0x1000  # a separate page for the coalesced-MMIO zon
 # Port I/O
 DOORBELL_PORT = 0xE000  # like pci-testdev's I/O BAR
 COALESCED_PORT = 0xE010
+# The in-kernel PIC's edge/level control register (ELCR) of the master 8259, on KVM_PIO_BUS
+# once KVM_CREATE_IRQCHIP has made the irqchip (arch/x86/kvm/i8259.c, kvm_pic_init registers
+# 0x4d0-0x4d1); kvm-unit-tests' inl_from_kernel / outl_to_kernel access it.
+ELCR_PORT = 0x04D0
 DONE_PORT = 0x00F4  # the guest's final OUT: "batch finished, results in the mailbox"
 
 # Mailbox offsets (u64 each)

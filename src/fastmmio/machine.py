@@ -70,6 +70,8 @@ class MachineSpec:
     # Userspace device model: what a read that exits to userspace returns, by width.
     device_read_value: int = 0x1122_3344_5566_7788
     mmio_holes: tuple[tuple[int, int], ...] = field(default=())  # (gpa, size): no memslot, documented
+    # KVM_CREATE_IRQCHIP: the in-kernel PIC (KVM_PIO_BUS) and IOAPIC (KVM_MMIO_BUS)
+    irqchip: bool = False
 
 
 @dataclass(frozen=True)

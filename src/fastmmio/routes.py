@@ -35,7 +35,7 @@ _SYMBOLS = {
     name: getattr(layout, name)
     for name in (
         "DOORBELL_PORT", "COALESCED_PORT", "DOORBELL_GPA", "COALESCED_GPA", "RO_BASE",
-        "DATA_GPA", "MMIO_BASE",
+        "DATA_GPA", "MMIO_BASE", "ELCR_PORT",
     )
 }  # fmt: skip
 
@@ -86,11 +86,22 @@ class Route:
     coalesced: str | None = None  # "mmio" | "pio"
     kut: str | None = None  # kvm-unit-tests x86/vmexit.c name
     variant: str | None = None  # KVM variant needed; None = upstream KVM
+    irqchip: bool = False  # needs the in-kernel irqchip (KVM_CREATE_IRQCHIP)
 
     @property
     def upstream(self) -> bool:
         """Runs on unmodified KVM (a real host), not only under a simulated variant."""
         return self.variant is None
+
+    @property
+    def hypercall(self) -> bool:
+        """The guest access is a VMCALL (KVM's hypercall handler)."""
+        return self.access.kind is AccessKind.VMCALL
+
+    @property
+    def cpl0_only(self) -> bool:
+        """The guest access raises #GP above CPL0 (MOV CR8): the route cannot run at CPL3."""
+        return self.access.cpl0_only
 
     @property
     def target_region(self) -> str:
@@ -139,7 +150,7 @@ def _parse_route(raw: dict, index: int) -> Route:
     if not isinstance(name, str) or not name:
         raise UsageError(f"{where}: missing name")
     _check_keys(raw, {"name", "description", "kut", "access", "ioeventfd", "coalesced",
-                      "variant", "expect"}, where)
+                      "variant", "irqchip", "expect"}, where)
     if not isinstance(raw.get("access"), dict) or not isinstance(raw.get("expect"), dict):
         raise UsageError(f"{where}: needs an access table and an expect table")
 
@@ -217,9 +228,23 @@ def _parse_route(raw: dict, index: int) -> Route:
         expect=expect,
         ioeventfd=ioeventfd,
         coalesced=coalesced,
-        kut=raw.get("kut"),
+        kut=raw.get("kut") or _kut_name(name),
         variant=raw.get("variant") or None,
+        irqchip=_irqchip(raw.get("irqchip", False), where),
     )
+
+
+def _kut_name(route: str) -> str | None:
+    """The kvm-unit-tests name data/kut.toml maps to ``route`` today."""
+    from fastmmio.kut import load_kut_table
+
+    return load_kut_table().name_for_route(route)
+
+
+def _irqchip(value: Any, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise UsageError(f"{where}: irqchip must be true or false")
+    return value
 
 
 def _parse_exit(raw: Any, access: Access, where: str) -> ExitExpectation:
@@ -326,5 +351,6 @@ def build_machine(route: Route, cpl: int) -> Machine:
         done_port=layout.DONE_PORT,
         device_read_value=layout.DEVICE_READ_VALUE,
         mmio_holes=((layout.MMIO_BASE, layout.MMIO_SIZE),),
+        irqchip=route.irqchip,
     )
     return Machine(image=image, spec=spec)

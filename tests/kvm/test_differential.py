@@ -169,8 +169,23 @@ def runs(name: str, device: str) -> tuple[Run, Run]:
     return real, sim
 
 
+@functools.lru_cache(maxsize=None)
+def unsupported(name: str, device: str) -> str | None:
+    """Why this host cannot run route ``name`` (fastmmio.real.host.unsupported_reason:
+    a missing capability, VMCALL under PVM, a CPL0-only access at CPL3), or None."""
+    from fastmmio.real.host import unsupported_reason
+    from fastmmio.real.objects import Kvm
+
+    info = host(device)
+    with Kvm(device) as kvm:
+        return unsupported_reason(kvm, get_route(name), info.guest_cpl, info.kvm_kind)
+
+
 @pytest.fixture
 def pair(kvm_device, request) -> tuple[Run, Run]:
+    why = unsupported(request.param, kvm_device)
+    if why:
+        pytest.skip(why)
     return runs(request.param, kvm_device)
 
 

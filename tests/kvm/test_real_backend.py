@@ -55,11 +55,12 @@ UPSTREAM = [r.name for r in load_catalogue() if r.upstream]
 
 
 @pytest.mark.parametrize("name", UPSTREAM)
-def test_route_does_what_the_catalogue_says(kvm_device, guest_cpl, name):
+def test_route_does_what_the_catalogue_says(kvm_device, guest_cpl, skip_unsupported, name):
     """Per access: the route's eventfd signals, user exits (with the exit's kind, address,
     width, direction and data), coalesced entries, the value a read returns, and the read-only
     slot left unchanged (KVM_MEM_READONLY: a guest write exits as KVM_EXIT_MMIO)."""
     route = get_route(name)
+    skip_unsupported(route, guest_cpl)
     exp = route.expect
     with RealBackend(kvm_device).open(build_machine(route, guest_cpl)) as s:
         s.run_batch(1)

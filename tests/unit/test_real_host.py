@@ -90,3 +90,22 @@ def test_unsupported_reason_names_the_missing_capability():
                                                               get_route("coalesced-pio"))
     assert "only the simulator" in host.unsupported_reason(
         _FakeKvm(every), replace(get_route("pio-user"), variant="some-variant"))
+
+
+def test_unsupported_reason_for_the_kvm_unit_tests_routes():
+    """The in-kernel PIC needs KVM_CAP_IRQCHIP (KVM_CREATE_IRQCHIP); MOV CR8 is #GP above CPL0
+    (SDM Vol. 2B, MOV CR); under PVM a VMCALL does not reach kvm_emulate_hypercall (measured:
+    tests/kvm/test_kut_routes_kvm.py), on VMX it does."""
+    from fastmmio.real import binding as B
+    from fastmmio.routes import get_route
+
+    caps = {B.KVM_CAP_IRQCHIP}
+    pic = get_route("pio-in-kernel")
+    assert host.unsupported_reason(_FakeKvm(caps), pic, 3, "pvm") is None
+    assert host.unsupported_reason(_FakeKvm(set()), pic, 0, "vmx") == "this host's KVM lacks KVM_CAP_IRQCHIP"
+    cr8 = get_route("mov-from-cr8")
+    assert "CPL0-only" in host.unsupported_reason(_FakeKvm(caps), cr8, 3, "vmx")
+    assert host.unsupported_reason(_FakeKvm(caps), cr8, 0, "vmx") is None
+    vmcall = get_route("vmcall")
+    assert "PVM" in host.unsupported_reason(_FakeKvm(caps), vmcall, 3, "pvm")
+    assert host.unsupported_reason(_FakeKvm(caps), vmcall, 0, "vmx") is None

@@ -30,13 +30,16 @@ def test_catalogue_has_every_required_route():
 
 
 def test_kvm_unit_tests_names():
-    """x86/vmexit.c names (FACTS.md §4): the pci tests write one byte; wildcard MMIO is a
+    """kvm-unit-tests x86/vmexit.c names, as data/kut.toml maps them today: the pci tests
+    write one byte (QEMU hw/misc/pci-testdev.c, IOTEST_ACCESS_WIDTH); wildcard MMIO is a
     length-0 ioeventfd today, datamatch is length 1; PIO wildcard and datamatch length 1."""
     by_kut = {r.kut: r for r in load_catalogue() if r.kut}
     assert set(by_kut) == {
         "cpuid", "mmio-no-eventfd:pci-mem", "mmio-wildcard-eventfd:pci-mem",
         "mmio-datamatch-eventfd:pci-mem", "portio-no-eventfd:pci-io",
         "portio-wildcard-eventfd:pci-io", "portio-datamatch-eventfd:pci-io",
+        "vmcall", "mov_from_cr8", "mov_to_cr8", "inl_from_qemu", "inl_from_kernel",
+        "outl_to_kernel",
     }  # fmt: skip
     for kut, r in by_kut.items():
         if kut.endswith(("pci-mem", "pci-io")):
@@ -119,8 +122,13 @@ def test_build_machine(cpl):
 
 
 def test_every_route_builds_at_both_cpls():
+    """Except the CPL0-only ones (MOV CR8: #GP at CPL3, SDM Vol. 2B MOV CR), refused at CPL3."""
     for r in load_catalogue():
         for cpl in (0, 3):
+            if r.cpl0_only and cpl == 3:
+                with pytest.raises(UsageError, match="CPL0-only"):
+                    build_machine(r, cpl)
+                continue
             assert build_machine(r, cpl).image.program.endswith(r.access.describe())
 
 

@@ -7,4 +7,5 @@ COMMAND_MODULES = (
     "fastmmio.commands.bench",
     "fastmmio.commands.explain",
     "fastmmio.commands.sweep",
+    "fastmmio.commands.calibrate",
 )

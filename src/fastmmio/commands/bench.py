@@ -102,9 +102,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, metavar="FILE",
                    help="also write a host record and one record per route as JSON")
     p.add_argument("--format", choices=("table", "kut"), default="table",
-                   help="table (default) or kvm-unit-tests lines 'NAME CYCLES'")
+                   help="table (default) or kvm-unit-tests lines 'NAME CYCLES' (today's names, "
+                   "data/kut.toml)")
     p.add_argument("--device", default="/dev/kvm", metavar="PATH", help="KVM device (default /dev/kvm)")
-    p.add_argument("--list", action="store_true", help="list the routes and exit")
+    p.add_argument("--list", action="store_true",
+                   help="list the routes and the kvm-unit-tests name table, and exit")
     p.set_defaults(func=run)
 
 
@@ -127,26 +129,32 @@ def watchdog_seconds(args: argparse.Namespace, tsc_khz: int | None) -> float:
     return max(DEFAULT_WATCHDOG_S, 2 * need + 5)
 
 
-def _select_routes(args: argparse.Namespace, kvm) -> tuple[list[Route], list[tuple[Route, str]]]:
+def _select_routes(args: argparse.Namespace, kvm, host) -> tuple[list[Route], list[tuple[Route, str]]]:
     if args.routes:
         routes = [get_route(name) for name in args.routes]  # UsageError lists valid names
         for r in routes:
-            reason = unsupported_reason(kvm, r)
+            reason = unsupported_reason(kvm, r, host.guest_cpl, host.kvm_kind)
             if reason:
                 raise HostError(f"route {r.name}: {reason}")
         return routes, []
     chosen, skipped = [], []
     for r in load_catalogue():
-        reason = unsupported_reason(kvm, r)
+        reason = unsupported_reason(kvm, r, host.guest_cpl, host.kvm_kind)
         (skipped.append((r, reason)) if reason else chosen.append(r))
     return chosen, skipped
 
 
 def run(args: argparse.Namespace) -> int:
     if args.list:
+        from fastmmio.kut import describe_table
+
         for r in load_catalogue():
             kut = f"  [{r.kut}]" if r.kut else ""
             print(f"{r.name:22} {r.description}{kut}")
+        print()
+        print("kvm-unit-tests names (src/fastmmio/data/kut.toml; --format kut prints era current):")
+        for line in describe_table():
+            print(line)
         return 0
     # Validate route names, options and the output path before touching the device.
     for name in args.routes:
@@ -171,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cpl is None:
         print(f"fastmmio: guest CPL{host.guest_cpl}: {host.cpl_reason}", file=sys.stderr)
     with Kvm(args.device) as kvm:
-        routes, skipped = _select_routes(args, kvm)
+        routes, skipped = _select_routes(args, kvm, host)
     for r, reason in skipped:
         print(f"fastmmio: skipping {r.name}: {reason}", file=sys.stderr)
     if not routes:

@@ -1,7 +1,8 @@
 """Calibration: the simulator and a cost profile held against published cycle figures.
 
 The only published per-route figures for the doorbell routes are the six kvm-unit-tests
-pci-testdev numbers of QEMU commit 22773d60 (2013, FACTS.md section 5), taken on KVM before
+pci-testdev numbers of QEMU commit 22773d60 (2013, the commit message's example output of
+kvm-unit-tests; ``data/anchors/pci-testdev-2013.toml``), taken on KVM before
 the fast MMIO bus: the simulated ``upstream-2013`` variant, wildcard MMIO of length 1. Profile
 ``pci-testdev-2013`` is fitted to them with the simulator's own steady-state event vectors
 (:func:`simulated_events`, CPL0 as kvm-unit-tests runs): :func:`refit_profile` redoes that fit
@@ -16,19 +17,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from fastmmio.compare.core import Comparison, sim_options
-from fastmmio.costs.fit import FitResult, refit
+from fastmmio.costs.fit import FitResult, Target, fit_profile, refit, separable_prices
+from fastmmio.costs.model import CostModel
 from fastmmio.costs.profile import Profile, load_profile
 from fastmmio.errors import FastmmioError
 
 SOURCE_22773D60 = ("QEMU commit 22773d60 'pci: add pci test device' (Michael S. Tsirkin, "
-                   "2013), commit message: kvm-unit-tests pci figures in cycles "
-                   "(FACTS.md section 5)")
+                   "2013), commit message: kvm-unit-tests pci figures in cycles")
 
 
 @dataclass(frozen=True)
@@ -57,18 +58,49 @@ class Calibration:
         return sim_options(self.variant, self.caches, self.vpid, False)
 
 
+def map_figures(named: Mapping[str, float], era: str, source: str
+                ) -> tuple[tuple[Figure, ...], tuple[tuple[str, str], ...]]:
+    """kvm-unit-tests figures (name -> cycles) mapped to routes through the name table
+    (:mod:`fastmmio.kut`) in ``era``: the figures with a route, and (name, why) for the rest
+    (unknown names, tests with no route, a second name for a route already taken)."""
+    from fastmmio.kut import load_kut_table
+
+    table = load_kut_table()
+    if era not in table.eras:
+        raise FastmmioError(f"unknown era {era!r}; eras: {', '.join(table.eras)}")
+    figures: list[Figure] = []
+    unused: list[tuple[str, str]] = []
+    taken: dict[str, str] = {}
+    for name, cycles in named.items():
+        entry = table.lookup(name, era)
+        if entry is None:
+            unused.append((name, "not a kvm-unit-tests test of fastmmio's name table"))
+        elif entry.route is None:
+            unused.append((name, entry.why))
+        elif entry.route in taken:
+            unused.append((name, f"measures route {entry.route}, as {taken[entry.route]} does"))
+        else:
+            taken[entry.route] = name
+            figures.append(Figure(name, entry.route, float(cycles), source))
+    return tuple(figures), tuple(unused)
+
+
+def anchor_figures(name: str) -> tuple[Figure, ...]:
+    """The figures of the bundled anchor set ``name`` (``data/anchors``), each mapped to its
+    route through the kvm-unit-tests name table in the anchor's era (names with no route are
+    left out: :func:`map_figures` says why)."""
+    from fastmmio.kut import load_anchor
+
+    anchor = load_anchor(name)
+    figures, _unused = map_figures(anchor.figures, anchor.era, anchor.cite())
+    return figures
+
+
 PCI_TESTDEV_2013 = Calibration(
     profile="pci-testdev-2013",
     variant="upstream-2013",
-    figures=(
-        Figure("portio-no-eventfd:pci-io", "pio-user", 5287),
-        Figure("portio-wildcard-eventfd:pci-io", "pio-eventfd-len1", 1762),
-        Figure("portio-datamatch-eventfd:pci-io", "pio-datamatch", 1777),
-        Figure("mmio-no-eventfd:pci-mem", "mmio-user", 8796),
-        # wildcard MMIO was a length-1 ioeventfd in 2013 (length 0 came with f848a5a8)
-        Figure("mmio-wildcard-eventfd:pci-mem", "mmio-eventfd-len1", 3609),
-        Figure("mmio-datamatch-eventfd:pci-mem", "mmio-datamatch", 3685),
-    ),
+    # wildcard MMIO was a length-1 ioeventfd in 2013 (the name table's era pci-testdev-2013)
+    figures=anchor_figures("pci-testdev-2013"),
     note="the 2013 CPU is not named; caching taken at the SDM maximum (the six routes touch "
          "a handful of pages, so any real TLB holds them)",
 )
@@ -143,6 +175,107 @@ def refit_profile(profile: Profile | str | Path | None = None, *, write: bool = 
     comparison = Comparison(prof, iterations=iterations)
     events = simulated_events(comparison, cal)
     return refit(prof, events, events_source=events_source(cal, iterations), write=write)
+
+
+# ------------------------------------------------------------------------------------------
+# fastmmio calibrate: a profile fitted to the user's own figures
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FigureSet:
+    """Figures to calibrate against and the simulated machine they are compared with."""
+
+    label: str  # what they are, for titles: "anchor set tr-reload-2017", "vmexit.log"
+    source: str  # their citation
+    calibration: Calibration
+    unused: tuple[tuple[str, str], ...] = ()
+
+
+def figure_set_from_anchor(name: str) -> FigureSet:
+    from fastmmio.kut import load_anchor
+
+    anchor = load_anchor(name)
+    figures, unused = map_figures(anchor.figures, anchor.era, anchor.cite())
+    cal = Calibration(profile="", variant=anchor.variant, figures=figures,
+                      note=f"{anchor.description}; CPU {anchor.cpu}")
+    return FigureSet(f"anchor set {anchor.name}", anchor.cite(), cal, unused)
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What :func:`calibrate` found: the fit, the rows of the residual table, and which
+    prices were fitted, tied (not separable from fitted ones) or held."""
+
+    fit: FitResult
+    rows: tuple[CalibrationRow, ...]
+    figures: FigureSet
+    tied: dict[str, tuple[str, ...]]
+    held: dict[str, str]
+
+    @property
+    def profile(self) -> Profile:
+        return self.fit.profile
+
+
+def calibrate(base: Profile, figures: FigureSet, fit: Sequence[str] | None = None, *,
+              name: str = "calibrated", iterations: int = 32) -> Calibrated:
+    """Fit ``base``'s prices to ``figures``: simulate each figure's route on the figure set's
+    machine for its event vector, then non-negative least squares
+    (:func:`fastmmio.costs.fit.fit_profile`, relative weighting). ``fit`` names the prices
+    that may move (an under-determined choice is a :class:`~fastmmio.costs.fit.FitError`);
+    without it, the largest set of prices the figures can separate
+    (:func:`fastmmio.costs.fit.separable_prices`). Every other price keeps its value, basis
+    and source from ``base``."""
+    cal = figures.calibration
+    if not cal.figures:
+        raise FastmmioError(f"{figures.label}: no figure maps to a route: nothing to fit")
+    comparison = Comparison(base, iterations=iterations)
+    events = simulated_events(comparison, cal)
+    targets = [Target(f.route, f.cycles, events[f.route], figures.source) for f in cal.figures]
+    sep = separable_prices(base, targets, fit)
+    free = list(fit) if fit is not None else list(sep.chosen)
+    if not free:
+        raise FastmmioError(f"{figures.label}: the figures use no price that a fit may move")
+    kut_of = {f.route: f.kut for f in cal.figures}
+    result = fit_profile(base, targets, free, events_source=events_source(cal, iterations),
+                         notes="kvm-unit-tests names: " + ", ".join(
+                             f"{f.route} = {f.kut}" for f in cal.figures))
+    model_prices = dict(result.profile.prices)
+    model = CostModel(base, nested=False)
+    users: dict[str, list[str]] = {}
+    for t in targets:
+        for ev, count in t.events.items():
+            res = model.resolve(ev)
+            if count and not res.free:
+                users.setdefault(res.key, [])
+                if kut_of[t.route] not in users[res.key]:
+                    users[res.key].append(kut_of[t.route])
+    for k in free:
+        p = model_prices[k]
+        model_prices[k] = replace(p, source=(f"fitted by fastmmio calibrate to "
+                                             f"{', '.join(users.get(k, []))} ({figures.source})"))
+    held = dict(sep.held)
+    tied = {k: v for k, v in sep.tied.items() if k not in free}
+    for k in users:
+        if k in free:
+            continue
+        p = model_prices[k]
+        why = (f"not separable by these figures from {', '.join(tied[k]) or 'nothing fitted'}"
+               if k in tied else held.get(k, "not in --fit"))
+        held.setdefault(k, why)
+        model_prices[k] = replace(p, note=(p.note + " | " if p.note else "")
+                                  + f"held at {p.cycles:g} ({p.basis}) by fastmmio calibrate: {why}")
+    notes = (f"Fitted by fastmmio calibrate to {figures.label} ({figures.source}) from base "
+             f"profile {base.name}. Fitted: {', '.join(free)}. Held: "
+             + "; ".join(f"{k} ({why})" for k, why in held.items()) + ".")
+    prof = replace(result.profile, name=name, prices=model_prices, notes=notes,
+                   description=f"fitted by fastmmio calibrate to {figures.label}",
+                   cpu=cal.note or base.cpu)
+    result = replace(result, profile=prof)
+    rows = tuple(CalibrationRow(f.kut, f.route, f.cycles, r.fitted, r.percent, None, None)
+                 for f, r in zip(cal.figures, result.residuals))
+    return Calibrated(result, rows, figures, tied, held)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

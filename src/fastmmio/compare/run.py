@@ -223,7 +223,7 @@ def run_kvm(routes: tuple[Route, ...], options: CompareOptions, progress: Progre
     try:
         with Kvm(options.device) as kvm:
             for r in routes:
-                why = unsupported_reason(kvm, r)
+                why = unsupported_reason(kvm, r, host.guest_cpl, host.kvm_kind)
                 (side.skipped.append((r.name, why)) if why else chosen.append(r))
         done = [done0]
 

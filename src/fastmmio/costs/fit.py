@@ -202,6 +202,69 @@ def design(model: CostModel, targets: Sequence[Target], free: Sequence[str]
     return A, fixed
 
 
+@dataclass(frozen=True)
+class Separability:
+    """Which prices a set of targets can fit (:func:`separable_prices`)."""
+
+    chosen: tuple[str, ...]  # linearly independent count columns, largest contribution first
+    tied: dict[str, tuple[str, ...]]  # key -> chosen keys its count column is a combination of
+    held: dict[str, str]  # key -> why it is not a candidate (measured, priced at 0)
+    rank: int
+
+
+def separable_prices(profile: Profile, targets: Sequence[Target],
+                     candidates: Sequence[str] | None = None) -> Separability:
+    """The largest set of prices the targets can fit without inventing a value.
+
+    Every price the targets' events use (or ``candidates``) is taken in order of the cycles
+    it contributes to the targets at the profile's prices, largest first, and kept when its
+    count column (weighted as :func:`fit_profile` weights it, by 1/target) raises the rank
+    of the design matrix. A price that does not is *tied*: its column is a combination of
+    the kept ones (the same event vectors: e.g. the VMCS-length skip occurs exactly once per
+    exit, so no kvm-unit-tests figure tells it from the exit), and it is held. Prices whose
+    basis is ``measured`` and prices of 0 cycles are not candidates (held, with the reason).
+    """
+    model = CostModel(profile, nested=False)
+    used: dict[str, float] = {}
+    for t in targets:
+        for name, count in t.events.items():
+            res = model.resolve(name)
+            if not res.free and count:
+                used[res.key] = used.get(res.key, 0.0) + count * res.unit_cycles / t.cycles
+    held: dict[str, str] = {}
+    pool = list(candidates) if candidates is not None else list(used)
+    ranked = []
+    for k in pool:
+        p = profile.prices.get(k)
+        if p is None:
+            raise FitError(f"{k!r} is not a [price] key of profile {profile.name}")
+        if candidates is None and p.basis == "measured":
+            held[k] = f"measured ({p.cycles:g} cycles): not moved by a fit"
+        elif candidates is None and p.cycles == 0:
+            held[k] = "priced at 0 cycles"
+        else:
+            ranked.append(k)
+    ranked.sort(key=lambda k: -used.get(k, 0.0))
+    wts = np.array([1.0 / float(t.cycles) for t in targets])
+    chosen: list[str] = []
+    tied: dict[str, tuple[str, ...]] = {}
+    rank = 0
+    for k in ranked:
+        A, _ = design(model, targets, chosen + [k])
+        Aw = A * wts[:, None]
+        r = int(np.linalg.matrix_rank(Aw)) if Aw.size else 0
+        if r > rank:
+            chosen.append(k)
+            rank = r
+            continue
+        if not chosen:
+            tied[k] = ()
+            continue
+        coef = np.linalg.lstsq(Aw[:, :-1], Aw[:, -1], rcond=None)[0]
+        tied[k] = tuple(c for c, v in zip(chosen, coef) if abs(v) > 1e-9)
+    return Separability(tuple(chosen), tied, held, rank)
+
+
 def _check_inputs(profile: Profile, targets: Sequence[Target], free: Sequence[str]) -> None:
     if not targets:
         raise FitError("no targets to fit")

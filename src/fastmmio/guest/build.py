@@ -22,6 +22,10 @@ def build_image(access: Access, cpl: int, done_port: int = layout.DONE_PORT) -> 
     """
     if cpl not in (0, 3):
         raise UsageError(f"guest CPL must be 0 or 3, not {cpl}")
+    if access.cpl0_only and cpl != 0:
+        # its first iteration would raise #GP (SDM Vol. 2B, MOV CR); the simulator's unicorn
+        # runs every guest at its own CPL0 and would not, so no image is built for it
+        raise UsageError(f"{access.kind.value} is a CPL0-only access (#GP at CPL{cpl})")
     tables = build_page_tables(user=cpl == 3)
     code = doorbell_loop(access, done_port).encode(layout.CODE_GPA)
     if layout.CODE_GPA + len(code) > layout.STACK_TOP - layout.PAGE_SIZE:

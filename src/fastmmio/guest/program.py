@@ -45,7 +45,16 @@ class AccessKind(str, Enum):
     READ = "read"  # MOV bl/bx/ebx/rbx, [rsi]: memory load
     TOUCH = "touch"  # MOV [rsi], r13b/w/d/q, then RSI += 4 KiB: first-touches a new RAM page
     CPUID = "cpuid"  # CPUID leaf 0: always exits (SDM 25.1.2, unconditional VM exit)
+    VMCALL = "vmcall"  # VMCALL with RAX = 0: always exits (SDM 25.1.2); KVM's hypercall handler
+    MOV_FROM_CR8 = "mov_from_cr8"  # MOV r64, CR8: CPL0 only (#GP at CPL>0, SDM Vol. 2B MOV CR)
+    MOV_TO_CR8 = "mov_to_cr8"  # MOV CR8, r64 with 0: CPL0 only, as above
     NONE = "none"  # empty loop: the loop overhead baseline
+
+
+# Accesses a guest can only make at CPL0: MOV to or from a control register raises #GP(0) at
+# any other privilege level (SDM Vol. 2B, "MOV - Move to/from Control Registers", protected-
+# and 64-bit-mode exceptions: "If the current privilege level is not 0").
+CPL0_ONLY = frozenset({AccessKind.MOV_FROM_CR8, AccessKind.MOV_TO_CR8})
 
 
 PORT_WIDTHS = (1, 2, 4)
@@ -95,9 +104,14 @@ class Access:
     def is_memory(self) -> bool:
         return self.kind in (AccessKind.WRITE, AccessKind.READ, AccessKind.TOUCH)
 
+    @property
+    def cpl0_only(self) -> bool:
+        """The access raises #GP at CPL > 0 (:data:`CPL0_ONLY`)."""
+        return self.kind in CPL0_ONLY
+
     def describe(self) -> str:
         """Short stable text, e.g. ``write:1@0x400000=0x0`` or ``cpuid``."""
-        if self.kind in (AccessKind.CPUID, AccessKind.NONE):
+        if not (self.is_pio or self.is_memory):
             return self.kind.value
         s = f"{self.kind.value}:{self.width}@{self.target:#x}"
         return s if self.is_read else f"{s}={self.value:#x}"
@@ -142,6 +156,16 @@ def emit_access(asm: Asm, access: Access) -> None:
         asm.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.EAX, Register.EAX))
         asm.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.ECX, Register.ECX))
         asm.emit(Instruction.create(Code.CPUID))
+    elif k is AccessKind.VMCALL:
+        # kvm-unit-tests' vmcall test: RAX = 0 (no such hypercall: KVM answers -KVM_ENOSYS,
+        # or -KVM_EPERM when the guest is not at CPL0) and RBX, RCX, RDX as outputs
+        asm.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.EAX, Register.EAX))
+        asm.emit(Instruction.create(Code.VMCALL))
+    elif k is AccessKind.MOV_FROM_CR8:
+        asm.emit(Instruction.create_reg_reg(Code.MOV_R64_CR, Register.RAX, Register.CR8))
+    elif k is AccessKind.MOV_TO_CR8:
+        asm.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.EAX, Register.EAX))
+        asm.emit(Instruction.create_reg_reg(Code.MOV_CR_R64, Register.CR8, Register.RAX))
     elif k is AccessKind.NONE:
         pass
 

@@ -101,6 +101,8 @@ class RealSession:
         kvm.require(B.KVM_CAP_USER_MEMORY, "guest memory")
         kvm.require(B.KVM_CAP_IMMEDIATE_EXIT, "the watchdog and register updates after an exit")
         self.vm = vm = kvm.create_vm()
+        if spec.irqchip:
+            vm.create_irqchip()  # before the vCPU, as KVM requires
         for ms in spec.memslots:
             vm.add_memslot(ms.slot, ms.gpa, ms.size, readonly=ms.readonly, fill=ms.fill)
         for region in image.regions:

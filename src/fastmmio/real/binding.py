@@ -455,6 +455,7 @@ KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, kvm_cpuid2)
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
 KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
+KVM_CREATE_IRQCHIP = _IO(KVMIO, 0x60)
 KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, u64)
 KVM_REGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x67, kvm_coalesced_mmio_zone)
 KVM_UNREGISTER_COALESCED_MMIO = _IOW(KVMIO, 0x68, kvm_coalesced_mmio_zone)
@@ -599,6 +600,12 @@ def create_vcpu(vm_fd: int, vcpu_id: int) -> int:
 
 def set_user_memory_region(vm_fd: int, region: kvm_userspace_memory_region) -> None:
     ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, region)
+
+
+def create_irqchip(vm_fd: int) -> None:
+    """KVM_CREATE_IRQCHIP (KVM_CAP_IRQCHIP): the in-kernel PIC, IOAPIC and local APICs; before
+    any vCPU is created."""
+    ioctl(vm_fd, KVM_CREATE_IRQCHIP)
 
 
 def set_tss_addr(vm_fd: int, addr: int) -> None:

@@ -117,14 +117,30 @@ def detect_host(device: str = "/dev/kvm", cpl: int | None = None) -> HostInfo:
     )
 
 
-def unsupported_reason(kvm: "Kvm", route: "Route") -> str | None:
-    """Why this host's KVM cannot run ``route`` (a missing capability, or a KVM variant only
-    the simulator has), or None. ``kvm``: an open :class:`fastmmio.real.objects.Kvm`."""
+def unsupported_reason(kvm: "Kvm", route: "Route", cpl: int | None = None,
+                       kind: str | None = None) -> str | None:
+    """Why this host's KVM cannot run ``route`` (a missing capability, a KVM variant only the
+    simulator has, or an access the guest's CPL or the KVM kind cannot make), or None.
+    ``kvm``: an open :class:`fastmmio.real.objects.Kvm`; ``cpl`` and ``kind`` (``pvm``,
+    ``vmx``, ``svm``) default to this host's (:func:`kvm_kind`, :func:`choose_cpl`)."""
     from fastmmio.real import binding as B
 
     if route.variant is not None:
         return f"needs the KVM variant {route.variant!r}: only the simulator runs it"
+    kind = kind if kind is not None else kvm_kind()
+    cpl = cpl if cpl is not None else choose_cpl(kind)[0]
+    if route.cpl0_only and cpl != 0:
+        return (f"{route.access.kind.value} raises #GP above CPL0 (SDM Vol. 2B, MOV CR) and "
+                f"the guest runs at CPL{cpl} here: a CPL0-only test")
+    if route.hypercall and kind == "pvm":
+        # measured on this project's PVM hosts: a CPL3 VMCALL ends in KVM_EXIT_SHUTDOWN
+        # (tests/kvm/test_kut_routes_kvm.py), one in emulated CPL0 code never returns
+        return ("under PVM a VMCALL is no VM exit to KVM's hypercall handler: at CPL3 it "
+                "raises #UD in the guest (KVM_EXIT_SHUTDOWN without a handler), and in "
+                "emulated CPL0 code it never returns from KVM_RUN")
     needs: list[tuple[int, ...]] = []
+    if route.irqchip:
+        needs.append((B.KVM_CAP_IRQCHIP,))
     if route.target_region == "ro-slot":
         needs.append((B.KVM_CAP_READONLY_MEM,))
     if route.ioeventfd is not None:

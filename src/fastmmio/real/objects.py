@@ -422,6 +422,18 @@ class Vm:
         B.unregister_coalesced_mmio(self.fd, zone)
         self.coalesced = [z for z in self.coalesced if (z.addr, z.size, z.pio) != (addr, size, pio)]
 
+    # in-kernel irqchip ---------------------------------------------------------------------
+
+    def create_irqchip(self) -> None:
+        """KVM_CREATE_IRQCHIP (needs KVM_CAP_IRQCHIP, and no vCPU yet): the in-kernel PIC
+        (on KVM_PIO_BUS at 0x20, 0xa0 and 0x4d0), IOAPIC and local APICs."""
+        self._check_open()
+        self.kvm.require(B.KVM_CAP_IRQCHIP, "the in-kernel irqchip")
+        try:
+            B.create_irqchip(self.fd)
+        except OSError as exc:
+            raise HostError(f"KVM_CREATE_IRQCHIP refused ({B.errno_name(exc.errno or 0)})") from None
+
     # stats, vCPUs --------------------------------------------------------------------------
 
     def stats(self) -> KvmStats | None:

@@ -135,6 +135,7 @@ class SimSession:
                                   variant=options.variant, mmio_caching=options.mmio_caching,
                                   ad_enabled=options.ept_ad)
         self.vcpu = self.vm.create_vcpu(self.processor, nested=options.nested,
+                                        irqchip_in_kernel=spec.irqchip,
                                         userspace=self._userspace, cpuid=DEFAULT_CPUID)
         self.processor.set_eptp(self.vm.mmu.eptp)
         self.processor.load_guest_state(cr0=boot.cr0, cr3=boot.cr3, cr4=boot.cr4,

@@ -16,6 +16,13 @@ What becomes a VM exit, and how it is delivered to the hypervisor model (``handl
   ``handler.ept_exit``; the handler may change registers (skip, emulate) before re-entry;
 * ``IN``/``OUT`` (I/O instruction, reason 30) and ``CPUID`` (10): hooked where they execute,
   handled inline, and the guest continues (KVM's fast PIO and CPUID paths re-enter at once);
+* ``VMCALL`` (18): unconditional in VMX non-root operation at any CPL (SDM 25.1.2); unicorn
+  has no VMX and refuses it as an invalid instruction, which stops it on the VMCALL: that
+  stop is the exit (``handler.vmcall_exit``), with instruction length 3;
+* ``MOV`` to or from ``CR8`` causes no exit: KVM runs its guests with the TPR shadow ("use TPR
+  shadow", SDM 25.1.3), under which MOV from CR8 reads the virtual TPR and MOV to CR8 writes
+  it (SDM 29.3), exiting only when the new value drops below the TPR threshold (which is 0
+  when no interrupt is pending, as here); unicorn executes them itself;
 * a guest exception (#PF, #GP, #UD, ...): the guest image installs no handlers, so delivery
   fails into a triple fault, as on the real KVM here: the CPU stops with ``shutdown``.
 
@@ -43,7 +50,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from iced_x86 import Decoder, Instruction, MemorySizeExt, OpKind, Register, RegisterExt
+from iced_x86 import Code, Decoder, Instruction, MemorySizeExt, OpKind, Register, RegisterExt
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_INSN,
@@ -53,6 +60,7 @@ from unicorn import (
     UC_PROT_EXEC,
     UC_PROT_READ,
     UC_PROT_WRITE,
+    UC_ERR_INSN_INVALID,
     UC_TLB_VIRTUAL,
     Uc,
     UcError,
@@ -69,6 +77,7 @@ from fastmmio.image import BootState
 from fastmmio.sim.vmx.exits import (
     EXIT_CPUID,
     EXIT_IO_INSTRUCTION,
+    EXIT_VMCALL,
     ExitInfo,
     io_qualification,
 )
@@ -120,6 +129,8 @@ class ExitHandler(Protocol):
     def cpuid_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
 
     def ept_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
+
+    def vmcall_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool: ...
 
 
 class _Deadline:
@@ -315,6 +326,8 @@ class GuestCpu:
                     continue
                 if self._pending_exception is not None:
                     return self._set_stop("shutdown", self._pending_exception)
+                if exc.errno == UC_ERR_INSN_INVALID and self._vmcall_exit():
+                    continue
                 return self._set_stop("shutdown", f"unicorn: {exc}")
             if self._hook_error is not None:
                 err, self._hook_error = self._hook_error, None
@@ -352,6 +365,24 @@ class GuestCpu:
             self._set_stop("handler", info.name)
             return
         self._vmentry()
+
+    def _vmcall_exit(self) -> bool:
+        """The VM exit of a VMCALL unicorn refused (SDM 25.1.2); False when the invalid
+        instruction at RIP is not a VMCALL (then it is the guest's #UD)."""
+        regs, before = self._exit_regs()
+        insn = self._decode_at(regs["rip"])
+        if insn is None or insn.code != Code.VMCALL:
+            return False
+        info = ExitInfo(EXIT_VMCALL, instruction_length=insn.len)
+        self.processor.vmexit(info)
+        go_on = self.handler.vmcall_exit(info, regs)
+        self._write_back(before, regs)
+        if not go_on:
+            self.flush_tlb()
+            self._set_stop("handler", info.name)
+            return True
+        self._vmentry()
+        return True
 
     def _insn_length(self, rip: int) -> int | None:
         """The VM-exit instruction length the processor writes. It comes from the processor's

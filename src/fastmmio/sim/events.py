@@ -31,7 +31,8 @@ Processor (sim/vmx):
     vmentry                     VM entries (the other half of each exit's round trip)
 
 KVM (sim/kvm):
-    kvm.handler.<name>          exit handler invoked: ept_violation, ept_misconfig, io, cpuid, hlt
+    kvm.handler.<name>          exit handler invoked: ept_violation, ept_misconfig, io, cpuid, hlt,
+                                vmcall
     kvm.mmu.page_fault          kvm_mmu_page_fault entered
     kvm.mmu.fast_page_fault     fast_page_fault attempted; .fixed when it resolved the fault
     kvm.mmu.slow_path           the slow path ran (memslot look-up, pfn, map)

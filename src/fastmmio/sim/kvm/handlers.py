@@ -60,6 +60,7 @@ from fastmmio.sim.vmx.exits import (
     EXIT_EPT_VIOLATION,
     EXIT_HLT,
     EXIT_IO_INSTRUCTION,
+    EXIT_VMCALL,
     ExitInfo,
 )
 from fastmmio.sim.vmx.layouts import (
@@ -71,6 +72,8 @@ from fastmmio.sim.vmx.layouts import (
 )
 
 _M64 = (1 << 64) - 1
+KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
+KVM_EPERM = 1  # EPERM, as kvm_para.h defines KVM_EPERM
 _WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
 _REG_KEYS = frozenset(RegisterFile.KEYS)  # (a set: tested for every register at every exit)
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
@@ -142,12 +145,15 @@ class KvmVcpu:
     def cpuid_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
         return self._run_handler(info, regs, lambda i: self.handle_cpuid(i))
 
+    def vmcall_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
+        return self._run_handler(info, regs, lambda i: self.handle_vmcall(i))
+
     def handle_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
         """Dispatch any modelled exit by basic reason (``kvm_vmx_exit_handlers``)."""
         handlers = {EXIT_EPT_VIOLATION: self.handle_ept_violation,
                     EXIT_EPT_MISCONFIG: self.handle_ept_misconfig,
                     EXIT_IO_INSTRUCTION: self.handle_io, EXIT_CPUID: self.handle_cpuid,
-                    EXIT_HLT: self.handle_hlt}
+                    EXIT_HLT: self.handle_hlt, EXIT_VMCALL: self.handle_vmcall}
         h = handlers.get(info.reason)
         if h is None:
             return self._run_handler(info, regs, self._unhandled)
@@ -270,6 +276,21 @@ class KvmVcpu:
         leaf, sub = self.regs["rax"] & 0xFFFF_FFFF, self.regs["rcx"] & 0xFFFF_FFFF
         eax, ebx, ecx, edx = self.cpuid.get((leaf, sub), self.cpuid.get((leaf, 0), (0, 0, 0, 0)))
         self.regs.update(rax=eax, rbx=ebx, rcx=ecx, rdx=edx)
+        return self.skip_emulated_instruction(info)
+
+    def handle_vmcall(self, info: ExitInfo) -> bool:
+        """``kvm_emulate_hypercall`` (arch/x86/kvm/x86.c): the hypercall number in RAX; a
+        guest not at CPL0 gets ``-KVM_EPERM``; a number KVM does not know ``-KVM_ENOSYS``
+        (include/uapi/linux/kvm_para.h); the result goes to RAX, then the skip. Only the
+        unknown-number path is modelled (kvm-unit-tests' vmcall test calls number 0)."""
+        self.events["kvm.handler.vmcall"] += 1
+        if self.regs["cpl"] != 0:
+            ret = -KVM_EPERM
+            self.step("hypercall:eperm")
+        else:
+            ret = -KVM_ENOSYS
+            self.step(f"hypercall:{self.regs['rax'] & 0xFFFF_FFFF_FFFF_FFFF:#x}:enosys")
+        self.regs["rax"] = ret & _M64
         return self.skip_emulated_instruction(info)
 
     def handle_hlt(self, info: ExitInfo) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from fastmmio.errors import FastmmioError
 from fastmmio.image import GuestImage
 from fastmmio.machine import IoEventFdSpec, MachineSpec, MemSlot
 from fastmmio.sim.kvm.coalesced import CoalescedMmioDev, CoalescedRing, register_coalesced_zone
@@ -54,6 +55,7 @@ class KvmVm:
                           mmio_caching=mmio_caching, ad_enabled=ad_enabled,
                           slot_zap_all=slot_zap_all, maxphyaddr=self.memory.maxphyaddr,
                           mmio_info=self.mmio_info)
+        self.pic: Any = None  # the in-kernel PIC after create_irqchip()
         self.vcpu: Any = None
         self.running_vcpu: Any = None  # the vCPU whose exit is being handled (for MMU hooks)
         self.variant.configure(self)
@@ -90,6 +92,17 @@ class KvmVm:
         self.coalesced_zones.append(dev)
         return dev
 
+    def create_irqchip(self):
+        """``KVM_CREATE_IRQCHIP``: the in-kernel PIC on ``KVM_PIO_BUS``
+        (:mod:`fastmmio.sim.kvm.irqchip`)."""
+        from fastmmio.sim.kvm.irqchip import KvmPic
+
+        if self.pic is not None:
+            raise FastmmioError("KVM_CREATE_IRQCHIP: EEXIST (the VM already has an in-kernel "
+                                "irqchip)")
+        self.pic = KvmPic(self.buses)
+        return self.pic
+
     # -- construction -----------------------------------------------------------------------
 
     @classmethod
@@ -97,6 +110,8 @@ class KvmVm:
         """A VM with the spec's memslots, ioeventfds and coalesced zones, and the image's
         regions copied into guest memory (as a VMM writes them through its mappings)."""
         vm = cls(**kw)
+        if spec.irqchip:
+            vm.create_irqchip()
         for s in spec.memslots:
             vm.add_memslot(s)
         for ev in spec.ioeventfds:
