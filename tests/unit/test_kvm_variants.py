@@ -139,3 +139,37 @@ def test_rfc_skip_needs_the_instruction_length():
     up = MachineRun(build_machine(get_route("mmio-eventfd-len0"), 0), n=N, nested=True,
                     fill_instruction_length=False)
     assert up.vm.eventfd_counts()["doorbell"] == N and up.ev["kvm.skip.decode"] == N - 1
+
+
+# -- the emulator's operand address: the faulting-GPA shortcut is a property of the variant --
+
+def _emulated_walks(variant: str) -> tuple[int, int]:
+    """(software walks, entry reads) per emulated doorbell write of mmio-eventfd-len4."""
+    run = MachineRun(build_machine(get_route("mmio-eventfd-len4"), 0), variant=variant, n=N)
+    emulated = run.ev["kvm.emulate"]
+    assert emulated >= N - 1
+    return run.ev["kvm.emulate.walk"] / emulated, run.ev["kvm.emulate.walk.ref"] / emulated
+
+
+@pytest.mark.parametrize("name,shortcut", [
+    ("upstream", True), ("upstream-2013", False), ("rfc-2015", False),
+    ("rfc-2015-fixed", False), ("bad-page", False), ("reserved-write-mostly", False)])
+def test_only_todays_kvm_has_the_faulting_gpa_shortcut(name, shortcut):
+    """``vcpu->arch.gpa_available`` came with "kvm: svm: Use the hardware provided GPA instead
+    of page walk" (Tom Lendacky, first posted 22 Aug 2016, SEV RFC patch 03/28): after the
+    2015 thread (Linux 4.2) and long after 2013. Only today's KVM uses it."""
+    assert get_variant(name).emulator_gpa_available is shortcut
+
+
+def test_2013_emulator_walks_the_guest_tables_for_the_operand():
+    """KVM of 2013 (emulator_read_write_onepage -> vcpu_mmio_gva_to_gpa; the MMIO gva cache
+    holds gva 0 under TDP, handle_mmio_page_fault's ``if (direct) addr = 0``, so it never
+    matches): every emulated MMIO write walks the guest's 4-level tables twice, once for the
+    instruction fetch and once for the operand, 4 entry reads each."""
+    assert _emulated_walks("upstream-2013") == (2, 8)
+
+
+def test_todays_emulator_uses_the_faulting_gpa_for_the_operand():
+    """Today (EMULTYPE_PF, ctxt->gpa_available): the operand's GPA is the EPT exit's, so the
+    only software walk is the instruction fetch's (4 entry reads)."""
+    assert _emulated_walks("upstream") == (1, 4)

@@ -122,7 +122,8 @@ class KvmVcpu:
                                       maxphyaddr=vm.memory.maxphyaddr)
         self.emulator = X86Emulator(self.regs, vm.guest_memory, self.walker, vm.buses,
                                     vm.mmio_info, self.events,
-                                    exit_on_emulation_error=exit_on_emulation_error)
+                                    exit_on_emulation_error=exit_on_emulation_error,
+                                    gpa_available=vm.variant.emulator_gpa_available)
         self.current_exit: ExitInfo | None = None
         self.last_exit: ExitRecord | None = None  # the last exit to userspace
         self.last_emulation: EmulationResult | None = None

@@ -7,11 +7,12 @@ Each variant changes KVM in one or two places; everything else is the model of u
     KVM before 68c3b4d1 and f848a5a8 (2014): no ``KVM_FAST_MMIO_BUS``, so
     ``handle_ept_misconfig`` goes straight to ``kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)`` and
     the emulator; no length-0 ioeventfds (``KVM_CAP_IOEVENTFD_NO_LENGTH`` did not exist:
-    ``kvm_assign_ioeventfd`` accepted only 1, 2, 4, 8).
+    ``kvm_assign_ioeventfd`` accepted only 1, 2, 4, 8); the emulator walks the guest's page
+    tables in software for its operand (no "GPA available" shortcut, see below).
 ``upstream``
     Today's KVM: ``handle_ept_misconfig`` first writes length 0 on ``KVM_FAST_MMIO_BUS`` and on
     a hit skips the instruction without decoding it (68c3b4d1); length-0 MMIO ioeventfds are
-    on that bus too.
+    on that bus too; the emulator takes its operand's GPA from the fault (``EMULTYPE_PF``).
 ``rfc-2015``
     [PATCH RFC 1/3] as posted: at the top of ``handle_ept_violation``, a length-0
     ``KVM_FAST_MMIO_BUS`` write for *every* EPT violation, read accesses included; on a hit
@@ -33,6 +34,19 @@ Each variant changes KVM in one or two places; everything else is the model of u
     of a read-only one, so writes take the EPT-misconfiguration fast path. Consequences the
     model shows: a read of the doorbell address also hits the fast bus (signal + skip), and
     other reads of the page are emulated as MMIO (the per-vCPU MMIO info names the gfn).
+
+The emulator's operand address (:attr:`Variant.emulator_gpa_available`): today's
+``emulator_read_write_onepage`` uses the faulting GPA of a TDP fault when the page offset
+matches and walks the guest's page tables otherwise. That shortcut did not exist in 2013 or in
+Aug 2015: it came with Tom Lendacky's "kvm: svm: Use the hardware provided GPA instead of page
+walk", first posted on 22 Aug 2016 (patch 03/28 of the AMD SEV RFC, Message-ID
+<147190824754.9523.13923968456167130181.stgit@brijesh-build-machine>), which introduced
+``vcpu->arch.gpa_available``, for SVM NPF only; VMX set it later and it moved into
+``x86_emulate_ctxt`` (today ``EMULTYPE_PF``). Before it, ``vcpu_mmio_gva_to_gpa`` always
+translated the operand: its per-vCPU MMIO gva cache is filled with gva 0 under TDP
+(``handle_mmio_page_fault`` sets ``addr = 0`` when ``direct``), so it never matches and the
+guest's tables are walked in software. ``upstream-2013`` and the four 2015 variants (written
+against Linux 4.2, Aug 2015) therefore walk; only ``upstream`` (today) uses the GPA.
 
 The skips of the RFC-style variants happen on EPT-violation exits, where
 ``skip_emulated_instruction`` uses the VM-exit instruction length even when KVM runs nested
@@ -72,6 +86,10 @@ class Variant:
     fast_mmio_on_misconfig = True
     ioeventfd_no_length = True  # KVM_CAP_IOEVENTFD_NO_LENGTH (f848a5a8)
     ioeventfd_pf_cap = False  # KVM_CAP_IOEVENTFD_PF (RFC patch 3/3)
+    #: the emulator uses the faulting GPA for its operand instead of walking the guest's
+    #: tables (``gpa_available``, first posted Aug 2016: not in the 2013 or 2015 kernels)
+    emulator_gpa_available = True
+    kernel = "today's Linux"  # the kernel the variant is modelled on
 
     def configure(self, vm: "VariantVm") -> None:
         """Install MMU hooks on a new VM."""
@@ -90,12 +108,22 @@ class Upstream2013(Variant):
     summary = "KVM before the fast MMIO bus: EPT misconfiguration always emulates"
     fast_mmio_on_misconfig = False
     ioeventfd_no_length = False
+    emulator_gpa_available = False
+    kernel = "Linux 3.x (2013), before 68c3b4d1 and f848a5a8"
 
 
-class Rfc2015(Variant):
+class Variant2015(Variant):
+    """The base of the 2015 thread's proposals: Linux 4.2 (Aug 2015), i.e. today's model less
+    the emulator's faulting-GPA shortcut, which came a year later."""
+
+    emulator_gpa_available = False
+    kernel = "Linux 4.2 (Aug 2015)"
+    ioeventfd_pf_cap = True
+
+
+class Rfc2015(Variant2015):
     name = "rfc-2015"
     summary = "RFC 1/3 as posted: fast-bus write at the top of every EPT violation"
-    ioeventfd_pf_cap = True
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         gpa = info.guest_physical_address or 0
@@ -105,10 +133,9 @@ class Rfc2015(Variant):
         return None
 
 
-class Rfc2015Fixed(Variant):
+class Rfc2015Fixed(Variant2015):
     name = "rfc-2015-fixed"
     summary = "RFC with a read-only SPTE installed and the bus write for writes only"
-    ioeventfd_pf_cap = True
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         if not info.qualification & QUAL_WRITE:
@@ -122,10 +149,9 @@ class Rfc2015Fixed(Variant):
         return vcpu.skip_emulated_instruction(info)
 
 
-class BadPage(Variant):
+class BadPage(Variant2015):
     name = "bad-page"
     summary = "fast-bus write in the read-only-write (bad page) path, after fast_page_fault"
-    ioeventfd_pf_cap = True
 
     def configure(self, vm: "VariantVm") -> None:
         vm.mmu.ro_write_fault_hook = lambda gpa: self._hook(vm, gpa)
@@ -142,10 +168,9 @@ class BadPage(Variant):
         return True
 
 
-class ReservedWriteMostly(Variant):
+class ReservedWriteMostly(Variant2015):
     name = "reserved-write-mostly"
     summary = "MMIO-style (misconfigured) SPTE for a read-only page carrying a length-0 ioeventfd"
-    ioeventfd_pf_cap = True
 
     def configure(self, vm: "VariantVm") -> None:
         def write_mostly(gfn: int) -> bool:
