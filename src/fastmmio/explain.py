@@ -158,6 +158,7 @@ _HANDLER = {"ept_misconfig": "handle_ept_misconfig", "ept_violation": "handle_ep
             "hlt": "handle_halt", "vmcall": "handle_vmcall"}
 _TEXT = {
     "vmentry": "VM entry: back into the guest",
+    "kvm.handler.ept_violation.prelude": "KVM: handle_ept_violation up to the RFC's early return",
     "kvm.bus.probe": "  bus: one bsearch step or device tried",
     "kvm.eventfd.signal": "ioeventfd matched: eventfd_signal",
     "kvm.emulate": "x86 emulator: x86_emulate_insn executes it",

@@ -173,3 +173,40 @@ def test_todays_emulator_uses_the_faulting_gpa_for_the_operand():
     """Today (EMULTYPE_PF, ctxt->gpa_available): the operand's GPA is the EPT exit's, so the
     only software walk is the instruction fetch's (4 entry reads)."""
     assert _emulated_walks("upstream") == (1, 4)
+
+
+@pytest.mark.parametrize("variant", ["rfc-2015", "rfc-2015-fixed"])
+def test_rfc_early_return_is_charged_the_prelude_not_the_whole_handler(variant):
+    """RFC 1/3 (Aug 2015) writes the fast bus right after handle_ept_violation reads the GPA and
+    returns on a hit, before the error code and kvm_mmu_page_fault: each hit counts
+    kvm.handler.ept_violation.prelude and not kvm.handler.ept_violation; every other EPT
+    violation (demand faults of the code, stack and mailbox pages; the fixed RFC's read fault
+    that maps the page) counts the whole handler once and no prelude."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant=variant, n=N)
+    hits = run.vm.eventfd_counts()["doorbell"]
+    assert hits == N
+    violations = run.exits_by_reason()["EPT_VIOLATION"]
+    assert run.ev["kvm.handler.ept_violation.prelude"] == hits
+    assert run.ev["kvm.handler.ept_violation"] == violations - hits
+    assert run.ev["kvm.handler.ept_violation"] == run.ev["kvm.mmu.page_fault"]
+
+
+def test_upstream_never_charges_the_prelude():
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="upstream", n=N)
+    assert run.ev["kvm.handler.ept_violation.prelude"] == 0
+    assert run.ev["kvm.handler.ept_violation"] == run.exits_by_reason()["EPT_VIOLATION"]
+
+
+@pytest.mark.parametrize("profile", ["skylake-sp", "pci-testdev-2013"])
+def test_the_prelude_has_its_own_price_basis_and_source(profile):
+    """The prelude is priced by its own key (not by kvm.handler.ept_violation's fallback), with
+    a basis and a source in both bundled profiles."""
+    from fastmmio.costs import load_profile
+    from fastmmio.costs.model import CostModel
+
+    prof = load_profile(profile)
+    price = prof.prices["kvm.handler.ept_violation.prelude"]
+    assert price.basis and price.source and price.component == "handler"
+    assert price.cycles < prof.prices["kvm.handler.ept_violation"].cycles
+    r = CostModel(prof).resolve("kvm.handler.ept_violation.prelude")
+    assert r.key == "kvm.handler.ept_violation.prelude" and r.unit_cycles == price.cycles

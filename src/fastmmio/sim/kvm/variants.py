@@ -78,6 +78,13 @@ class VariantVm(Protocol):
     running_vcpu: Any  # KvmVcpu | None
 
 
+#: what ``handle_ept_violation`` runs before an RFC-style early return: the VMREADs of the exit
+#: qualification and the guest-physical address, the NMI-unblocking check and the return (the
+#: bus write is priced as ``kvm.bus.*``, the skip as ``kvm.skip.*``). The error code and the
+#: MMU work that ``kvm.handler.ept_violation`` stands for are not done, so it is not charged.
+PRELUDE_EVENT = "kvm.handler.ept_violation.prelude"
+
+
 class Variant:
     """Upstream KVM; subclasses override the hooks they change."""
 
@@ -96,7 +103,8 @@ class Variant:
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         """Run at the top of ``handle_ept_violation``; a bool ends the handler with that
-        result, None goes on to ``kvm_mmu_page_fault``."""
+        result (the hook counts :data:`PRELUDE_EVENT` for the part of the handler that ran),
+        None goes on to the whole handler and ``kvm_mmu_page_fault``."""
         return None
 
     def __repr__(self) -> str:
@@ -129,6 +137,7 @@ class Rfc2015(Variant2015):
         gpa = info.guest_physical_address or 0
         vcpu.step("rfc-2015:fast_mmio_bus")
         if vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            vcpu.events[PRELUDE_EVENT] += 1
             return vcpu.skip_emulated_instruction(info)
         return None
 
@@ -144,6 +153,7 @@ class Rfc2015Fixed(Variant2015):
         vcpu.step("rfc-2015-fixed:fast_mmio_bus")
         if not vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
             return None
+        vcpu.events[PRELUDE_EVENT] += 1
         r = vcpu.vm.mmu.map_readonly_page(gpa)
         vcpu.step(f"rfc-2015-fixed:map_readonly:{r.name}")
         return vcpu.skip_emulated_instruction(info)
