@@ -44,6 +44,7 @@ from fastmmio.costs import CostModel, Pricing
 from fastmmio.errors import FastmmioError, IoEventFdError, UsageError
 from fastmmio.routes import Route, build_machine, get_route
 from fastmmio.sim.backend import SimBackend, SimOptions, SimSession
+from fastmmio.sim.kvm.variants import get_variant
 from fastmmio.sim.vmx.exits import EXIT_EPT_MISCONFIG, EXIT_EPT_VIOLATION, ExitInfo
 
 DEFAULT_PROFILE = "skylake-sp"
@@ -275,6 +276,7 @@ class Explanation:
     steps: list[Step]
     events: dict[str, int]  # the notification's event vector
     pricing: Pricing
+    kvm_rules: str = ""  # the variant's kernel, ioeventfd rules and emulator operand address
 
     @property
     def total_cycles(self) -> float:
@@ -297,6 +299,7 @@ class Explanation:
             "breakdown": dict(self.pricing.breakdown),
             "events": dict(self.events),
             "steps": [asdict(s) for s in self.steps],
+            "kvm_rules": self.kvm_rules,
         }
 
 
@@ -521,4 +524,5 @@ def explain(route: Route | str, options: ExplainOptions = ExplainOptions()) -> E
         steps=steps,
         events=dict(events),
         pricing=pricing,
+        kvm_rules=get_variant(options.sim.variant).rules(),
     )

@@ -35,6 +35,14 @@ Each variant changes KVM in one or two places; everything else is the model of u
     model shows: a read of the doorbell address also hits the fast bus (signal + skip), and
     other reads of the page are emulated as MMIO (the per-vCPU MMIO info names the gfn).
 
+ioeventfd registration (:attr:`Variant.ioeventfd_rules`) follows the kernel each variant is
+modelled on: ``upstream-2013`` has no length 0 at all; the 2015 variants have Linux 4.2's
+``kvm_assign_ioeventfd``, where length 0 was refused for PIO as for DATAMATCH (the any-length
+PIO ioeventfd and the two-device registration on the MMIO buses came with Jason Wang's
+changes in Linux 4.4) and a length-0 MMIO ioeventfd was one device on both MMIO buses; no
+catalogue route registers a length-0 PIO ioeventfd, and one device on two buses is looked up
+and signalled as two devices are, so their routes run as under today's rules.
+
 The emulator's operand address (:attr:`Variant.emulator_gpa_available`): today's
 ``emulator_read_write_onepage`` uses the faulting GPA of a TDP fault when the page offset
 matches and walks the guest's page tables otherwise. That shortcut did not exist in 2013 or in
@@ -96,7 +104,19 @@ class Variant:
     #: the emulator uses the faulting GPA for its operand instead of walking the guest's
     #: tables (``gpa_available``, first posted Aug 2016: not in the 2013 or 2015 kernels)
     emulator_gpa_available = True
+    ioeventfd_pio_no_length = True  # length-0 PIO ioeventfds (Linux 4.4)
     kernel = "today's Linux"  # the kernel the variant is modelled on
+    ioeventfd_rules = ("Linux 4.4 onward: lengths 0, 1, 2, 4, 8; length 0 with DATAMATCH "
+                       "EINVAL; a length-0 MMIO ioeventfd on KVM_MMIO_BUS and "
+                       "KVM_FAST_MMIO_BUS, a length-0 PIO one on KVM_PIO_BUS only")
+
+    def rules(self) -> str:
+        """One line for reports: the kernel modelled, its ioeventfd rules, its emulator's
+        operand address."""
+        operand = ("the faulting GPA" if self.emulator_gpa_available
+                   else "a software walk of the guest's tables (no gpa_available)")
+        return (f"KVM model {self.name}: {self.kernel}; ioeventfd rules: {self.ioeventfd_rules}; "
+                f"emulator operand address: {operand}")
 
     def configure(self, vm: "VariantVm") -> None:
         """Install MMU hooks on a new VM."""
@@ -117,7 +137,9 @@ class Upstream2013(Variant):
     fast_mmio_on_misconfig = False
     ioeventfd_no_length = False
     emulator_gpa_available = False
+    ioeventfd_pio_no_length = False
     kernel = "Linux 3.x (2013), before 68c3b4d1 and f848a5a8"
+    ioeventfd_rules = "before f848a5a8 (2014): lengths 1, 2, 4, 8 only; length 0 is EINVAL"
 
 
 class Variant2015(Variant):
@@ -127,6 +149,13 @@ class Variant2015(Variant):
     emulator_gpa_available = False
     kernel = "Linux 4.2 (Aug 2015)"
     ioeventfd_pf_cap = True
+    # virt/kvm/eventfd.c from f848a5a8 (2014) to Linux 4.3: length 0 refused with PIO as with DATAMATCH
+    ioeventfd_pio_no_length = False
+    ioeventfd_rules = ("Linux 4.2 (f848a5a8 to 4.3): lengths 0, 1, 2, 4, 8; length 0 with "
+                       "DATAMATCH or with PIO EINVAL; a length-0 MMIO ioeventfd is one device "
+                       "on KVM_MMIO_BUS and KVM_FAST_MMIO_BUS (today: two devices, the same "
+                       "look-ups and signals); no route registers a length-0 PIO one, so the "
+                       "routes' results are those of today's rules")
 
 
 class Rfc2015(Variant2015):
