@@ -144,7 +144,8 @@ class Upstream2013(Variant):
 
 class Variant2015(Variant):
     """The base of the 2015 thread's proposals: Linux 4.2 (Aug 2015), i.e. today's model less
-    the emulator's faulting-GPA shortcut, which came a year later."""
+    the emulator's faulting-GPA shortcut (posted a year later) and with 4.2's ioeventfd
+    registration rules (length-0 PIO refused; see the module docstring)."""
 
     emulator_gpa_available = False
     kernel = "Linux 4.2 (Aug 2015)"
