@@ -44,6 +44,7 @@ from fastmmio.costs import CostModel, Pricing
 from fastmmio.errors import FastmmioError, IoEventFdError, UsageError
 from fastmmio.routes import Route, build_machine, get_route
 from fastmmio.sim.backend import SimBackend, SimOptions, SimSession
+from fastmmio.sim.kvm.variants import get_variant
 from fastmmio.sim.vmx.exits import EXIT_EPT_MISCONFIG, EXIT_EPT_VIOLATION, ExitInfo
 
 DEFAULT_PROFILE = "skylake-sp"
@@ -158,6 +159,7 @@ _HANDLER = {"ept_misconfig": "handle_ept_misconfig", "ept_violation": "handle_ep
             "hlt": "handle_halt", "vmcall": "kvm_emulate_hypercall"}
 _TEXT = {
     "vmentry": "VM entry: back into the guest",
+    "kvm.handler.ept_violation.prelude": "KVM: handle_ept_violation up to the RFC's early return",
     "kvm.bus.probe": "  bus: one bsearch step or device tried",
     "kvm.eventfd.signal": "ioeventfd matched: eventfd_signal",
     "kvm.emulate": "x86 emulator: x86_emulate_insn executes it",
@@ -274,6 +276,7 @@ class Explanation:
     steps: list[Step]
     events: dict[str, int]  # the notification's event vector
     pricing: Pricing
+    kvm_rules: str = ""  # the variant's kernel, ioeventfd rules and emulator operand address
 
     @property
     def total_cycles(self) -> float:
@@ -296,6 +299,7 @@ class Explanation:
             "breakdown": dict(self.pricing.breakdown),
             "events": dict(self.events),
             "steps": [asdict(s) for s in self.steps],
+            "kvm_rules": self.kvm_rules,
         }
 
 
@@ -520,4 +524,5 @@ def explain(route: Route | str, options: ExplainOptions = ExplainOptions()) -> E
         steps=steps,
         events=dict(events),
         pricing=pricing,
+        kvm_rules=get_variant(options.sim.variant).rules(),
     )

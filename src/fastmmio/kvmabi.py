@@ -9,7 +9,9 @@ so that a rule corrected here is corrected for all three.
 * ``kvm_assign_ioeventfd`` refuses, in this order: a length other than 0, 1, 2, 4 or 8
   (EINVAL; 0 only with ``KVM_CAP_IOEVENTFD_NO_LENGTH``, commit f848a5a8, Linux 3.18); an
   ``addr + len`` that wraps past 2**64 (EINVAL); a flag outside
-  ``KVM_IOEVENTFD_VALID_FLAG_MASK`` (EINVAL); length 0 with DATAMATCH (EINVAL).
+  ``KVM_IOEVENTFD_VALID_FLAG_MASK`` (EINVAL); length 0 with DATAMATCH (EINVAL); before
+  Linux 4.4 (``KVM_CAP_IOEVENTFD_ANY_LENGTH``, Jason Wang) also length 0 with PIO: the check
+  from f848a5a8 to Linux 4.3 was ``!len && flags & (PIO | DATAMATCH)``.
 * ``ioeventfd_check_collision``: an ioeventfd collides (EEXIST) with one on the same bus and
   address when either has length 0, or when both have the same length and either is a
   wildcard or both match the same datamatch value.
@@ -43,6 +45,8 @@ RULE_LENGTH_NO_LENGTH_CAP = "length must be 1, 2, 4 or 8 (kvm_assign_ioeventfd; 
 RULE_WRAP = "address + length wraps around the end of the address space (kvm_assign_ioeventfd)"
 RULE_FLAGS = "unknown flag bits (kvm_assign_ioeventfd: KVM_IOEVENTFD_VALID_FLAG_MASK)"
 RULE_LEN0_DATAMATCH = "length 0 (any width) cannot be combined with DATAMATCH (kvm_assign_ioeventfd)"
+RULE_LEN0_PIO = ("length 0 (any width) cannot be combined with PIO (kvm_assign_ioeventfd before "
+                 "Linux 4.4: no KVM_CAP_IOEVENTFD_ANY_LENGTH)")
 RULE_DUPLICATE = "an identical ioeventfd is already registered (ioeventfd_check_collision)"
 RULE_DATAMATCH_ON_WILDCARD = (
     "a DATAMATCH ioeventfd on the address of a wildcard one with the same length collides "
@@ -89,11 +93,13 @@ def ioeventfd_bus_from_flags(flags: int) -> str:
     return KVM_MMIO_BUS
 
 
-def assign_check(addr: int, length: int, flags: int, *, no_length: bool = True) -> tuple[str, str] | None:
+def assign_check(addr: int, length: int, flags: int, *, no_length: bool = True,
+                 pio_no_length: bool = True) -> tuple[str, str] | None:
     """``kvm_assign_ioeventfd``'s argument checks, in the kernel's order: ``(errno name, rule
     with the offending value)`` for the first one broken, or None when the arguments pass
     (the collision check comes after, see :func:`collides`). ``no_length``: the kernel has
-    ``KVM_CAP_IOEVENTFD_NO_LENGTH``."""
+    ``KVM_CAP_IOEVENTFD_NO_LENGTH``; ``pio_no_length``: it has
+    ``KVM_CAP_IOEVENTFD_ANY_LENGTH`` (Linux 4.4), so a length-0 PIO ioeventfd is accepted."""
     if length not in (IOEVENTFD_LENGTHS if no_length else IOEVENTFD_LENGTHS_WITHOUT_NO_LENGTH):
         return "EINVAL", f"{RULE_LENGTH if no_length else RULE_LENGTH_NO_LENGTH_CAP}; got {length}"
     if addr + length > U64_MAX:
@@ -102,6 +108,8 @@ def assign_check(addr: int, length: int, flags: int, *, no_length: bool = True) 
         return "EINVAL", f"{RULE_FLAGS}; flags {flags:#x}"
     if length == 0 and flags & KVM_IOEVENTFD_FLAG_DATAMATCH:
         return "EINVAL", RULE_LEN0_DATAMATCH
+    if length == 0 and flags & KVM_IOEVENTFD_FLAG_PIO and not pio_no_length:
+        return "EINVAL", RULE_LEN0_PIO
     return None
 
 

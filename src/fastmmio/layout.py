@@ -9,6 +9,12 @@ two-dimensional walk of any of them is the SDM's full 24 references.
     0x0000_0000-0x001F_FFFF      slot 0, RAM    page tables, GDT/TSS, code, stack, mailbox, data
     0x0020_0000-0x0020_FFFF      slot 1, RO     KVM_MEM_READONLY memory, filled with RO_PATTERN
     0x0040_0000-0x0040_FFFF      (none)         MMIO hole: doorbells live here
+    0x0041_0000-0x0041_0FFF      slot 2, RAM    only for routes with ``neighbour_ram``: RAM in
+                                                the doorbell's 2 MiB region, stored to by the
+                                                guest before each timed batch
+
+The MMIO hole is alone in its 2 MiB region (0x0040_0000-0x005F_FFFF) unless slot 2 is there:
+then KVM's EPT has a page table under that region's PDE (the RAM page's SPTE lives in it).
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ MMIO_BASE = 0x0040_0000
 MMIO_SIZE = 0x0001_0000
 DOORBELL_GPA = MMIO_BASE  # the notify register, like pci-testdev's BAR
 COALESCED_GPA = MMIO_BASE + 0x1000  # a separate page for the coalesced-MMIO zone
+
+# slot 2 (routes with neighbour_ram only): RAM sharing the MMIO hole's 2 MiB region
+NEIGHBOUR_RAM_SLOT = 2
+NEIGHBOUR_RAM_GPA = MMIO_BASE + MMIO_SIZE
+NEIGHBOUR_RAM_SIZE = PAGE_SIZE
 
 # Port I/O
 DOORBELL_PORT = 0xE000  # like pci-testdev's I/O BAR

@@ -87,6 +87,9 @@ class Route:
     kut: str | None = None  # kvm-unit-tests x86/vmexit.c name
     variant: str | None = None  # KVM variant needed; None = upstream KVM
     irqchip: bool = False  # needs the in-kernel irqchip (KVM_CREATE_IRQCHIP)
+    # RAM (slot 2) shares the MMIO hole's 2 MiB region, and the guest stores to it before
+    # every batch: the EPT then has a page table under the doorbell's PDE
+    neighbour_ram: bool = False
 
     @property
     def upstream(self) -> bool:
@@ -150,7 +153,7 @@ def _parse_route(raw: dict, index: int) -> Route:
     if not isinstance(name, str) or not name:
         raise UsageError(f"{where}: missing name")
     _check_keys(raw, {"name", "description", "kut", "access", "ioeventfd", "coalesced",
-                      "variant", "irqchip", "expect"}, where)
+                      "variant", "irqchip", "expect", "neighbour_ram"}, where)
     if not isinstance(raw.get("access"), dict) or not isinstance(raw.get("expect"), dict):
         raise UsageError(f"{where}: needs an access table and an expect table")
 
@@ -221,9 +224,16 @@ def _parse_route(raw: dict, index: int) -> Route:
         raise UsageError(f"{where}.expect: eventfd signals expected but no ioeventfd")
     if (expect.user_exits or expect.coalesced) and exit_exp is None:
         raise UsageError(f"{where}.expect: user exits expected: say which kind (exit = ...)")
+    neighbour_ram = raw.get("neighbour_ram", False)
+    if not isinstance(neighbour_ram, bool):
+        raise UsageError(f"{where}: neighbour_ram must be true or false")
+    if neighbour_ram and not (access.is_memory and layout.MMIO_BASE <= access.target
+                              < layout.MMIO_BASE + layout.MMIO_SIZE):
+        raise UsageError(f"{where}: neighbour_ram needs an access to the MMIO hole")
     return Route(
         name=name,
         description=str(raw.get("description", "")),
+        neighbour_ram=neighbour_ram,
         access=access,
         expect=expect,
         ioeventfd=ioeventfd,
@@ -318,7 +328,8 @@ def build_machine(route: Route, cpl: int) -> Machine:
     """The guest image for ``route`` at ``cpl`` and what surrounds it: the RAM slot, the
     read-only slot (filled with RO_PATTERN), the MMIO hole, the route's ioeventfd and
     coalesced zone."""
-    image = build_image(route.access, cpl)
+    touch = (layout.NEIGHBOUR_RAM_GPA,) if route.neighbour_ram else ()
+    image = build_image(route.access, cpl, touch=touch)
     ioeventfds: tuple[IoEventFdSpec, ...] = ()
     if route.ioeventfd is not None:
         e = route.ioeventfd
@@ -340,12 +351,14 @@ def build_machine(route: Route, cpl: int) -> Machine:
                 pio=route.coalesced == "pio",
             ),
         )
+    neighbour = ((MemSlot(layout.NEIGHBOUR_RAM_SLOT, layout.NEIGHBOUR_RAM_GPA,
+                          layout.NEIGHBOUR_RAM_SIZE),) if route.neighbour_ram else ())
     spec = MachineSpec(
         memslots=(
             MemSlot(layout.RAM_SLOT, layout.RAM_BASE, layout.RAM_SIZE),
             MemSlot(layout.RO_SLOT, layout.RO_BASE, layout.RO_SIZE, readonly=True,
                     fill=layout.RO_PATTERN),
-        ),
+        ) + neighbour,
         ioeventfds=ioeventfds,
         coalesced=coalesced,
         done_port=layout.DONE_PORT,

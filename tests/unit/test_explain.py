@@ -182,16 +182,17 @@ def test_without_caches_the_doorbell_write_walks_24_references():
     4-level EPT makes (4+1)(4+1)-1 = 24 references; with no translation caches and VPID off
     every doorbell write walks them all before the EPT misconfiguration, in order: for each
     guest level the 4 EPT references of its GPA then the guest entry, then the EPT walk of the
-    final GPA."""
+    final GPA. With no TLB the instruction's own fetch is such a walk too, made first: 48
+    references before the exit."""
     e = explain("mmio-eventfd-len0", _opts(caches="none", vpid=False))
     names = e.event_names
     refs = [n for n in names[: names.index("exit.EPT_MISCONFIG")] if n.startswith("walk.ref.")]
-    assert len(refs) == 24
+    assert len(refs) == 2 * 24
     ept = [f"walk.ref.ept.{lvl}" for lvl in PAGING_LEVELS]
     expected = []
     for lvl in PAGING_LEVELS:
         expected += ept + [f"walk.ref.guest.{lvl}"]
-    assert refs == expected + ept
+    assert refs == 2 * (expected + ept)
     ref_rows = [s for s in e.steps if s.event and s.event.startswith("walk.ref.")]
     assert all(s.detail.startswith("HPA 0x") for s in ref_rows)
 
@@ -267,3 +268,39 @@ def test_cli_errors_are_one_line_and_status_2(argv, message, capsys):
     assert message in err
     assert len(err.strip().splitlines()) == 1
     assert "Traceback" not in err
+
+
+def test_cli_says_which_kernel_rules_the_variant_uses(capsys):
+    """explain names the variant's kernel, its ioeventfd registration rules and why they do not
+    change the 2015 variants' routes."""
+    assert main(["explain", "pio-eventfd-len1", "--variant", "rfc-2015"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Linux 4.2 (Aug 2015)" in out and "length 0 with DATAMATCH or with PIO EINVAL" in out
+    assert "no route registers a length-0 PIO one" in out
+
+
+def _walk_refs(route: str, variant: str) -> list[str]:
+    e = explain(route, _opts(variant=variant))
+    return [n for n in e.event_names if n.startswith("walk.ref.")]
+
+
+def test_rfc_doorbell_walk_stops_at_the_pde_only_when_alone_in_its_2mib_region():
+    """The RFC as posted never installs an SPTE for the doorbell page, and the EPT violation
+    invalidates the cached translations of the doorbell's walk (SDM 28.3.3.1), so every
+    write walks again: the 4 guest entries, then the EPT from the top (SDM 28.2.2). When the
+    doorbell is alone in its 2 MiB region the EPT PDE is not present (KVM built no page table
+    there) and the walk stops at it: 4 + 3 = 7 references. When RAM the guest uses shares the
+    region, the PDE points to a page table and the walk reads the (not-present) PTE too:
+    4 + 4 = 8."""
+    guest = [f"walk.ref.guest.{lvl}" for lvl in PAGING_LEVELS]
+    ept = [f"walk.ref.ept.{lvl}" for lvl in PAGING_LEVELS]
+    assert _walk_refs("mmio-eventfd-len0", "rfc-2015") == guest + ept[:3]
+    assert _walk_refs("mmio-eventfd-len0-ram-2m", "rfc-2015") == guest + ept
+
+
+def test_upstream_doorbell_walk_does_not_depend_on_the_2mib_neighbourhood():
+    """Upstream installs an MMIO SPTE (in a page table of its own), and the misconfiguration
+    does not invalidate the paging-structure caches, so both layouts walk the same 2
+    references (the guest PTE and the EPT PTE below the cached PDEs)."""
+    for route in ("mmio-eventfd-len0", "mmio-eventfd-len0-ram-2m"):
+        assert _walk_refs(route, "upstream") == ["walk.ref.guest.pte", "walk.ref.ept.pte"]

@@ -49,14 +49,15 @@ def test_every_region_page_is_identity_mapped(cpl):
             assert w.user == (cpl == 3)
             assert all(bool(e & paging.PTE_US) == (cpl == 3) for e in w.entries)
         count += 1
-    assert count == (layout.RAM_SIZE + layout.RO_SIZE + layout.MMIO_SIZE) // layout.PAGE_SIZE - 1
+    assert count == (layout.RAM_SIZE + layout.RO_SIZE + layout.MMIO_SIZE
+                     + layout.NEIGHBOUR_RAM_SIZE) // layout.PAGE_SIZE - 1
 
 
 def test_unmapped_addresses_do_not_translate():
     image = build_image(Access(AccessKind.NONE), 3)
     read = guest_memory(image)
     for addr in (0, 0xFFF, layout.RO_BASE + layout.RO_SIZE, layout.MMIO_BASE - 1,
-                 layout.MMIO_BASE + layout.MMIO_SIZE, 1 << 30, 1 << 39):
+                 layout.NEIGHBOUR_RAM_GPA + layout.NEIGHBOUR_RAM_SIZE, 1 << 30, 1 << 39):
         assert paging.walk(read, image.boot.cr3, addr) is None, hex(addr)
 
 

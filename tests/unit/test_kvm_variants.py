@@ -139,3 +139,123 @@ def test_rfc_skip_needs_the_instruction_length():
     up = MachineRun(build_machine(get_route("mmio-eventfd-len0"), 0), n=N, nested=True,
                     fill_instruction_length=False)
     assert up.vm.eventfd_counts()["doorbell"] == N and up.ev["kvm.skip.decode"] == N - 1
+
+
+# -- the emulator's operand address: the faulting-GPA shortcut is a property of the variant --
+
+def _emulated_walks(variant: str) -> tuple[int, int]:
+    """(software walks, entry reads) per emulated doorbell write of mmio-eventfd-len4."""
+    run = MachineRun(build_machine(get_route("mmio-eventfd-len4"), 0), variant=variant, n=N)
+    emulated = run.ev["kvm.emulate"]
+    assert emulated >= N - 1
+    return run.ev["kvm.emulate.walk"] / emulated, run.ev["kvm.emulate.walk.ref"] / emulated
+
+
+@pytest.mark.parametrize("name,shortcut", [
+    ("upstream", True), ("upstream-2013", False), ("rfc-2015", False),
+    ("rfc-2015-fixed", False), ("bad-page", False), ("reserved-write-mostly", False)])
+def test_only_todays_kvm_has_the_faulting_gpa_shortcut(name, shortcut):
+    """``vcpu->arch.gpa_available`` came with "kvm: svm: Use the hardware provided GPA instead
+    of page walk" (Tom Lendacky, first posted 22 Aug 2016, SEV RFC patch 03/28): after the
+    2015 thread (Linux 4.2) and long after 2013. Only today's KVM uses it."""
+    assert get_variant(name).emulator_gpa_available is shortcut
+
+
+def test_2013_emulator_walks_the_guest_tables_for_the_operand():
+    """KVM of 2013 (emulator_read_write_onepage -> vcpu_mmio_gva_to_gpa; the MMIO gva cache
+    holds gva 0 under TDP, handle_mmio_page_fault's ``if (direct) addr = 0``, so it never
+    matches): every emulated MMIO write walks the guest's 4-level tables twice, once for the
+    instruction fetch and once for the operand, 4 entry reads each."""
+    assert _emulated_walks("upstream-2013") == (2, 8)
+
+
+def test_todays_emulator_uses_the_faulting_gpa_for_the_operand():
+    """Today (EMULTYPE_PF, ctxt->gpa_available): the operand's GPA is the EPT exit's, so the
+    only software walk is the instruction fetch's (4 entry reads)."""
+    assert _emulated_walks("upstream") == (1, 4)
+
+
+@pytest.mark.parametrize("variant", ["rfc-2015", "rfc-2015-fixed"])
+def test_rfc_early_return_is_charged_the_prelude_not_the_whole_handler(variant):
+    """RFC 1/3 (Aug 2015) writes the fast bus right after handle_ept_violation reads the GPA and
+    returns on a hit, before the error code and kvm_mmu_page_fault: each hit counts
+    kvm.handler.ept_violation.prelude and not kvm.handler.ept_violation; every other EPT
+    violation (demand faults of the code, stack and mailbox pages; the fixed RFC's read fault
+    that maps the page) counts the whole handler once and no prelude."""
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant=variant, n=N)
+    hits = run.vm.eventfd_counts()["doorbell"]
+    assert hits == N
+    violations = run.exits_by_reason()["EPT_VIOLATION"]
+    assert run.ev["kvm.handler.ept_violation.prelude"] == hits
+    assert run.ev["kvm.handler.ept_violation"] == violations - hits
+    assert run.ev["kvm.handler.ept_violation"] == run.ev["kvm.mmu.page_fault"]
+
+
+def test_upstream_never_charges_the_prelude():
+    run = MachineRun(ro_machine(AccessKind.WRITE, 1), variant="upstream", n=N)
+    assert run.ev["kvm.handler.ept_violation.prelude"] == 0
+    assert run.ev["kvm.handler.ept_violation"] == run.exits_by_reason()["EPT_VIOLATION"]
+
+
+@pytest.mark.parametrize("profile", ["skylake-sp", "pci-testdev-2013"])
+def test_the_prelude_has_its_own_price_basis_and_source(profile):
+    """The prelude is priced by its own key (not by kvm.handler.ept_violation's fallback), with
+    a basis and a source in both bundled profiles."""
+    from fastmmio.costs import load_profile
+    from fastmmio.costs.model import CostModel
+
+    prof = load_profile(profile)
+    price = prof.prices["kvm.handler.ept_violation.prelude"]
+    assert price.basis and price.source and price.component == "handler"
+    assert price.cycles < prof.prices["kvm.handler.ept_violation"].cycles
+    r = CostModel(prof).resolve("kvm.handler.ept_violation.prelude")
+    assert r.key == "kvm.handler.ept_violation.prelude" and r.unit_cycles == price.cycles
+
+
+# -- ioeventfd registration: the rules of the kernel each variant was written against -------
+
+@pytest.mark.parametrize("name,mmio0,pio0", [
+    ("upstream-2013", "EINVAL", "EINVAL"),  # before f848a5a8: lengths 1, 2, 4, 8 only
+    ("rfc-2015", None, "EINVAL"),  # Linux 4.2: !len && flags & (PIO | DATAMATCH) is EINVAL
+    ("rfc-2015-fixed", None, "EINVAL"),
+    ("bad-page", None, "EINVAL"),
+    ("reserved-write-mostly", None, "EINVAL"),
+    ("upstream", None, None),  # Linux 4.4 onward: length-0 PIO on KVM_PIO_BUS only
+])
+def test_length_0_registration_follows_the_variants_kernel(name, mmio0, pio0):
+    """virt/kvm/eventfd.c ``kvm_assign_ioeventfd``: in Linux 3.16 to 4.3 (so in 4.2, which the
+    2015 thread patched) length 0 was refused together with PIO as with DATAMATCH, and a
+    length-0 MMIO ioeventfd went on KVM_MMIO_BUS and KVM_FAST_MMIO_BUS; Linux 4.4 accepted a
+    length-0 PIO one (KVM_PIO_BUS only); KVM of 2013 knew no length 0."""
+    from fastmmio.sim.kvm.eventfd import EventFd
+    from fastmmio.sim.kvm.iobus import KvmBus
+    from fastmmio.sim.kvm.vm import KvmVm
+
+    for pio, expected in ((False, mmio0), (True, pio0)):
+        vm = KvmVm(variant=name)
+        addr = 0x510 if pio else 0xFE00_0000
+        if expected is None:
+            vm.ioeventfds.assign(EventFd(), addr, 0, pio=pio)
+            assert vm.buses.write(KvmBus.KVM_PIO_BUS if pio else KvmBus.KVM_FAST_MMIO_BUS,
+                                  addr, 1 if pio else 0, 0)
+            assert vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, addr, 0, None) is (not pio)
+        else:
+            with pytest.raises(IoEventFdError) as e:
+                vm.ioeventfds.assign(EventFd(), addr, 0, pio=pio)
+            assert e.value.errno_name == expected
+
+
+def test_no_catalogue_route_registers_a_length_0_pio_ioeventfd():
+    """Why the 2015 variants' older rules change no route's result (their docstring and
+    ``explain`` say so): the only rule they do not share with today's is length-0 PIO."""
+    from fastmmio.routes import load_catalogue
+
+    for route in load_catalogue():
+        m = build_machine(route, 0)
+        assert not any(s.pio and s.length == 0 for s in m.spec.ioeventfds), route.name
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_every_variant_says_which_kernel_and_rules_it_models(name):
+    text = get_variant(name).rules()
+    assert name in text and "ioeventfd rules" in text and "emulator operand address" in text

@@ -184,3 +184,32 @@ def test_duplicate_and_bad_toml():
         parse_catalogue('[[route]]\nname = "y"\naccess = { kind = "mwait" }\nexpect = {}\n')
     with pytest.raises(UsageError, match="cannot read"):
         load_catalogue("/nonexistent/routes.toml")
+
+
+def test_neighbour_ram_puts_a_ram_slot_in_the_doorbells_2mib_region():
+    """mmio-eventfd-len0-ram-2m: slot 2 is RAM in the MMIO hole's 2 MiB region and the guest
+    stores to it before every batch; other routes have no slot 2."""
+    from fastmmio import layout
+    from fastmmio.routes import build_machine, get_route
+
+    m = build_machine(get_route("mmio-eventfd-len0-ram-2m"), 0)
+    slot = {s.slot: s for s in m.spec.memslots}[layout.NEIGHBOUR_RAM_SLOT]
+    assert slot.gpa >> 21 == layout.DOORBELL_GPA >> 21 and not slot.readonly
+    assert f"touch@{layout.NEIGHBOUR_RAM_GPA:#x}+" in m.image.program
+    plain = build_machine(get_route("mmio-eventfd-len0"), 0)
+    assert layout.NEIGHBOUR_RAM_SLOT not in {s.slot for s in plain.spec.memslots}
+
+
+@pytest.mark.parametrize("extra,msg", [
+    ('neighbour_ram = "yes"', "true or false"),
+    ("neighbour_ram = true", "MMIO hole"),
+])
+def test_neighbour_ram_errors(extra, msg):
+    text = f'''[[route]]
+name = "x"
+access = {{ kind = "write", width = 1, target = "RO_BASE", value = 0 }}
+{extra}
+expect = {{ eventfd = 0, user_exits = 0 }}
+'''
+    with pytest.raises(UsageError, match=msg):
+        parse_catalogue(text)

@@ -86,3 +86,50 @@ def test_close_runs_uc_close_at_once():
     assert finalizer.alive
     s.close()
     assert not finalizer.alive
+
+
+# -- caches "none": every access walks, instruction fetches included ----------------------
+#
+# Hand count (SDM 4.5 and 28.2.2, no TLB and no paging-structure cache of either kind): one
+# translation of a linear address reads the 4 guest entries (PML4E, PDPTE, PDE, PTE), and each
+# of their guest-physical addresses is first translated through the 4 EPT levels, then the
+# final guest-physical address through 4 more: 4 x (4 + 1) + 4 = 24 references.
+REFS_PER_TRANSLATION = 4 * (4 + 1) + 4
+
+
+def _refs_per_notification(route: str, caches: str) -> float:
+    """Walk references per notification: the difference of two steady-state batches, so that
+    the batch's own set-up instructions cancel."""
+    s = SimBackend(SimOptions(caches=caches)).open(build_machine(get_route(route), 0))
+    s.run_batch(4)
+
+    def refs(n):
+        ev = s.run_batch(n).events
+        return (sum(v for k, v in ev.items() if k.startswith("walk.ref.")),
+                ev.get("guest.insn", 0))
+
+    (r8, i8), (r24, i24) = refs(8), refs(24)
+    s.close()
+    return (r24 - r8) / 16, (i24 - i8) / 16
+
+
+@pytest.mark.parametrize("route,insns,data", [
+    ("empty", 2, 0),  # dec, jne
+    ("ram-write", 3, 1),  # mov [ram], dec, jne: one data write, no exit
+    ("pio-eventfd-len1", 3, 0),  # out (no memory operand), dec, jne
+    ("mmio-eventfd-len0", 3, 1),  # mov [doorbell] (walked to the EPT misconfiguration), dec, jne
+])
+def test_no_caching_walks_every_fetch_and_every_data_access(route, insns, data):
+    """With ``--caches none`` each instruction's fetch is a full walk, and so is each data
+    access, also between exits (unicorn's own TLB must not stand in for a combined TLB the
+    configuration does not have)."""
+    refs, executed = _refs_per_notification(route, "none")
+    assert executed == insns
+    assert refs == REFS_PER_TRANSLATION * (insns + data)
+
+
+@pytest.mark.parametrize("route", ["empty", "ram-write", "pio-eventfd-len1"])
+def test_with_a_tlb_nothing_is_walked_between_exits(route):
+    """The same loops under SDM-maximal caching: every translation hits (unchanged by the
+    per-instruction walking of ``none``)."""
+    assert _refs_per_notification(route, "sdm-max")[0] == 0

@@ -113,4 +113,5 @@ def run(args: argparse.Namespace) -> int:
     out = term if term.is_terminal else Console(width=160)
     out.print(explanation_table(e))
     out.print(breakdown_line(e))
+    out.print(e.kvm_rules)
     return 0

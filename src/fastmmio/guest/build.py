@@ -13,7 +13,8 @@ from fastmmio.guest.program import Access, doorbell_loop
 MAILBOX_SIZE = 0x40  # the five u64 fields of layout.MAILBOX_*, rounded up
 
 
-def build_image(access: Access, cpl: int, done_port: int = layout.DONE_PORT) -> GuestImage:
+def build_image(access: Access, cpl: int, done_port: int = layout.DONE_PORT,
+                touch: tuple[int, ...] = ()) -> GuestImage:
     """The doorbell-loop guest for ``access`` at ``cpl`` (0 or 3).
 
     Regions: the paging structures at ``PML4_GPA`` (U bit at every level when ``cpl`` is 3),
@@ -27,7 +28,7 @@ def build_image(access: Access, cpl: int, done_port: int = layout.DONE_PORT) -> 
         # runs every guest at its own CPL0 and would not, so no image is built for it
         raise UsageError(f"{access.kind.value} is a CPL0-only access (#GP at CPL{cpl})")
     tables = build_page_tables(user=cpl == 3)
-    code = doorbell_loop(access, done_port).encode(layout.CODE_GPA)
+    code = doorbell_loop(access, done_port, touch).encode(layout.CODE_GPA)
     if layout.CODE_GPA + len(code) > layout.STACK_TOP - layout.PAGE_SIZE:
         raise UsageError("guest code too large for its area")
     regions = (
@@ -41,7 +42,8 @@ def build_image(access: Access, cpl: int, done_port: int = layout.DONE_PORT) -> 
     return GuestImage(
         regions=regions,
         boot=boot,
-        program=f"doorbell-loop:{access.describe()}",
+        program="doorbell-loop:" + "".join(f"touch@{a:#x}+" for a in touch)
+        + access.describe(),
         code_gpa=layout.CODE_GPA,
         code_size=len(code),
     )

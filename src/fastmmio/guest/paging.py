@@ -49,11 +49,13 @@ class MappedRange:
 
 def default_ranges() -> tuple[MappedRange, ...]:
     """Every region of :mod:`fastmmio.layout`: the RAM slot (minus page 0), the read-only
-    slot and the MMIO hole (uncached, as an OS maps device memory with ioremap)."""
+    slot, the MMIO hole (uncached, as an OS maps device memory with ioremap) and the RAM page
+    next to it (backed only for routes with ``neighbour_ram``)."""
     return (
         MappedRange(layout.RAM_BASE + layout.PAGE_SIZE, layout.RAM_SIZE - layout.PAGE_SIZE, "ram"),
         MappedRange(layout.RO_BASE, layout.RO_SIZE, "ro-slot"),
         MappedRange(layout.MMIO_BASE, layout.MMIO_SIZE, "mmio-hole", uncached=True),
+        MappedRange(layout.NEIGHBOUR_RAM_GPA, layout.NEIGHBOUR_RAM_SIZE, "neighbour-ram"),
     )
 
 

@@ -9,6 +9,7 @@ with the access inlined, and talks to the host through the mailbox page
 
     top:  r12 <- [mailbox+ITERATIONS]            ; N, written by the host before each batch
           rsi <- target address, r13 <- value, ebx <- 0
+          [touch] <- 0                           ; (only when given: RAM the OS uses)
           rdtsc ; r14 <- edx:eax                 ; T0
           dx <- port, eax <- value               ; (port I/O only: RDTSC clobbers both)
           r15 <- N ; if 0 skip
@@ -177,8 +178,11 @@ def _rdtsc_into_rax(asm: Asm) -> None:
     asm.emit(Instruction.create_reg_reg(Code.OR_R64_RM64, Register.RAX, Register.RDX))
 
 
-def doorbell_loop(access: Access, done_port: int = layout.DONE_PORT) -> Asm:
-    """The timed loop described in the module docstring, as an :class:`Asm` block."""
+def doorbell_loop(access: Access, done_port: int = layout.DONE_PORT,
+                  touch: tuple[int, ...] = ()) -> Asm:
+    """The timed loop described in the module docstring, as an :class:`Asm` block. ``touch``:
+    addresses the guest stores a zero byte to at the top of every batch, before the first
+    RDTSC (so outside the timed region), as a running OS keeps using its RAM."""
     if not 0 <= done_port <= 0xFF:
         raise UsageError(f"done port {done_port:#x} must fit OUT imm8")
     a = Asm()
@@ -191,6 +195,9 @@ def doorbell_loop(access: Access, done_port: int = layout.DONE_PORT) -> Asm:
         a.emit(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.RSI, access.target))
         a.emit(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.R13, access.value))
     a.emit(Instruction.create_reg_reg(Code.XOR_R32_RM32, Register.EBX, Register.EBX))
+    for addr in touch:
+        a.emit(Instruction.create_reg_u64(Code.MOV_R64_IMM64, Register.R8, addr))
+        a.emit(Instruction.create_mem_u32(Code.MOV_RM8_IMM8, MemoryOperand(Register.R8), 0))
 
     _rdtsc_into_rax(a)
     a.emit(Instruction.create_reg_reg(Code.MOV_R64_RM64, Register.R14, Register.RAX))

@@ -34,6 +34,15 @@ combined TLB (guest programs here touch a few pages, so no capacity eviction is 
 a flush unicorn asks for the code page's translation again before it runs the next
 translated block, so instruction fetches are walked like data accesses.
 
+With no combined TLB at all (cache configuration ``none``) unicorn's TLB must not stand in
+for one, or a notification would walk its code page once instead of once per instruction
+(and a repeated data access once per exit): in that configuration only, a per-instruction
+hook has the model translate every instruction's fetch (both pages of one that crosses a
+page boundary) and drops unicorn's TLB before the instruction runs, so its data accesses ask
+the model too. A fetch unicorn itself has just asked for (its fill at the start of a
+translated block) is that instruction's fetch and is not translated twice. Other
+configurations keep the one hook-free path.
+
 unicorn itself runs at CPL0; the guest's CPL (3 on a PVM host) is the model's, which applies
 the U/S rules of every walk. An I/O-instruction hook cannot stop unicorn at the next
 instruction (the stop takes effect at the end of the translated block), so stops requested
@@ -53,6 +62,7 @@ from typing import Protocol
 from iced_x86 import Code, Decoder, Instruction, MemorySizeExt, OpKind, Register, RegisterExt
 from unicorn import (
     UC_ARCH_X86,
+    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
     UC_HOOK_TLB_FILL,
@@ -204,6 +214,11 @@ class GuestCpu:
         self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
         self.uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
         self.uc.hook_add(UC_HOOK_INTR, self._hook_intr)
+        # no combined TLB (caches "none"): every access walks, instruction fetches included
+        self.walk_every_access = not processor.config.combined_tlb
+        self._fetch_filled: int | None = None  # page of unicorn's last counted fetch fill
+        if self.walk_every_access:
+            self.uc.hook_add(UC_HOOK_CODE, self._hook_fetch)
         # Register file buffers for uc_reg_read_batch / uc_reg_read / uc_reg_write (x86-64
         # GPRs, RIP and RFLAGS are all 64-bit values in unicorn).
         n = len(_UC_REGS)
@@ -517,6 +532,8 @@ class GuestCpu:
                 if not r >> 12 in self._mapped:
                     self._pending_exception = f"access to unbacked host page {r:#x}"
                     return False
+                if access == FETCH:
+                    self._fetch_filled = vaddr >> 12
                 entry.paddr = r & ~0xFFF
                 entry.perms = _PERMS[access]
                 return True
@@ -548,11 +565,31 @@ class GuestCpu:
         a new walk when the exit and entry invalidated combined mappings, 28.3.3.1)."""
         if go_on:
             self._vmentry()
-            self.processor.translate(next_rip, FETCH)
+            if not self.walk_every_access:  # (otherwise _hook_fetch translates it)
+                self.processor.translate(next_rip, FETCH)
         else:
             self.flush_tlb()
             self._set_stop("handler", info.name)
             self.uc.emu_stop()
+
+    def _hook_fetch(self, uc: Uc, address: int, size: int, _user) -> None:
+        """Caches ``none`` only: this instruction's fetch translated by the model (unless
+        unicorn's own fill just did it), then unicorn's TLB dropped so that the instruction's
+        data accesses are translated by the model as well."""
+        try:
+            filled, self._fetch_filled = self._fetch_filled, None
+            pages = {address >> 12, (address + max(size, 1) - 1) >> 12}
+            for page in sorted(pages):
+                if page == filled:
+                    continue
+                r = self.processor.translate(max(address, page << 12), FETCH)
+                if not isinstance(r, int):  # unicorn fetched these bytes a moment ago
+                    raise RuntimeError(f"fetch at {address:#x} translated for unicorn but "
+                                       f"refused when counted: {r!r}")
+            self.flush_tlb()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+            self._hook_error = exc
+            uc.emu_stop()
 
     def _hook_out(self, uc: Uc, port: int, size: int, value: int, _user) -> None:
         try:

@@ -33,6 +33,8 @@ Processor (sim/vmx):
 KVM (sim/kvm):
     kvm.handler.<name>          exit handler invoked: ept_violation, ept_misconfig, io, cpuid, hlt,
                                 vmcall
+    kvm.handler.ept_violation.prelude   handle_ept_violation returned from a variant's prelude
+                                (the RFC's fast-bus hit) before its error code and MMU work
     kvm.mmu.page_fault          kvm_mmu_page_fault entered
     kvm.mmu.fast_page_fault     fast_page_fault attempted; .fixed when it resolved the fault
     kvm.mmu.slow_path           the slow path ran (memslot look-up, pfn, map)

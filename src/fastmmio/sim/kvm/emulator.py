@@ -12,8 +12,14 @@ is made of:
 * **execute**: ``MOV`` stores from a register or an immediate and loads into a register,
   ``MOVZX``/``MOVSX``/``MOVSXD`` loads and ``MOVNTI`` stores, widths 1/2/4/8. The operand's
   linear address is translated like ``emulator_read_write_onepage``: with ``EMULTYPE_PF`` on a
-  TDP MMU the faulting GPA is used when its page offset equals the address's; otherwise
-  ``vcpu_mmio_gva_to_gpa`` (the per-vCPU MMIO info, then the software walk). A gpa the MMIO
+  TDP MMU, and a kernel that has the "GPA available" shortcut (``gpa_available``), the
+  faulting GPA is used when its page offset equals the address's; otherwise
+  ``vcpu_mmio_gva_to_gpa``: the per-vCPU MMIO gva cache never matches under TDP (its gva is
+  cached as 0 there: ``handle_mmio_page_fault`` passes ``addr = 0`` when ``direct``), so the
+  operand's guest page tables are walked in software (``kvm.emulate.walk``). The shortcut
+  came with Tom Lendacky's "kvm: svm: Use the hardware provided GPA instead of page walk"
+  (first posted 22 Aug 2016 as patch 03/28 of the AMD SEV RFC, for SVM NPF; later extended to
+  VMX and moved into ``x86_emulate_ctxt``): KVM of 2013 and of 2015 always walked. A gpa the MMIO
   info names, or one that ``kvm_vcpu_read/write_guest`` cannot reach (no memslot; a write to
   a read-only one), is MMIO: ``vcpu_mmio_write`` / ``vcpu_mmio_read`` try ``KVM_MMIO_BUS``
   (no in-kernel local APIC in this model), where an ioeventfd may take the write; otherwise
@@ -216,7 +222,7 @@ class X86Emulator:
     def __init__(self, regs: MutableMapping[str, int], mem: GuestMemory, translate: Translate,
                  buses: KvmIoBuses, mmio_info: VcpuMmioInfo | None = None,
                  events: Counter | None = None, tdp: bool = True,
-                 exit_on_emulation_error: bool = False):
+                 exit_on_emulation_error: bool = False, gpa_available: bool = True):
         self.regs = regs
         self.mem = mem
         self.translate = translate
@@ -225,6 +231,7 @@ class X86Emulator:
         self.events: Counter = events if events is not None else Counter()
         self.tdp = tdp
         self.exit_on_emulation_error = exit_on_emulation_error
+        self.gpa_available = gpa_available  # the kernel has the faulting-GPA shortcut
         self._pending: _PendingRead | None = None  # a read waiting for userspace
         self._pending_write = False
 
@@ -252,7 +259,8 @@ class X86Emulator:
             self.regs["rip"] = (self.regs["rip"] + dec.length) & _M64
             self.events["kvm.skip.decode"] += 1
             return EmulationResult(EmulationOutcome.CONTINUE, dec.length, reason="skipped by decode")
-        gpa_val = cr2_or_gpa if (emulation_type & EMULTYPE_PF and self.tdp) else None
+        use_gpa = emulation_type & EMULTYPE_PF and self.tdp and self.gpa_available
+        gpa_val = cr2_or_gpa if use_gpa else None
         return self._execute(dec, emulation_type, gpa_val)
 
     def skip_instruction(self) -> EmulationResult:

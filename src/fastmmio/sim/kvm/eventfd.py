@@ -9,7 +9,12 @@ Models virt/kvm/eventfd.c:
 * ``kvm_assign_ioeventfd``: the argument checks (EINVAL) and ``ioeventfd_check_collision``
   (EEXIST) are :mod:`fastmmio.kvmabi`'s, shared with the real backend. A length-0
   MMIO ioeventfd is registered a second time on ``KVM_FAST_MMIO_BUS`` (Jason Wang, Linux
-  4.4); PIO ones never are.
+  4.4); PIO ones never are. Two older rule sets are selectable: before f848a5a8 (2014) length
+  0 is EINVAL (``no_length=False``); from f848a5a8 to Linux 4.3 (so in 4.2, Aug 2015) a
+  length-0 *PIO* ioeventfd is EINVAL too (the check was ``!len && flags & (PIO |
+  DATAMATCH)``; ``pio_no_length=False``), and a length-0 MMIO one was a single device
+  registered on both buses rather than two, which no look-up or signal can tell apart, so the
+  model registers it the same way under both rule sets.
 * ``kvm_deassign_ioeventfd``: finds the ioeventfd with the same bus, eventfd, address,
   length, wildcard-ness and (for DATAMATCH) datamatch; ENOENT if none; a length-0 MMIO one is
   removed from the fast bus too.
@@ -131,11 +136,14 @@ def ioeventfd_bus_from_flags(flags: int) -> KvmBus:
 class IoEventFds:
     """``kvm->ioeventfds``: every registered ioeventfd, with the ``KVM_IOEVENTFD`` ioctl."""
 
-    def __init__(self, buses: KvmIoBuses, no_length: bool = True):
+    def __init__(self, buses: KvmIoBuses, no_length: bool = True, pio_no_length: bool = True):
         """``no_length``: ``KVM_CAP_IOEVENTFD_NO_LENGTH`` (f848a5a8, 2014); without it length 0
-        is refused like any other unsupported length (KVM before 2014)."""
+        is refused like any other unsupported length (KVM before 2014). ``pio_no_length``:
+        length 0 on ``KVM_PIO_BUS`` (Linux 4.4, ``KVM_CAP_IOEVENTFD_ANY_LENGTH``); without it
+        a length-0 PIO ioeventfd is EINVAL (f848a5a8 to Linux 4.3)."""
         self.buses = buses
         self.no_length = no_length
+        self.pio_no_length = pio_no_length
         self.events = buses.events
         self.items: list[IoEventFd] = []  # registration order (list_add_tail)
 
@@ -169,7 +177,8 @@ class IoEventFds:
         bus_idx = ioeventfd_bus_from_flags(args.flags)
         if not 0 <= args.addr <= _ULLONG_MAX:
             raise IoEventFdError("EINVAL", f"address {args.addr:#x} is not a u64")
-        broken = assign_check(args.addr, args.len, args.flags, no_length=self.no_length)
+        broken = assign_check(args.addr, args.len, args.flags, no_length=self.no_length,
+                              pio_no_length=self.pio_no_length)
         if broken is not None:
             raise IoEventFdError(*broken)
         self._assign_idx(bus_idx, args)

@@ -17,7 +17,8 @@ Models arch/x86/kvm/vmx/vmx.c and x86.c (Linux 6.16):
   the qualification (read -> ``PFERR_USER_MASK``, write, fetch, present if any of bits 3-5;
   with a valid GLA ``PFERR_GUEST_FINAL`` or ``PFERR_GUEST_PAGE``), then
   ``kvm_mmu_page_fault`` and, when it says so, ``x86_emulate_instruction(EMULTYPE_PF)``.
-  Variants hook in at the top (see :mod:`fastmmio.sim.kvm.variants`).
+  Variants hook in at the top (see :mod:`fastmmio.sim.kvm.variants`); one that returns
+  from there is charged ``kvm.handler.ept_violation.prelude`` instead of the whole handler.
 * ``handle_cpuid`` (``kvm_emulate_cpuid``) and ``handle_halt`` (``kvm_emulate_halt``: with no
   in-kernel irqchip, ``KVM_EXIT_HLT``).
 
@@ -125,7 +126,8 @@ class KvmVcpu:
                                       maxphyaddr=vm.memory.maxphyaddr)
         self.emulator = X86Emulator(self.regs, vm.guest_memory, self.walker, vm.buses,
                                     vm.mmio_info, self.events,
-                                    exit_on_emulation_error=exit_on_emulation_error)
+                                    exit_on_emulation_error=exit_on_emulation_error,
+                                    gpa_available=vm.variant.emulator_gpa_available)
         self.current_exit: ExitInfo | None = None
         self.last_exit: ExitRecord | None = None  # the last exit to userspace
         self.last_emulation: EmulationResult | None = None
@@ -226,10 +228,13 @@ class KvmVcpu:
         return self.kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)
 
     def handle_ept_violation(self, info: ExitInfo) -> bool:
-        self.events["kvm.handler.ept_violation"] += 1
+        """A variant's prelude that returns early is priced as its own event
+        (``kvm.handler.ept_violation.prelude``, counted by the variant); only a violation that
+        goes on to the error code and ``kvm_mmu_page_fault`` counts the whole handler."""
         r = self.vm.variant.ept_violation_prelude(self, info)
         if r is not None:
             return r
+        self.events["kvm.handler.ept_violation"] += 1
         gpa = info.guest_physical_address or 0
         return self.kvm_mmu_page_fault(gpa, ept_violation_error_code(info.qualification))
 

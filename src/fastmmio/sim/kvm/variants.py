@@ -7,11 +7,12 @@ Each variant changes KVM in one or two places; everything else is the model of u
     KVM before 68c3b4d1 and f848a5a8 (2014): no ``KVM_FAST_MMIO_BUS``, so
     ``handle_ept_misconfig`` goes straight to ``kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)`` and
     the emulator; no length-0 ioeventfds (``KVM_CAP_IOEVENTFD_NO_LENGTH`` did not exist:
-    ``kvm_assign_ioeventfd`` accepted only 1, 2, 4, 8).
+    ``kvm_assign_ioeventfd`` accepted only 1, 2, 4, 8); the emulator walks the guest's page
+    tables in software for its operand (no "GPA available" shortcut, see below).
 ``upstream``
     Today's KVM: ``handle_ept_misconfig`` first writes length 0 on ``KVM_FAST_MMIO_BUS`` and on
     a hit skips the instruction without decoding it (68c3b4d1); length-0 MMIO ioeventfds are
-    on that bus too.
+    on that bus too; the emulator takes its operand's GPA from the fault (``EMULTYPE_PF``).
 ``rfc-2015``
     [PATCH RFC 1/3] as posted: at the top of ``handle_ept_violation``, a length-0
     ``KVM_FAST_MMIO_BUS`` write for *every* EPT violation, read accesses included; on a hit
@@ -33,6 +34,27 @@ Each variant changes KVM in one or two places; everything else is the model of u
     of a read-only one, so writes take the EPT-misconfiguration fast path. Consequences the
     model shows: a read of the doorbell address also hits the fast bus (signal + skip), and
     other reads of the page are emulated as MMIO (the per-vCPU MMIO info names the gfn).
+
+ioeventfd registration (:attr:`Variant.ioeventfd_rules`) follows the kernel each variant is
+modelled on: ``upstream-2013`` has no length 0 at all; the 2015 variants have Linux 4.2's
+``kvm_assign_ioeventfd``, where length 0 was refused for PIO as for DATAMATCH (the any-length
+PIO ioeventfd and the two-device registration on the MMIO buses came with Jason Wang's
+changes in Linux 4.4) and a length-0 MMIO ioeventfd was one device on both MMIO buses; no
+catalogue route registers a length-0 PIO ioeventfd, and one device on two buses is looked up
+and signalled as two devices are, so their routes run as under today's rules.
+
+The emulator's operand address (:attr:`Variant.emulator_gpa_available`): today's
+``emulator_read_write_onepage`` uses the faulting GPA of a TDP fault when the page offset
+matches and walks the guest's page tables otherwise. That shortcut did not exist in 2013 or in
+Aug 2015: it came with Tom Lendacky's "kvm: svm: Use the hardware provided GPA instead of page
+walk", first posted on 22 Aug 2016 (patch 03/28 of the AMD SEV RFC, Message-ID
+<147190824754.9523.13923968456167130181.stgit@brijesh-build-machine>), which introduced
+``vcpu->arch.gpa_available``, for SVM NPF only; VMX set it later and it moved into
+``x86_emulate_ctxt`` (today ``EMULTYPE_PF``). Before it, ``vcpu_mmio_gva_to_gpa`` always
+translated the operand: its per-vCPU MMIO gva cache is filled with gva 0 under TDP
+(``handle_mmio_page_fault`` sets ``addr = 0`` when ``direct``), so it never matches and the
+guest's tables are walked in software. ``upstream-2013`` and the four 2015 variants (written
+against Linux 4.2, Aug 2015) therefore walk; only ``upstream`` (today) uses the GPA.
 
 The skips of the RFC-style variants happen on EPT-violation exits, where
 ``skip_emulated_instruction`` uses the VM-exit instruction length even when KVM runs nested
@@ -64,6 +86,13 @@ class VariantVm(Protocol):
     running_vcpu: Any  # KvmVcpu | None
 
 
+#: what ``handle_ept_violation`` runs before an RFC-style early return: the VMREADs of the exit
+#: qualification and the guest-physical address, the NMI-unblocking check and the return (the
+#: bus write is priced as ``kvm.bus.*``, the skip as ``kvm.skip.*``). The error code and the
+#: MMU work that ``kvm.handler.ept_violation`` stands for are not done, so it is not charged.
+PRELUDE_EVENT = "kvm.handler.ept_violation.prelude"
+
+
 class Variant:
     """Upstream KVM; subclasses override the hooks they change."""
 
@@ -72,13 +101,30 @@ class Variant:
     fast_mmio_on_misconfig = True
     ioeventfd_no_length = True  # KVM_CAP_IOEVENTFD_NO_LENGTH (f848a5a8)
     ioeventfd_pf_cap = False  # KVM_CAP_IOEVENTFD_PF (RFC patch 3/3)
+    #: the emulator uses the faulting GPA for its operand instead of walking the guest's
+    #: tables (``gpa_available``, first posted Aug 2016: not in the 2013 or 2015 kernels)
+    emulator_gpa_available = True
+    ioeventfd_pio_no_length = True  # length-0 PIO ioeventfds (Linux 4.4)
+    kernel = "today's Linux"  # the kernel the variant is modelled on
+    ioeventfd_rules = ("Linux 4.4 onward: lengths 0, 1, 2, 4, 8; length 0 with DATAMATCH "
+                       "EINVAL; a length-0 MMIO ioeventfd on KVM_MMIO_BUS and "
+                       "KVM_FAST_MMIO_BUS, a length-0 PIO one on KVM_PIO_BUS only")
+
+    def rules(self) -> str:
+        """One line for reports: the kernel modelled, its ioeventfd rules, its emulator's
+        operand address."""
+        operand = ("the faulting GPA" if self.emulator_gpa_available
+                   else "a software walk of the guest's tables (no gpa_available)")
+        return (f"KVM model {self.name}: {self.kernel}; ioeventfd rules: {self.ioeventfd_rules}; "
+                f"emulator operand address: {operand}")
 
     def configure(self, vm: "VariantVm") -> None:
         """Install MMU hooks on a new VM."""
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         """Run at the top of ``handle_ept_violation``; a bool ends the handler with that
-        result, None goes on to ``kvm_mmu_page_fault``."""
+        result (the hook counts :data:`PRELUDE_EVENT` for the part of the handler that ran),
+        None goes on to the whole handler and ``kvm_mmu_page_fault``."""
         return None
 
     def __repr__(self) -> str:
@@ -90,25 +136,45 @@ class Upstream2013(Variant):
     summary = "KVM before the fast MMIO bus: EPT misconfiguration always emulates"
     fast_mmio_on_misconfig = False
     ioeventfd_no_length = False
+    emulator_gpa_available = False
+    ioeventfd_pio_no_length = False
+    kernel = "Linux 3.x (2013), before 68c3b4d1 and f848a5a8"
+    ioeventfd_rules = "before f848a5a8 (2014): lengths 1, 2, 4, 8 only; length 0 is EINVAL"
 
 
-class Rfc2015(Variant):
+class Variant2015(Variant):
+    """The base of the 2015 thread's proposals: Linux 4.2 (Aug 2015), i.e. today's model less
+    the emulator's faulting-GPA shortcut (posted a year later) and with 4.2's ioeventfd
+    registration rules (length-0 PIO refused; see the module docstring)."""
+
+    emulator_gpa_available = False
+    kernel = "Linux 4.2 (Aug 2015)"
+    ioeventfd_pf_cap = True
+    # virt/kvm/eventfd.c from f848a5a8 (2014) to Linux 4.3: length 0 refused with PIO as with DATAMATCH
+    ioeventfd_pio_no_length = False
+    ioeventfd_rules = ("Linux 4.2 (f848a5a8 to 4.3): lengths 0, 1, 2, 4, 8; length 0 with "
+                       "DATAMATCH or with PIO EINVAL; a length-0 MMIO ioeventfd is one device "
+                       "on KVM_MMIO_BUS and KVM_FAST_MMIO_BUS (today: two devices, the same "
+                       "look-ups and signals); no route registers a length-0 PIO one, so the "
+                       "routes' results are those of today's rules")
+
+
+class Rfc2015(Variant2015):
     name = "rfc-2015"
     summary = "RFC 1/3 as posted: fast-bus write at the top of every EPT violation"
-    ioeventfd_pf_cap = True
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         gpa = info.guest_physical_address or 0
         vcpu.step("rfc-2015:fast_mmio_bus")
         if vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            vcpu.events[PRELUDE_EVENT] += 1
             return vcpu.skip_emulated_instruction(info)
         return None
 
 
-class Rfc2015Fixed(Variant):
+class Rfc2015Fixed(Variant2015):
     name = "rfc-2015-fixed"
     summary = "RFC with a read-only SPTE installed and the bus write for writes only"
-    ioeventfd_pf_cap = True
 
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         if not info.qualification & QUAL_WRITE:
@@ -117,15 +183,15 @@ class Rfc2015Fixed(Variant):
         vcpu.step("rfc-2015-fixed:fast_mmio_bus")
         if not vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
             return None
+        vcpu.events[PRELUDE_EVENT] += 1
         r = vcpu.vm.mmu.map_readonly_page(gpa)
         vcpu.step(f"rfc-2015-fixed:map_readonly:{r.name}")
         return vcpu.skip_emulated_instruction(info)
 
 
-class BadPage(Variant):
+class BadPage(Variant2015):
     name = "bad-page"
     summary = "fast-bus write in the read-only-write (bad page) path, after fast_page_fault"
-    ioeventfd_pf_cap = True
 
     def configure(self, vm: "VariantVm") -> None:
         vm.mmu.ro_write_fault_hook = lambda gpa: self._hook(vm, gpa)
@@ -142,10 +208,9 @@ class BadPage(Variant):
         return True
 
 
-class ReservedWriteMostly(Variant):
+class ReservedWriteMostly(Variant2015):
     name = "reserved-write-mostly"
     summary = "MMIO-style (misconfigured) SPTE for a read-only page carrying a length-0 ioeventfd"
-    ioeventfd_pf_cap = True
 
     def configure(self, vm: "VariantVm") -> None:
         def write_mostly(gfn: int) -> bool:

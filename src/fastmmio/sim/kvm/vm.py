@@ -46,7 +46,8 @@ class KvmVm:
         self.memslots = KvmMemslots(self.events)
         self.guest_memory = MemslotGuestMemory(self.memslots, self.memory)
         self.buses = KvmIoBuses(self.events)
-        self.ioeventfds = IoEventFds(self.buses, no_length=self.variant.ioeventfd_no_length)
+        self.ioeventfds = IoEventFds(self.buses, no_length=self.variant.ioeventfd_no_length,
+                                     pio_no_length=self.variant.ioeventfd_pio_no_length)
         self.eventfds: dict[str, EventFd] = {}
         self.coalesced_ring = CoalescedRing()
         self.coalesced_zones: list[CoalescedMmioDev] = []
