@@ -33,14 +33,22 @@ class Testbed:
         self.alloc = PageAllocator(self.memory, base=1 << 32)
         self.ram_size = ram_size
         self.ram_hpa = self.alloc.reserve(ram_size // PAGE_SIZE, align=1 << 30)
-        self.ept = PageTableBuilder.ept(self.memory, self.alloc)
+        self.ept = self._second_level_builder()
         self._next_table_gpa = ram_size
         self.extra: dict[int, int] = {}  # GPA page -> HPA page, outside guest RAM
         self.guest = PageTableBuilder("guest", self._alloc_guest_table(), self.read_gpa_u64,
                                       self.write_gpa_u64, self._alloc_guest_table)
-        self.proc = Processor(self.memory, config, **proc_kw)
-        self.proc.set_eptp(make_eptp(self.ept.root, ad=ept_ad))
+        self.proc = self._make_processor(config, ept_ad, **proc_kw)
         self.proc.load_guest_state(cr3=self.guest.root)
+
+    def _second_level_builder(self) -> PageTableBuilder:
+        """The second-level tables (EPT here; nested page tables in the SVM testbed)."""
+        return PageTableBuilder.ept(self.memory, self.alloc)
+
+    def _make_processor(self, config: Any, ept_ad: bool, **proc_kw: Any) -> Any:
+        proc = Processor(self.memory, config, **proc_kw)
+        proc.set_eptp(make_eptp(self.ept.root, ad=ept_ad))
+        return proc
 
     def gpa_to_hpa(self, gpa: int) -> int:
         extra = self.extra.get(gpa >> 12)

@@ -136,13 +136,15 @@ class Fault:
             s += f", error_code={self.error_code:#x}"
         if self.kind == "ept_violation":
             s += f", qual={self.qualification:#x}"
+        if self.kind == "npf":
+            s += f", exitinfo1={self.error_code:#x}"
         if self.structure:
             s += f", at={self.structure}:{self.level}"
         return s + ")"
 
     @property
     def is_vm_exit(self) -> bool:
-        return self.kind in ("ept_violation", "ept_misconfig")
+        return self.kind in ("ept_violation", "ept_misconfig", "npf")
 
 
 class TlbEntry:
@@ -199,6 +201,11 @@ class EptPscEntry:
 class Walker:
     """Translation state, caches and the walk of one logical processor.
 
+    The second dimension (EPT here) is walked by :meth:`_ept_translate`; a subclass with
+    another second-level format (AMD nested paging, :mod:`fastmmio.sim.svm`) overrides it,
+    :meth:`_qual` and :meth:`_ept_violation`, and names its events with ``_gpa_kind``
+    (``tlb.<kind>.*``, ``psc.<kind>.*``).
+
     See :class:`fastmmio.sim.vmx.processor.Processor` for the instruction-level operations
     (VM exit/entry, INVEPT, INVVPID, MOV to CR3, INVLPG) built on top.
     """
@@ -221,6 +228,7 @@ class Walker:
         self._fast_hits = 0
         self.ref_log: list[tuple[str, str, int, str]] | None = None
         self.listeners: list[Any] = []  # callables(kind: str) told of every invalidation
+        self._gpa_kind = "guest_physical"  # event name of the second dimension's caches
 
         cfg = self.config
         self.tlb = MultiSizeTlb("combined", cfg.combined_tlb, seed)
@@ -454,7 +462,7 @@ class Walker:
             if not eperm & (1 << access):
                 # SDM 28.3.3.4: too little permission in a cached translation -> EPT violation
                 gpa = e.gpa_base | (la & e.mask)
-                q = (1 << access) | (eperm << 3) | L.QUAL_GLA_VALID | L.QUAL_TRANSLATED
+                q = self._qual(access, eperm, la, True)
                 return self._ept_violation(la, gpa, q, "tlb", 0)
             if access == WRITE and not r & R_DIRTY:
                 c[f"tlb.{kind}.dirty_assist"] += 1  # walk again to set the dirty flag(s)
@@ -628,43 +636,62 @@ class Walker:
         r = self._ept_translate(gpa, access, None, False)
         return r if isinstance(r, Fault) else r[0]
 
-    def _ept_translate(self, gpa: int, access: int, la: int | None,
-                       translated: bool) -> tuple[int, int, int, bool] | Fault:
-        """Guest-physical -> host-physical through the guest-physical caches and the EPT
-        walk. Returns (hpa, perm AND, leaf shift, EPT dirty known set) or a Fault."""
-        if not self.ept_enabled:
-            return (gpa, 7, SHIFT_1G, True)
+    def _gpa_cached(self, gpa: int, access: int, la: int | None,
+                    translated: bool) -> tuple[int, int, int, bool] | Fault | None:
+        """Look ``gpa`` up among the cached guest-physical translations (the second
+        dimension's TLB): the translation as :meth:`_ept_translate` returns it, a violation
+        from the cached permissions (28.3.3.4), or None (a miss, or a write whose cached
+        dirty flag is clear: walk again). Events are named by ``_gpa_kind``."""
         c = self._counts
+        kind = self._gpa_kind
         tag = self._etag
         gtlb = self.gtlb
         for s in gtlb.shifts:
             cache, m = gtlb.by_shift[s]
             e = cache.get(tag, (gpa >> s) | m)
             if e is not None:
-                c["tlb.guest_physical.hit"] += 1
+                c[f"tlb.{kind}.hit"] += 1
                 if not e.perm & (1 << access):
                     q = self._qual(access, e.perm, la, translated)
                     return self._ept_violation(la, gpa, q, "tlb", 0)
                 if access == WRITE and self._ept_ad and not e.dirty:
-                    c["tlb.guest_physical.dirty_assist"] += 1
-                    break
+                    c[f"tlb.{kind}.dirty_assist"] += 1
+                    return None
                 return (e.base | (gpa & e.mask), e.perm, e.shift, e.dirty)
-        else:
-            if gtlb.shifts:
-                c["tlb.guest_physical.miss"] += 1
+        if gtlb.shifts:
+            c[f"tlb.{kind}.miss"] += 1
+        return None
 
-        mem = self.memory
-        ad = self._ept_ad
-        table = self.eptp & self._phys & ~0xFFF
-        perm = 7
-        level = 4
+    def _gpa_psc_start(self, gpa: int, root: int, perm: int) -> tuple[int, int, int]:
+        """Where the second-dimension walk of ``gpa`` starts: the longest match in its
+        paging-structure caches, else ``root`` at level 4 with ``perm``. Returns (table
+        address, permissions so far, level)."""
+        c = self._counts
+        kind = self._gpa_kind
+        tag = self._etag
         for lvl, cache, name in self._epsc_order:
             p = cache.get(tag, gpa >> _SHIFT[lvl])
             if p is not None:
-                c[f"psc.guest_physical.{name}.hit"] += 1
-                table, perm, level = p.next_hpa, p.perm, lvl - 1
-                break
-            c[f"psc.guest_physical.{name}.miss"] += 1
+                c[f"psc.{kind}.{name}.hit"] += 1
+                return p.next_hpa, p.perm, lvl - 1
+            c[f"psc.{kind}.{name}.miss"] += 1
+        return root, perm, 4
+
+    def _ept_translate(self, gpa: int, access: int, la: int | None,
+                       translated: bool) -> tuple[int, int, int, bool] | Fault:
+        """Guest-physical -> host-physical through the guest-physical caches and the EPT
+        walk. Returns (hpa, perm AND, leaf shift, EPT dirty known set) or a Fault."""
+        if not self.ept_enabled:
+            return (gpa, 7, SHIFT_1G, True)
+        r = self._gpa_cached(gpa, access, la, translated)
+        if r is not None:
+            return r
+        c = self._counts
+        tag = self._etag
+        gtlb = self.gtlb
+        mem = self.memory
+        ad = self._ept_ad
+        table, perm, level = self._gpa_psc_start(gpa, self.eptp & self._phys & ~0xFFF, 7)
         while True:
             ea = table + ((gpa >> _SHIFT[level]) & 511) * 8
             value = mem.read_u64(ea)
@@ -724,15 +751,20 @@ class Walker:
         """An EPT violation; invalidates the guest-physical mappings for the GPA and, when
         the access came from a linear address, the combined mappings for it (28.3.3.1)."""
         self._counts["inv.ept_violation"] += 1
+        self._invalidate_gpa_fault(la, gpa)
+        self._notify("ept_violation")
+        return Fault("ept_violation", linear=la, gpa=gpa, qualification=q,
+                     structure=structure, level=level)
+
+    def _invalidate_gpa_fault(self, la: int | None, gpa: int) -> None:
+        """The guest-physical mappings for ``gpa`` (current tag) and, when the access came
+        from a linear address, the combined mappings for it."""
         tag = self._etag
         self.gtlb.discard_addr(gpa, lambda t: t == tag)
         for lvl, cache, _ in self._epsc_order:
             cache.discard(tag, gpa >> _SHIFT[lvl])
         if la is not None:
             self._invalidate_la_current(la)
-        self._notify("ept_violation")
-        return Fault("ept_violation", linear=la, gpa=gpa, qualification=q,
-                     structure=structure, level=level)
 
     def _invalidate_la_current(self, la: int) -> None:
         """TLB entries (current tag and global) and PSC entries (current tag) for ``la``."""

@@ -1,0 +1,165 @@
+"""Named translation-cache configurations and the named assumptions of the SVM model.
+
+What may be cached and when it must go is architectural; how much is cached is not. The
+APM says less than the SDM about the structures behind the TLB, so every choice the model
+makes where the APM is silent is an :class:`Assumption` with the APM's words beside it,
+selectable by name (``SvmProcessor(..., assumptions={...})``), never a silent choice.
+
+Structures reuse :mod:`fastmmio.sim.vmx.caches` (a :class:`TranslationCacheConfig`):
+``combined_tlb`` holds guest-linear -> system-physical translations (APM 15.25.1: "The
+most-recently used translations from guest linear to system physical address are cached in
+the TLB"), ``combined_psc`` the guest-level page-walk cache, ``guest_physical_tlb`` the
+nested (guest-physical -> system-physical) translations and ``guest_physical_psc`` the
+nested page-walk cache; their events are named ``tlb.nested.*`` / ``psc.nested.*``.
+Every structure is tagged by ASID (15.16, 15.25.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from fastmmio.sim.svm.errors import SvmError
+from fastmmio.sim.vmx.caches import (
+    SHIFT_1G,
+    SHIFT_2M,
+    SHIFT_4K,
+    UNBOUNDED,
+    CacheSpec,
+    DataCacheLevel,
+    TlbStructure,
+    TranslationCacheConfig,
+)
+from fastmmio.sim.vmx.caches import PAGE_SHIFTS as _ALL_SHIFTS
+
+# --------------------------------------------------------------------------------------------
+# Assumptions where the APM is silent
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Assumption:
+    """One named choice the APM does not settle: its values, the default, and the APM's
+    words that bear on it."""
+
+    name: str
+    values: tuple[str, ...]
+    default: str
+    apm: str
+    reading: str
+
+
+ASSUMPTIONS: dict[str, Assumption] = {a.name: a for a in (
+    Assumption(
+        "nested_fault_caching", ("none", "faulting"), "none",
+        apm="15.16.1: \"If a hypervisor modifies a nested page table by decreasing "
+            "permission levels, clearing present bits, or changing address translations "
+            "and intends to return to the same ASID, it should use either TLB command 011b "
+            "or 001b.\" Nothing is said about entries that are not present or set reserved "
+            "bits.",
+        reading="none: nothing is cached from a nested walk that faulted (not present, "
+                "reserved bits, too few rights), so setting a present bit or raising "
+                "permissions needs no flush -- the only reading under which the APM's list "
+                "of flush-requiring changes is complete. faulting: the processor keeps the "
+                "faulting result for the guest-physical page until a TLB_CONTROL flush of the "
+                "ASID, as a pessimistic bound for hypervisors that skip the flush."),
+    Assumption(
+        "nested_walk_cache", ("yes", "no"), "yes",
+        apm="15.25.1 names only the TLB (guest linear -> system physical). 15.16: TLB "
+            "entries are tagged with ASIDs that distinguish \"different guest physical "
+            "address spaces when nested page tables are used\"; the flush rule of 15.16.1 "
+            "covers every change to a nested table.",
+        reading="yes: nested translations and nested page-walk-cache entries may be kept, "
+                "tagged by ASID, and go with the same TLB_CONTROL flushes as the TLB (the "
+                "configuration decides how many); no: only guest-linear -> system-physical "
+                "translations and the guest-level walk cache are kept."),
+)}
+
+
+def resolve_assumptions(given: dict[str, str] | None) -> dict[str, str]:
+    """Every assumption's value: the defaults, overridden by ``given``."""
+    out = {name: a.default for name, a in ASSUMPTIONS.items()}
+    for name, value in (given or {}).items():
+        a = ASSUMPTIONS.get(name)
+        if a is None:
+            raise SvmError(f"unknown SVM assumption {name!r} (known: {', '.join(ASSUMPTIONS)})")
+        if value not in a.values:
+            raise SvmError(f"assumption {name} must be one of {', '.join(a.values)}, "
+                           f"got {value!r}")
+        out[name] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+
+_ZEN4_SOG = ("Software Optimization Guide for AMD Family 19h Models 10h-1Fh (Zen 4), "
+             "pub. 57647, section 2 (TLBs and caches)")
+_ZEN4_DCACHE = (
+    DataCacheLevel("l1", 32 << 10, 8, f"Zen 4 L1D 32 KiB 8-way ({_ZEN4_SOG})"),
+    DataCacheLevel("l2", 1 << 20, 8, f"Zen 4 L2 1 MiB 8-way per core ({_ZEN4_SOG})"),
+    DataCacheLevel("llc", 4 << 20, 16, "Zen 4 L3 32 MiB 16-way per 8-core CCX: one core's "
+                   f"4 MiB share ({_ZEN4_SOG})"),
+)
+_ASSUMED_WALK_CACHE = ("assumed: AMD documents that the L2 DTLB also holds page-directory "
+                       "entries to speed up walks (family 17h/19h optimization guides) but "
+                       "gives no separate count")
+_ASSUMED_NESTED = ("assumed: AMD documents no separate structure for nested (guest-physical "
+                   "-> system-physical) translations nor its size")
+
+_ALL_LEVELS_UNBOUNDED = {"pml4e": UNBOUNDED, "pdpte": UNBOUNDED, "pde": UNBOUNDED}
+
+CONFIGS: dict[str, TranslationCacheConfig] = {
+    "apm-max": TranslationCacheConfig(
+        "apm-max",
+        "everything APM 15.16 / 15.25 allow to be cached, unbounded, ASID-tagged (data "
+        "cache: Zen 4)",
+        combined_tlb=(TlbStructure(_ALL_SHIFTS, UNBOUNDED),),
+        guest_physical_tlb=(TlbStructure(_ALL_SHIFTS, UNBOUNDED),),
+        combined_psc=dict(_ALL_LEVELS_UNBOUNDED),
+        guest_physical_psc=dict(_ALL_LEVELS_UNBOUNDED),
+        data_cache=_ZEN4_DCACHE,
+    ),
+    "none": TranslationCacheConfig(
+        "none", "no translation caching at all: every access walks (data cache: Zen 4)",
+        data_cache=_ZEN4_DCACHE,
+    ),
+    "zen4": TranslationCacheConfig(
+        "zen4",
+        "Zen 4: the L2 DTLB as the TLB for 4 KiB and 2 MiB pages, the L1 DTLB's 72 entries "
+        "for 1 GiB pages; assumed walk caches",
+        combined_tlb=(
+            TlbStructure((SHIFT_4K, SHIFT_2M), CacheSpec(
+                3072, 24, source="L2 DTLB 3072 entries 24-way, 4 KiB and 2 MiB pages "
+                f"(1 GiB pages are held as 2 MiB entries there) ({_ZEN4_SOG})")),
+            TlbStructure((SHIFT_1G,), CacheSpec(
+                72, None, source="L1 DTLB 72 entries, fully associative, all page sizes "
+                f"({_ZEN4_SOG}); the model keeps 1 GiB pages only there")),
+        ),
+        guest_physical_tlb=(TlbStructure(_ALL_SHIFTS, CacheSpec(64, 4, source=_ASSUMED_NESTED)),),
+        combined_psc={"pde": CacheSpec(64, 4, source=_ASSUMED_WALK_CACHE),
+                      "pdpte": CacheSpec(8, None, source=_ASSUMED_WALK_CACHE),
+                      "pml4e": CacheSpec(4, None, source=_ASSUMED_WALK_CACHE)},
+        guest_physical_psc={"pde": CacheSpec(32, 4, source=_ASSUMED_NESTED),
+                            "pdpte": CacheSpec(4, None, source=_ASSUMED_NESTED),
+                            "pml4e": CacheSpec(2, None, source=_ASSUMED_NESTED)},
+        data_cache=_ZEN4_DCACHE,
+    ),
+}
+
+
+def get_config(name: str | TranslationCacheConfig) -> TranslationCacheConfig:
+    """A named SVM configuration (or pass one through)."""
+    if isinstance(name, TranslationCacheConfig):
+        return name
+    try:
+        return CONFIGS[name]
+    except KeyError:
+        raise SvmError(f"unknown SVM cache configuration {name!r} "
+                       f"(known: {', '.join(CONFIGS)})") from None
+
+
+def without_nested_structures(cfg: TranslationCacheConfig) -> TranslationCacheConfig:
+    """``cfg`` with no nested translations and no nested walk cache (assumption
+    ``nested_walk_cache=no``)."""
+    return replace(cfg, guest_physical_tlb=(), guest_physical_psc={})
