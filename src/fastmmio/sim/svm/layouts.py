@@ -66,6 +66,14 @@ NRIP_SAVED = NRIP_INSTRUCTION_INTERCEPTS | {EXIT_IOIO, EXIT_MSR}
 NRIP_IF_BY_INSTRUCTION = frozenset({EXIT_EXCP_BP, EXIT_EXCP_OF, EXIT_EXCP_BR})
 
 
+def exit_code(name: str) -> int:
+    """The exit code of a Linux ``SVM_EXIT_<name>`` (prefix dropped)."""
+    try:
+        return EXIT_CODE_NUMBERS[name]
+    except KeyError:
+        raise SvmError(f"unknown SVM exit name {name!r}") from None
+
+
 def exit_name(code: int) -> str:
     try:
         return EXIT_CODES[code]
