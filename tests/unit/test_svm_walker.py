@@ -178,6 +178,22 @@ def test_supervisor_nested_page_refuses_every_guest_access():
     assert f.gpa == 0x40000 | (LA & 0xFFF)
 
 
+@pytest.mark.parametrize("level", [2, 3, 4])
+def test_supervisor_upper_nested_entry_refuses_the_access(level):
+    """APM 15.25.7 applies to every nested entry used, not only the leaf: a nested PDE,
+    PDPTE or PML4E with U/S = 0 above the data page refuses the access (P = 1), once the
+    hypervisor has flushed after decreasing the permission (15.16.1)."""
+    tb = simple()
+    tb.map_guest((LA & ~0xFFF) + 0x1000, 0x41000)
+    assert isinstance(tb.proc.translate(LA + 0x1000, READ), int)  # fills the walk caches
+    ea = tb.npt.entry_address(0x40000, level)
+    tb.memory.write_u64(ea, tb.memory.read_u64(ea) & ~L.PTE_US)
+    tb.proc.vmrun(S.TLB_CONTROL_FLUSH_ASID)  # 15.16.1: permissions were decreased
+    f = tb.proc.translate(LA, READ)
+    assert isinstance(f, Fault) and f.kind == "npf"
+    assert f.error_code & S.NPF_P and f.error_code & S.NPF_US
+
+
 # ------------------------------------------------------------------------------------------
 # #NPF error codes (15.25.6)
 # ------------------------------------------------------------------------------------------
