@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from fastmmio.errors import UsageError
 from fastmmio.sim.svm import layouts as S
 from fastmmio.sim.svm.errors import SvmError
 from fastmmio.sim.svm.processor import FETCH, READ, WRITE, Fault
@@ -304,7 +305,7 @@ def test_ncr3_mbz_bits_and_bad_asid_are_refused():
         tb.proc.set_ncr3(1 << 50)
     with pytest.raises(SvmError):
         SvmTestbed("apm-max", asid=0)
-    with pytest.raises(SvmError):
+    with pytest.raises(UsageError):
         SvmTestbed("no-such-config")
     with pytest.raises(SvmError):
         SvmTestbed("apm-max", assumptions={"nested_fault_caching": "maybe"})

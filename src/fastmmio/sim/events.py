@@ -30,6 +30,23 @@ Processor (sim/vmx):
                                 EPT_MISCONFIG, IO_INSTRUCTION, CPUID, HLT, VMCALL, ...)
     vmentry                     VM entries (the other half of each exit's round trip)
 
+Processor (sim/svm, AMD SVM with nested paging; the guest-side names above are shared):
+    walk.ref.nested.<level>     a nested page-table entry read (every guest-structure
+                                reference and the final GPA go through the nested tables)
+    walk.ad.nested.<level>      a nested entry's accessed/dirty flags written (always on;
+                                guest page-table walks are user writes, APM 15.25.5)
+    tlb.nested.hit / .miss / .dirty_assist   cached nested (GPA -> SPA) translations
+    psc.nested.<level>.hit / .miss           the nested page-walk cache
+    tlb.nested_fault.hit        a kept faulting nested result (assumption
+                                nested_fault_caching=faulting)
+    inv.npf                     cached mappings dropped by a nested page fault
+    inv.tlb_control.<name>      VMRUN's TLB_CONTROL: flush_all_asid, flush_asid,
+                                flush_asid_local (APM Table 15-9)
+    inv.invlpga                 INVLPGA
+    exit.<NAME>                 #VMEXIT by Linux SVM_EXIT_* name: NPF, IOIO, CPUID, HLT,
+                                VMMCALL, MSR, INVALID, ...
+    vmentry                     VMRUN (the other half of each exit's round trip)
+
 KVM (sim/kvm):
     kvm.handler.<name>          exit handler invoked: ept_violation, ept_misconfig, io, cpuid, hlt,
                                 vmcall

@@ -30,6 +30,7 @@ from fastmmio.sim.vmx.caches import (
     TranslationCacheConfig,
 )
 from fastmmio.sim.vmx.caches import PAGE_SHIFTS as _ALL_SHIFTS
+from fastmmio.sim.vmx.caches import get_config as _get_config
 
 # --------------------------------------------------------------------------------------------
 # Assumptions where the APM is silent
@@ -150,13 +151,7 @@ CONFIGS: dict[str, TranslationCacheConfig] = {
 
 def get_config(name: str | TranslationCacheConfig) -> TranslationCacheConfig:
     """A named SVM configuration (or pass one through)."""
-    if isinstance(name, TranslationCacheConfig):
-        return name
-    try:
-        return CONFIGS[name]
-    except KeyError:
-        raise SvmError(f"unknown SVM cache configuration {name!r} "
-                       f"(known: {', '.join(CONFIGS)})") from None
+    return _get_config(name, CONFIGS)
 
 
 def without_nested_structures(cfg: TranslationCacheConfig) -> TranslationCacheConfig:

@@ -374,15 +374,19 @@ CONFIGS: dict[str, TranslationCacheConfig] = {
 }
 
 
-def get_config(name: str | TranslationCacheConfig) -> TranslationCacheConfig:
-    """A named configuration (or pass one through)."""
+def get_config(name: str | TranslationCacheConfig,
+               configs: dict[str, TranslationCacheConfig] | None = None
+               ) -> TranslationCacheConfig:
+    """A named configuration of ``configs`` (default: these VMX ones), or pass one
+    through."""
     if isinstance(name, TranslationCacheConfig):
         return name
+    known = CONFIGS if configs is None else configs
     try:
-        return CONFIGS[name]
+        return known[name]
     except KeyError:
         raise CacheConfigError(
-            f"unknown cache configuration {name!r} (known: {', '.join(CONFIGS)})") from None
+            f"unknown cache configuration {name!r} (known: {', '.join(known)})") from None
 
 
 class MultiSizeTlb:
