@@ -15,4 +15,22 @@ side of the two-dimensional walk with its reference accounting
 * :mod:`.processor`: the nested walk (15.25.5), ASID-tagged caches, VMRUN's TLB_CONTROL,
   #VMEXIT, INVLPGA, #NPF and IOIO exits with next RIP (15.7.1) and decode assists (15.8.4);
 * :mod:`.testbed`: a minimal machine for tests.
+
+What a KVM-on-SVM model calls (the interface; KVM's SVM handlers are not modelled yet):
+
+* set-up: ``SvmProcessor(memory, config, asid=..., next_rip_on_npf=..., ...)``, the nested
+  tables built in host memory in the x86 format (``PageTableBuilder("guest", ...)``),
+  ``set_ncr3(root)``, ``load_guest_state(...)``; an MMIO SPTE is
+  ``layouts.npt_mmio_spte_mask(phys_bits[, sme_c_bit])`` written as a nested leaf;
+* each entry: ``vmrun(tlb_control, asid=...)`` (KVM's ``svm_flush_tlb_*`` choose 01h/03h
+  or a new ASID; ``vmentry`` is counted);
+* each guest access: ``translate(la, access)`` -> system-physical address, guest
+  ``page_fault``, or ``npf`` Fault (``error_code`` = EXITINFO1, ``gpa`` = EXITINFO2);
+* exits: ``npf_exit(fault, rip, insn_len)`` -> :class:`~.exits.SvmExit` with
+  ``exitinfo1`` (what ``npf_interception`` reads as the error code: RSV for an MMIO SPTE),
+  ``exitinfo2``, ``next_rip`` (0 unless ``next_rip_on_npf="yes"``: 01cde4eaaeca's fast path
+  needs it non-zero) and ``insn_bytes`` (what ``kvm_mmu_page_fault`` hands the emulator;
+  empty means KVM fetches and decodes itself); ``ioio_exit(port, size, is_in, rip, len)``
+  for ``io_interception`` (skip by ``next_rip``); ``intercept_exit(code, rip, len)`` for
+  CPUID/HLT/VMMCALL; each counts ``exit.<NAME>``.
 """

@@ -94,17 +94,19 @@ def resolve_assumptions(given: dict[str, str] | None) -> dict[str, str]:
 # Configurations
 # --------------------------------------------------------------------------------------------
 
-_ZEN4_SOG = ("Software Optimization Guide for AMD Family 19h Models 10h-1Fh (Zen 4), "
-             "pub. 57647, section 2 (TLBs and caches)")
+_ZEN4_CPUID = ("CPUID as reported on an AMD EPYC family 19h (Zen 4) host: ")
 _ZEN4_DCACHE = (
-    DataCacheLevel("l1", 32 << 10, 8, f"Zen 4 L1D 32 KiB 8-way ({_ZEN4_SOG})"),
-    DataCacheLevel("l2", 1 << 20, 8, f"Zen 4 L2 1 MiB 8-way per core ({_ZEN4_SOG})"),
-    DataCacheLevel("llc", 4 << 20, 16, "Zen 4 L3 32 MiB 16-way per 8-core CCX: one core's "
-                   f"4 MiB share ({_ZEN4_SOG})"),
+    DataCacheLevel("l1", 32 << 10, 8, _ZEN4_CPUID + "Fn8000_0005 ECX = 0x20080140, L1D "
+                   "32 KiB 8-way, 64-byte lines"),
+    DataCacheLevel("l2", 1 << 20, 8, _ZEN4_CPUID + "Fn8000_0006 ECX = 0x04006140, L2 "
+                   "1 MiB, associativity code 6 = 8-way"),
+    DataCacheLevel("llc", 4 << 20, 16, "Zen 4 L3: 32 MiB 16-way per 8-core CCX, one core's "
+                   "4 MiB share (AMD Zen 4 product documentation; the host's virtualized "
+                   "Fn8000_0006 EDX does not give the full L3)"),
 )
-_ASSUMED_WALK_CACHE = ("assumed: AMD documents that the L2 DTLB also holds page-directory "
-                       "entries to speed up walks (family 17h/19h optimization guides) but "
-                       "gives no separate count")
+_ASSUMED_WALK_CACHE = ("assumed: AMD gives no size for a page-walk cache; the family 17h "
+                       "(Zen 2) optimization guide says the L2 DTLB also holds "
+                       "page-directory entries 'to speed up DTLB and ITLB table walks'")
 _ASSUMED_NESTED = ("assumed: AMD documents no separate structure for nested (guest-physical "
                    "-> system-physical) translations nor its size")
 
@@ -127,15 +129,19 @@ CONFIGS: dict[str, TranslationCacheConfig] = {
     ),
     "zen4": TranslationCacheConfig(
         "zen4",
-        "Zen 4: the L2 DTLB as the TLB for 4 KiB and 2 MiB pages, the L1 DTLB's 72 entries "
-        "for 1 GiB pages; assumed walk caches",
+        "Zen 4 (EPYC 9004): the L2 DTLB (3072) as the TLB for 4 KiB and 2 MiB pages, the "
+        "L1 DTLB's 72 entries for 1 GiB pages; assumed walk caches",
         combined_tlb=(
             TlbStructure((SHIFT_4K, SHIFT_2M), CacheSpec(
-                3072, 24, source="L2 DTLB 3072 entries 24-way, 4 KiB and 2 MiB pages "
-                f"(1 GiB pages are held as 2 MiB entries there) ({_ZEN4_SOG})")),
+                3072, 8, source=_ZEN4_CPUID + "Fn8000_0006 EBX = 0x6C004200 and EAX = "
+                "0x5C002200: L2 DTLB 3072 entries for 4 KiB and for 2 MiB pages, "
+                "associativity code 6 (8-way; the CPUID encoding has no value for the "
+                "skewed organisation of Zen's L2 TLB, so the ways are a stand-in)")),
             TlbStructure((SHIFT_1G,), CacheSpec(
-                72, None, source="L1 DTLB 72 entries, fully associative, all page sizes "
-                f"({_ZEN4_SOG}); the model keeps 1 GiB pages only there")),
+                72, None, source=_ZEN4_CPUID + "Fn8000_0005 EBX = 0xFF48FF40: L1 DTLB 72 "
+                "entries, fully associative (4 KiB; EAX the same for 2 MiB); that 1 GiB "
+                "pages live only there is assumed (Fn8000_0019 reads 0 under the host's "
+                "hypervisor)")),
         ),
         guest_physical_tlb=(TlbStructure(_ALL_SHIFTS, CacheSpec(64, 4, source=_ASSUMED_NESTED)),),
         combined_psc={"pde": CacheSpec(64, 4, source=_ASSUMED_WALK_CACHE),
