@@ -115,6 +115,7 @@ def test_warm_walk_caches_second_page(assumption, expected):
     ev = tb.proc.reset_events()
     assert refs(ev) == expected
     assert ev["psc.combined.pde.hit"] == 1 and ev["walk.ref.guest.pte"] == 1
+    assert tb.proc.has_psc("nested", "pde", g["data"]) == (assumption == "yes")
 
 
 @pytest.mark.parametrize("guest_page,nested_page,expected", [

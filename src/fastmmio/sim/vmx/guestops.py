@@ -198,7 +198,8 @@ class GuestPaging(Walker):
 
     def has_psc(self, structure: str, level: str, addr: int) -> bool:
         """Whether a paging-structure-cache entry is cached for the current tags:
-        ``structure`` is ``combined`` (``addr`` linear) or ``guest_physical`` (``addr`` a GPA);
+        ``structure`` is ``combined`` (``addr`` linear) or the second dimension's name,
+        ``guest_physical`` on VMX or ``nested`` on SVM (``addr`` a GPA);
         ``level`` is ``pml4e``, ``pdpte`` or ``pde``."""
         lvl = {"pde": 2, "pdpte": 3, "pml4e": 4}[level]
         shift = {2: 21, 3: 30, 4: 39}[lvl]
@@ -206,12 +207,13 @@ class GuestPaging(Walker):
             c = self.psc.get(lvl)
             tag: Any = self._ctag
             key = (addr & ((1 << 48) - 1)) >> shift
-        elif structure == "guest_physical":
+        elif structure == self._gpa_kind:
             c = self.epsc.get(lvl)
             tag = self._etag
             key = addr >> shift
         else:
-            raise VmxError(f"structure must be combined or guest_physical, got {structure!r}")
+            raise VmxError(f"structure must be combined or {self._gpa_kind}, "
+                           f"got {structure!r}")
         if c is None:
             return False
         t = c.tables.get(tag)
