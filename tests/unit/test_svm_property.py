@@ -17,9 +17,10 @@ from fastmmio.sim.svm import layouts as S
 from fastmmio.sim.svm.caches import CONFIGS
 from fastmmio.sim.svm.processor import Fault
 from fastmmio.sim.svm.testbed import SvmTestbed
-from fastmmio.sim.vmx import layouts as L
 from fastmmio.sim.vmx.caches import CacheSpec, TlbStructure
-from fastmmio.sim.vmx.errors import HostMemoryError, LayoutError
+from fastmmio.sim.vmx.errors import HostMemoryError
+from fastmmio.x86 import paging as L
+from fastmmio.x86.bits import LayoutError
 
 PAGES = [(i4 << 39) | (i3 << 30) | (i2 << 21) | (i1 << 12)
          for i4 in (1, 255) for i3 in (0, 1) for i2 in (0, 1) for i1 in (0, 1, 2)]

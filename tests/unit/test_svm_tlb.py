@@ -12,7 +12,7 @@ from fastmmio.sim.svm.errors import SvmError
 from fastmmio.sim.svm.exits import SvmExit
 from fastmmio.sim.svm.processor import READ, WRITE, Fault
 from fastmmio.sim.svm.testbed import SvmTestbed
-from fastmmio.sim.vmx import layouts as L
+from fastmmio.x86 import paging as L
 
 LA = 0x7F12_3456_7000
 LA_G = 0x7F12_3456_9000  # a global guest page (CR4.PGE = 1)

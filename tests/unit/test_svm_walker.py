@@ -11,7 +11,7 @@ from fastmmio.sim.svm import layouts as S
 from fastmmio.sim.svm.errors import SvmError
 from fastmmio.sim.svm.processor import FETCH, READ, WRITE, Fault
 from fastmmio.sim.svm.testbed import SvmTestbed
-from fastmmio.sim.vmx import layouts as L
+from fastmmio.x86 import paging as L
 
 LA = 0x7F12_3456_7123
 K4, M2, G1 = 1 << 12, 1 << 21, 1 << 30

@@ -7,13 +7,13 @@ codes from Appendix C as spelled in Linux ``arch/x86/include/uapi/asm/svm.h``
 (Figure 15-2); TLB_CONTROL 15.16.1 (Table 15-9, names as Linux's ``TLB_CONTROL_*``); guest
 instruction bytes 15.8.4 (Table 15-6); next RIP 15.7.1. Nested page-table entries use the
 x86 long-mode format (15.25.3: "the same paging mode as the VMM used"), whose layouts are
-shared with the guest's (:mod:`fastmmio.sim.vmx.layouts`, ``GUEST_*``).
+the guest's (:mod:`fastmmio.x86.paging`, ``GUEST_*``).
 """
 
 from __future__ import annotations
 
 from fastmmio.sim.svm.errors import SvmError
-from fastmmio.sim.vmx.layouts import BitLayout, Field
+from fastmmio.x86.bits import BitLayout, Field, bit_range
 
 # --------------------------------------------------------------------------------------------
 # Exit codes (APM Appendix C; Linux uapi/asm/svm.h names)
@@ -182,10 +182,6 @@ def guest_instruction_bytes_field(data: bytes) -> bytes:
 PT_PRESENT_MASK = 1 << 0
 
 
-def _rsvd_bits(msb: int, lsb: int) -> int:
-    return ((1 << (msb - lsb + 1)) - 1) << lsb
-
-
 def npt_mmio_spte_mask(phys_bits: int, sme_c_bit: int | None = None) -> int:
     """The bits KVM sets in an MMIO SPTE on nested paging, 0 when MMIO caching is off.
 
@@ -201,4 +197,4 @@ def npt_mmio_spte_mask(phys_bits: int, sme_c_bit: int | None = None) -> int:
     if sme_c_bit is None:
         return (1 << 51) | PT_PRESENT_MASK if phys_bits < 52 else 0
     mask_bit = phys_bits + 1 if sme_c_bit == phys_bits else phys_bits
-    return _rsvd_bits(51, mask_bit) | PT_PRESENT_MASK if mask_bit < 52 else 0
+    return bit_range(51, mask_bit) | PT_PRESENT_MASK if mask_bit < 52 else 0

@@ -78,7 +78,6 @@ from fastmmio.sim.svm.layouts import (
     exit_name,
     ioio_exitinfo1,
 )
-from fastmmio.sim.vmx import layouts as L
 from fastmmio.sim.vmx.caches import SHIFT_1G, SHIFT_2M, SHIFT_4K, UNBOUNDED, Cache
 from fastmmio.sim.vmx.guestops import GuestPaging
 from fastmmio.sim.vmx.memory import HostMemory
@@ -92,6 +91,7 @@ from fastmmio.sim.vmx.walker import (
     Fault,
     GpaEntry,
 )
+from fastmmio.x86 import paging as L
 
 __all__ = ["SvmProcessor", "SvmExit", "Fault", "READ", "WRITE", "FETCH"]
 
