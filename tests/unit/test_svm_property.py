@@ -12,6 +12,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from walk_mutations import flip_guest_bit, flip_second_level_bit
 
 from fastmmio.sim.svm import layouts as S
 from fastmmio.sim.svm.caches import CONFIGS
@@ -112,23 +113,10 @@ def build(config, assumptions, layout) -> SvmTestbed:
         tb.npt.set_entry(gpa, 1, nested_entry(tb, gpa, rights[i % len(rights)]))
     for kind, page, level, bit_i in mutations:
         if kind == "guest":
-            try:
-                ea = tb.guest.entry_address(PAGES[page], level)
-            except (HostMemoryError, LayoutError):
-                continue
-            if ea is not None and 0 <= ea < tb.ram_size:
-                v = tb.read_gpa_u64(ea)
-                if v & 1:
-                    tb.write_gpa_u64(ea, v ^ (1 << GUEST_BITS[bit_i % len(GUEST_BITS)]))
+            flip_guest_bit(tb, PAGES[page], level, GUEST_BITS[bit_i % len(GUEST_BITS)])
         else:
-            try:
-                ea = tb.npt.entry_address(DATA_GPAS[page % len(DATA_GPAS)], level)
-            except (HostMemoryError, LayoutError):
-                continue
-            if ea is not None and tb.memory.is_backed(ea):
-                v = tb.memory.read_u64(ea)
-                if v & 1:
-                    tb.memory.write_u64(ea, v ^ (1 << NESTED_BITS[bit_i % len(NESTED_BITS)]))
+            flip_second_level_bit(tb, DATA_GPAS[page % len(DATA_GPAS)], level,
+                                  NESTED_BITS[bit_i % len(NESTED_BITS)], 1)
     return tb
 
 

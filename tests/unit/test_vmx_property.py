@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from walk_mutations import flip_guest_bit, flip_second_level_bit
 
 from fastmmio.sim.vmx import layouts as L
 from fastmmio.sim.vmx.caches import CONFIGS, CacheSpec, TlbStructure
@@ -116,26 +117,11 @@ def build(config, layout) -> Testbed:
     if ea is not None and tb.memory.read_u64(ea) & 7:
         tb.memory.write_u64(ea, (tb.memory.read_u64(ea) & ~7) | pde_perm)
     for kind, page, level, bit_i in mutations:
-        la = PAGES[page]
         if kind == "guest":
-            try:
-                ea = tb.guest.entry_address(la, level)
-            except (HostMemoryError, LayoutError):
-                continue
-            if ea is not None and 0 <= ea < tb.ram_size:
-                v = tb.read_gpa_u64(ea)
-                if v & 1:
-                    tb.write_gpa_u64(ea, v ^ (1 << GUEST_BITS[bit_i % len(GUEST_BITS)]))
+            flip_guest_bit(tb, PAGES[page], level, GUEST_BITS[bit_i % len(GUEST_BITS)])
         else:
-            gpa = DATA_GPAS[page % len(DATA_GPAS)]
-            try:
-                ea = tb.ept.entry_address(gpa, level)
-            except (HostMemoryError, LayoutError):
-                continue
-            if ea is not None and tb.memory.is_backed(ea):
-                v = tb.memory.read_u64(ea)
-                if v & 7:
-                    tb.memory.write_u64(ea, v ^ (1 << EPT_BITS[bit_i % len(EPT_BITS)]))
+            flip_second_level_bit(tb, DATA_GPAS[page % len(DATA_GPAS)], level,
+                                  EPT_BITS[bit_i % len(EPT_BITS)], 7)
     return tb
 
 
