@@ -310,3 +310,23 @@ def test_ncr3_mbz_bits_and_bad_asid_are_refused():
         SvmTestbed("no-such-config")
     with pytest.raises(SvmError):
         SvmTestbed("apm-max", assumptions={"nested_fault_caching": "maybe"})
+
+
+def test_walk_events_are_priced_by_the_existing_profiles():
+    """The nested walk reports the VMX walker's event families (walk.ref/served/ad, tlb.*,
+    psc.*, inv.*), so a cost profile written for VMX prices an SVM walk without new keys:
+    the walk component is the served references and the A/D writes at their unit prices."""
+    from fastmmio.costs.model import CostModel
+
+    tb = SvmTestbed("zen4")
+    tb.spread_walk(LA, K4, K4)
+    tb.proc.translate(LA, WRITE)
+    tb.proc.vmrun(S.TLB_CONTROL_FLUSH_ASID)
+    tb.proc.translate(LA, READ)
+    ev = tb.proc.reset_events()
+    ev.pop("vmentry")
+    model = CostModel("skylake-sp")
+    p = model.cost(ev)
+    expected = sum(n * model.unit(k) for k, n in ev.items()
+                   if k.startswith(("walk.served.", "walk.ad.")))
+    assert expected > 0 and p.breakdown["walk"] == pytest.approx(expected)
