@@ -352,11 +352,11 @@ class SvmProcessor(GuestPaging):
         self._counts[f"inv.tlb_control.{name}"] += 1
         self._notify(f"tlb_control.{name}")
 
-    def vmexit(self, exit: SvmExit) -> SvmExit:
+    def vmexit(self, info: SvmExit) -> SvmExit:
         """#VMEXIT: counts ``exit.<NAME>`` (``exit.NPF``, ``exit.IOIO``, ...). It flushes
         nothing (15.16: VMRUN and #VMEXIT "do not flush the TLB")."""
-        self._counts[f"exit.{exit.name}"] += 1
-        return exit
+        self._counts[f"exit.{info.name}"] += 1
+        return info
 
     def invlpga(self, la: int, asid: int) -> None:
         """INVLPGA (15.16.2): the TLB mapping of the guest virtual page ``la`` in ``asid``
