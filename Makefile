@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test bench fuzz fuzz-diff soak clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py src/fastmmio/real/_exitpath.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

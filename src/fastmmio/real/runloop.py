@@ -33,12 +33,14 @@ import struct
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastmmio import layout
 from fastmmio.deadline import DeadlineTimer
 from fastmmio.errors import GuestError
 from fastmmio.real import binding as B
+from fastmmio.real import exitpath
 from fastmmio.result import BatchResult, ExitRecord
 
 if TYPE_CHECKING:
@@ -84,6 +86,21 @@ class Watchdog(DeadlineTimer):
         super().arm(seconds, fire)
 
 
+@dataclass(slots=True)
+class _Exits:
+    """What one batch's exits came to (either implementation of the per-exit path)."""
+
+    done: bool  # the guest's OUT to the done port ended it
+    error: GuestError | None
+    n_io: int
+    n_mmio: int
+    n_coalesced: int
+    inside_ns: int  # host time inside the KVM_RUN ioctl
+    histogram: dict  # (kind, addr, size, is_write, data) -> n
+    sample: list[ExitRecord]
+    coalesced_sample: list[ExitRecord]
+
+
 class RunLoop:
     """Runs one vCPU of a VM built from a MachineSpec, batch by batch."""
 
@@ -96,7 +113,10 @@ class RunLoop:
         watchdog_s: float,
         exit_sample: int = DEFAULT_EXIT_SAMPLE,
         watchdog_signal: int = WATCHDOG_SIGNAL,
+        engine: str = "auto",
     ):
+        """``engine``: the per-exit path, ``"auto"`` (compiled when built), ``"c"`` or
+        ``"python"`` (see :mod:`fastmmio.real.exitpath`)."""
         assert vcpu.run is not None and vcpu.run_map is not None
         self.vm = vm
         self.vcpu = vcpu
@@ -130,6 +150,20 @@ class RunLoop:
             self._ring_max = 0
         self._vm_stats = vm.stats()
         self._vcpu_stats = vcpu.stats()
+        self.engine = exitpath.choose(engine)  # "c" or "python"
+        self._engine = None
+        if self.engine == "c":
+            self._engine = exitpath.compiled.Engine(
+                fd=self._fd,
+                run_addr=base,
+                run_size=len(self._map),
+                layout=exitpath.layout(),
+                ring_off=self._ring_off if ring_off is not None else -1,
+                ring_max=self._ring_max,
+                done_port=spec.done_port,
+                read_value=spec.device_read_value & 0xFFFF_FFFF_FFFF_FFFF,
+                cap=max(0, exit_sample),
+            )
         # The mask KVM installs during KVM_RUN: the thread's current mask without the watchdog
         # signal, so that only inside KVM_RUN the pending signal can interrupt the guest.
         current = signal.pthread_sigmask(signal.SIG_BLOCK, [])
@@ -143,6 +177,8 @@ class RunLoop:
 
     def release_views(self) -> None:
         """Drop every ctypes view into the vCPU mapping so that it can be unmapped."""
+        if self._engine is not None:
+            self._engine.detach()
         self._exit_reason = self._immediate_exit = None  # type: ignore[assignment]
         self._ring_first = self._ring_last = None
         self._map = None
@@ -188,6 +224,77 @@ class RunLoop:
         vm_before = self._vm_stats.snapshot() if self._vm_stats else {}
         vcpu_before = self._vcpu_stats.snapshot() if self._vcpu_stats else {}
 
+        wd = self.watchdog
+        loop = self._exits_compiled if self._engine is not None else self._exits_python
+        done = False
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [wd.signum])
+        wd.arm(self.watchdog_s, threading.get_ident(), self._on_watchdog)
+        t_start = time.perf_counter_ns()
+        try:
+            out = loop()
+            done = out.done
+        finally:
+            t_end = time.perf_counter_ns()
+            fired = wd.disarm() and not done  # a late firing after the done OUT is harmless
+            self._immediate_exit.value = 0
+            # consume a watchdog signal that is still pending, then restore the mask
+            while signal.sigtimedwait([wd.signum], 0) is not None:
+                pass
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        error = out.error
+        n_io, n_mmio, n_coalesced, inside = out.n_io, out.n_mmio, out.n_coalesced, out.inside_ns
+        EXIT_IO, EXIT_MMIO, done_port = B.KVM_EXIT_IO, B.KVM_EXIT_MMIO, self.spec.done_port
+        # After an I/O or MMIO exit the completion is pending until the next KVM_RUN.
+        vcpu.pending_completion = self._exit_reason.value in (EXIT_IO, EXIT_MMIO) and error is None and not fired
+
+        self.exit_histogram = Counter(out.histogram)
+        self.coalesced_sample = out.coalesced_sample
+        if fired:
+            error = _guest_error(
+                "watchdog",
+                f"watchdog: the guest did not reach the done port ({done_port:#x}) within "
+                f"{self.watchdog_s:g} s; stopped {self.describe_guest()}; this batch: "
+                f"{n_io + n_mmio} userspace exits, {self._eventfd_total_peek()} eventfd signals",
+                rip=self._rip(),
+            )
+        if error is not None:
+            self.stopped = error
+            raise error
+
+        ticks_raw = vm.read(layout.MAILBOX_GPA + layout.MAILBOX_T0, 16)
+        t0_guest, t1_guest = struct.unpack("<QQ", ticks_raw)
+        signals = {name: ev.read() for name, ev in self.eventfds.items()}
+        stats: dict[str, int] = {}
+        if self._vcpu_stats is not None:
+            stats.update(self._vcpu_stats.delta(vcpu_before))
+        if self._vm_stats is not None:
+            stats.update({f"vm.{k}": v for k, v in self._vm_stats.delta(vm_before).items()})
+        events = {
+            "kvm.user_exit.io": n_io,
+            "kvm.user_exit.mmio": n_mmio,
+            "kvm.coalesced.append": n_coalesced,
+            "kvm.eventfd.signal": sum(signals.values()),
+        }
+        host_ns = t_end - t_start
+        return BatchResult(
+            iterations=iterations,
+            ticks=(t1_guest - t0_guest) & 0xFFFF_FFFF_FFFF_FFFF,
+            user_exits=n_io + n_mmio,
+            eventfd_signals=signals,
+            exits=out.sample,
+            coalesced_entries=n_coalesced,
+            kvm_stats=stats,
+            events={k: v for k, v in events.items() if v},
+            host_ns=host_ns,
+            host_ns_outside_run=max(0, host_ns - inside),
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # The per-exit path: KVM_RUN until the done OUT, a stop, or an error. Two implementations
+    # giving identical results: the pure-Python reference below and the compiled one
+    # (fastmmio.real.exitpath). Both run with the watchdog armed and its signal blocked.
+
+    def _exits_python(self) -> "_Exits":
         # locals for the hot loop
         run_ioctl, get_errno, KVM_RUN, fd = B.run_ioctl, B.get_errno, B.KVM_RUN, self._fd
         clock = time.perf_counter_ns
@@ -205,15 +312,11 @@ class RunLoop:
         unpack_io, unpack_mmio = _IO_EXIT.unpack_from, _MMIO_EXIT.unpack_from
         IO_OFF = MMIO_OFF = B.kvm_run.u.offset
         read_value = self._read_value
+        wd = self.watchdog
         n_io = n_mmio = n_coalesced = 0
         inside = 0
         error: GuestError | None = None
         done = False
-
-        wd = self.watchdog
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, [wd.signum])
-        wd.arm(self.watchdog_s, threading.get_ident(), self._on_watchdog)
-        t_start = clock()
         try:
             while True:
                 t0 = clock()
@@ -264,57 +367,57 @@ class RunLoop:
                 else:
                     error = self._exit_error(reason)
                     break
-        finally:
-            t_end = clock()
-            fired = wd.disarm() and not done  # a late firing after the done OUT is harmless
-            self._immediate_exit.value = 0
-            # consume a watchdog signal that is still pending, then restore the mask
-            while signal.sigtimedwait([wd.signum], 0) is not None:
-                pass
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        # After an I/O or MMIO exit the completion is pending until the next KVM_RUN.
-        vcpu.pending_completion = exit_reason.value in (EXIT_IO, EXIT_MMIO) and error is None and not fired
+        except KeyError:  # read_bytes[size]: a width no KVM reports for I/O or MMIO
+            error = self._bad_exit()
+        return _Exits(done, error, n_io, n_mmio, n_coalesced, inside, hist, sample, coalesced_sample)
 
-        self.exit_histogram = Counter(hist)
-        self.coalesced_sample = coalesced_sample
-        if fired:
-            error = _guest_error(
-                "watchdog",
-                f"watchdog: the guest did not reach the done port ({done_port:#x}) within "
-                f"{self.watchdog_s:g} s; stopped {self.describe_guest()}; this batch: "
-                f"{n_io + n_mmio} userspace exits, {self._eventfd_total_peek()} eventfd signals",
-                rip=self._rip(),
-            )
-        if error is not None:
-            self.stopped = error
-            raise error
+    def _exits_compiled(self) -> "_Exits":
+        engine, C = self._engine, exitpath.compiled
+        wd = self.watchdog
+        engine.reset()
+        hist: dict = {}
+        error: GuestError | None = None
+        done = False
+        while True:
+            status, value = engine.run()
+            if status == C.ST_DONE:
+                done = True
+                break
+            if status == C.ST_INTR:
+                if wd._fired:
+                    break
+                continue  # another signal: its Python handler has run by now
+            if status == C.ST_FULL:
+                for key, n in engine.take_histogram():
+                    hist[key] = hist.get(key, 0) + n
+                continue
+            if status == C.ST_ERRNO:
+                error = _guest_error("kvm-run", f"KVM_RUN failed: {B.errno_name(value)} ({value})")
+            elif status == C.ST_EXIT:
+                error = self._exit_error(value)
+            else:
+                error = self._bad_exit()
+            break
+        for key, n in engine.take_histogram():
+            hist[key] = hist.get(key, 0) + n
+        n_io, n_mmio, n_coalesced, inside, sample, coalesced = engine.totals()
+        return _Exits(
+            done,
+            error,
+            n_io,
+            n_mmio,
+            n_coalesced,
+            inside,
+            hist,
+            [ExitRecord(*t) for t in sample],
+            [ExitRecord(*t) for t in coalesced],
+        )
 
-        ticks_raw = vm.read(layout.MAILBOX_GPA + layout.MAILBOX_T0, 16)
-        t0_guest, t1_guest = struct.unpack("<QQ", ticks_raw)
-        signals = {name: ev.read() for name, ev in self.eventfds.items()}
-        stats: dict[str, int] = {}
-        if self._vcpu_stats is not None:
-            stats.update(self._vcpu_stats.delta(vcpu_before))
-        if self._vm_stats is not None:
-            stats.update({f"vm.{k}": v for k, v in self._vm_stats.delta(vm_before).items()})
-        events = {
-            "kvm.user_exit.io": n_io,
-            "kvm.user_exit.mmio": n_mmio,
-            "kvm.coalesced.append": n_coalesced,
-            "kvm.eventfd.signal": sum(signals.values()),
-        }
-        host_ns = t_end - t_start
-        return BatchResult(
-            iterations=iterations,
-            ticks=(t1_guest - t0_guest) & 0xFFFF_FFFF_FFFF_FFFF,
-            user_exits=n_io + n_mmio,
-            eventfd_signals=signals,
-            exits=sample,
-            coalesced_entries=n_coalesced,
-            kvm_stats=stats,
-            events={k: v for k, v in events.items() if v},
-            host_ns=host_ns,
-            host_ns_outside_run=max(0, host_ns - inside),
+    def _bad_exit(self) -> GuestError:
+        return _guest_error(
+            "kvm-run",
+            f"KVM_RUN returned an exit the device model cannot answer (an access width outside "
+            f"1-8 bytes, or data outside the kvm_run mapping) {self.describe_guest()}",
         )
 
     # ---------------------------------------------------------------------------------------
