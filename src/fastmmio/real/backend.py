@@ -10,7 +10,9 @@
 3. one vCPU: KVM_SET_CPUID2 with KVM_GET_SUPPORTED_CPUID (without it EFER.LME is refused,
    FACTS.md §6), KVM_SET_SREGS and KVM_SET_REGS from ``machine.image.boot``.
 
-``run_batch(n)`` is :meth:`fastmmio.real.runloop.RunLoop.run_batch`. ``close()`` releases
+``run_batch(n)`` is :meth:`fastmmio.real.runloop.RunLoop.run_batch` (its per-exit path compiled
+when the extension is built, else the pure-Python reference: ``engine``, see
+:mod:`fastmmio.real.exitpath`). ``close()`` releases
 every fd and mapping, also after a watchdog stop or an error, and may be called twice.
 """
 
@@ -23,6 +25,7 @@ from fastmmio.image import BootState
 from fastmmio.x86.segments import Segment
 from fastmmio.machine import Machine
 from fastmmio.real import binding as B
+from fastmmio.real import exitpath
 from fastmmio.real.host import detect_host
 from fastmmio.real.objects import IoEventFd, Kvm, Vcpu, Vm
 from fastmmio.real.runloop import DEFAULT_EXIT_SAMPLE, WATCHDOG_SIGNAL, RunLoop
@@ -82,6 +85,7 @@ class RealSession:
         watchdog_s: float = DEFAULT_WATCHDOG_S,
         exit_sample: int = DEFAULT_EXIT_SAMPLE,
         watchdog_signal: int = WATCHDOG_SIGNAL,
+        engine: str = "auto",
     ):
         self.machine = machine
         self.kvm: Kvm | None = None
@@ -90,12 +94,14 @@ class RealSession:
         self.loop: RunLoop | None = None
         self.eventfds: dict[str, IoEventFd] = {}
         try:
-            self._build(device, watchdog_s, exit_sample, watchdog_signal)
+            self._build(device, watchdog_s, exit_sample, watchdog_signal, engine)
         except BaseException:
             self.close()
             raise
 
-    def _build(self, device: str, watchdog_s: float, exit_sample: int, watchdog_signal: int) -> None:
+    def _build(
+        self, device: str, watchdog_s: float, exit_sample: int, watchdog_signal: int, engine: str
+    ) -> None:
         spec, image = self.machine.spec, self.machine.image
         self.kvm = kvm = Kvm(device)
         kvm.require(B.KVM_CAP_USER_MEMORY, "guest memory")
@@ -124,7 +130,7 @@ class RealSession:
         self.vcpu = vcpu = vm.create_vcpu(0)
         vcpu.set_supported_cpuid()
         load_boot_state(vcpu, image.boot)
-        self.loop = RunLoop(vm, vcpu, spec, self.eventfds, watchdog_s, exit_sample, watchdog_signal)
+        self.loop = RunLoop(vm, vcpu, spec, self.eventfds, watchdog_s, exit_sample, watchdog_signal, engine)
 
     # Session protocol -----------------------------------------------------------------------
 
@@ -191,13 +197,17 @@ class RealBackend:
         watchdog_s: float = DEFAULT_WATCHDOG_S,
         exit_sample: int = DEFAULT_EXIT_SAMPLE,
         watchdog_signal: int = WATCHDOG_SIGNAL,
+        engine: str = "auto",
     ):
+        """``engine``: the run loop's per-exit path, ``auto`` (compiled when built), ``c`` or
+        ``python`` (:mod:`fastmmio.real.exitpath`)."""
         if not 0 < watchdog_s < float("inf"):  # NaN fails too
             raise UsageError("the watchdog bound must be a positive number of seconds")
         self.device = device
         self.watchdog_s = watchdog_s
         self.exit_sample = exit_sample
         self.watchdog_signal = watchdog_signal
+        self.engine = exitpath.choose(engine)
 
     def check(self) -> None:
         """Raise HostError now if the device cannot be used (missing, no permission, wrong API)."""
@@ -206,7 +216,9 @@ class RealBackend:
             kvm.require(B.KVM_CAP_IMMEDIATE_EXIT, "the watchdog")
 
     def open(self, machine: Machine) -> RealSession:
-        return RealSession(machine, self.device, self.watchdog_s, self.exit_sample, self.watchdog_signal)
+        return RealSession(
+            machine, self.device, self.watchdog_s, self.exit_sample, self.watchdog_signal, self.engine
+        )
 
     def host_info(self, cpl: int | None = None) -> HostInfo:
         return detect_host(self.device, cpl=cpl)

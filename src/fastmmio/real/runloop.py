@@ -296,7 +296,7 @@ class RunLoop:
 
     def _exits_python(self) -> "_Exits":
         # locals for the hot loop
-        run_ioctl, get_errno, KVM_RUN, fd = B.run_ioctl, B.get_errno, B.KVM_RUN, self._fd
+        run_ioctl, KVM_RUN, fd = B.run_ioctl_raising, B.KVM_RUN, self._fd
         clock = time.perf_counter_ns
         exit_reason, m = self._exit_reason, self._map
         EXIT_IO, EXIT_MMIO, OUT = B.KVM_EXIT_IO, B.KVM_EXIT_MMIO, B.KVM_EXIT_IO_OUT
@@ -312,6 +312,7 @@ class RunLoop:
         unpack_io, unpack_mmio = _IO_EXIT.unpack_from, _MMIO_EXIT.unpack_from
         IO_OFF = MMIO_OFF = B.kvm_run.u.offset
         read_value = self._read_value
+        from_bytes = int.from_bytes
         wd = self.watchdog
         n_io = n_mmio = n_coalesced = 0
         inside = 0
@@ -320,18 +321,22 @@ class RunLoop:
         try:
             while True:
                 t0 = clock()
-                r = run_ioctl(fd, KVM_RUN, 0)
-                inside += clock() - t0
-                if has_ring and ring_first.value != ring_last.value:
-                    n_coalesced += self._drain_ring(coalesced_sample)
-                if r < 0:
-                    e = get_errno()
+                try:
+                    run_ioctl(fd, KVM_RUN, 0)
+                except OSError as exc:
+                    inside += clock() - t0
+                    if has_ring and ring_first.value != ring_last.value:
+                        n_coalesced += self._drain_ring(coalesced_sample)
+                    e = exc.errno or 0
                     if e == errno.EINTR or e == errno.EAGAIN:
                         if wd.fired:
                             break
-                        continue  # another signal: Python runs its handler at the next bytecode
+                        continue  # another signal: its Python handler has run
                     error = _guest_error("kvm-run", f"KVM_RUN failed: {B.errno_name(e)} ({e})")
                     break
+                inside += clock() - t0
+                if has_ring and ring_first.value != ring_last.value:
+                    n_coalesced += self._drain_ring(coalesced_sample)
                 reason = exit_reason.value
                 if reason == EXIT_IO:
                     direction, size, port, count, off = unpack_io(m, IO_OFF)
@@ -339,7 +344,7 @@ class RunLoop:
                         if port == done_port:
                             done = True
                             break
-                        data = int.from_bytes(m[off : off + size], "little")
+                        data = from_bytes(m[off : off + size], "little")
                         is_write = True
                     else:
                         m[off : off + size * count] = read_bytes[size] * count
@@ -353,7 +358,7 @@ class RunLoop:
                 elif reason == EXIT_MMIO:
                     addr, raw, size, is_write = unpack_mmio(m, MMIO_OFF)
                     if is_write:
-                        data = int.from_bytes(raw[:size], "little")
+                        data = from_bytes(raw[:size], "little")
                         is_write = True
                     else:
                         m[_MMIO_DATA_OFFSET : _MMIO_DATA_OFFSET + size] = read_bytes[size]
@@ -367,7 +372,8 @@ class RunLoop:
                 else:
                     error = self._exit_error(reason)
                     break
-        except KeyError:  # read_bytes[size]: a width no KVM reports for I/O or MMIO
+        except (KeyError, ValueError, IndexError):
+            # read_bytes[size] or the data slice: a width or offset no KVM reports
             error = self._bad_exit()
         return _Exits(done, error, n_io, n_mmio, n_coalesced, inside, hist, sample, coalesced_sample)
 
