@@ -113,6 +113,49 @@ def overhead(n: int, repeats: int, cpl: int) -> None:
               f"{frac:.1%} (goal <= 10%)")
 
 
+def python_steps(session) -> None:
+    """What the pure-Python path spends per exit, step by step (timeit, best of 5), on the
+    session's real kvm_run mapping after a real PIO OUT exit: the KVM_RUN call's Python-side
+    cost is measured with KVM_CHECK_EXTENSION on /dev/kvm (a no-op ioctl) minus a bare getppid
+    syscall, the rest as the run loop writes it."""
+    import ctypes
+    import fcntl
+    import timeit
+
+    from fastmmio.result import ExitRecord
+    from fastmmio.real.runloop import _IO_EXIT
+
+    vcpu = session.vcpu
+    loop = session.loop
+    m = loop._map
+    kvm_fd = session.kvm.fd
+    check = B._IO(B.KVMIO, 0x03)  # KVM_CHECK_EXTENSION
+    g = {
+        "ct": B.run_ioctl, "fc": fcntl.ioctl, "kfd": kvm_fd, "chk": check, "os": os,
+        "clock": time.perf_counter_ns, "er": loop._exit_reason, "m": m,
+        "unpack": _IO_EXIT.unpack_from, "OFF": B.kvm_run.u.offset, "h": {}, "E": ExitRecord,
+        "fb": int.from_bytes, "sample": [], "ge": ctypes.get_errno,
+    }
+    steps = [
+        ("syscall (getppid), for reference", "os.getppid()"),
+        ("ioctl through ctypes (+ errno)", "ct(kfd, chk, 1); ge()"),
+        ("ioctl through fcntl", "fc(kfd, chk, 1)"),
+        ("two clock reads (time inside KVM_RUN)", "clock(); clock()"),
+        ("exit reason (ctypes u32 view)", "er.value"),
+        ("kvm_run io decode (struct.unpack_from)", "unpack(m, OFF)"),
+        ("OUT data (slice + int.from_bytes)", "fb(m[4096:4097], 'little')"),
+        ("histogram update", "k = ('io', 1, 1, True, 0); h[k] = h.get(k, 0) + 1"),
+        ("sample check (cap reached)", "len(sample) < 0"),
+        ("one ExitRecord (sampled exits only)", "E('io', 1, 1, True, 0, 1)"),
+    ]
+    n = 100_000
+    print("pure-Python path, per exit, by step (ns, best of 5):")
+    for label, stmt in steps:
+        best = min(timeit.repeat(stmt, globals=g, number=n, repeat=5)) / n * 1e9
+        print(f"  {label:45} {best:7.0f}")
+    del vcpu
+
+
 # ---- beside QEMU ----------------------------------------------------------------------------
 
 
@@ -230,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_overhead:
         print(f"N={args.n} exits per batch, median of {args.repeats}")
         overhead(args.n, args.repeats, cpl)
+        with RealBackend(engine="python").open(build_machine(get_route("pio-user"), cpl)) as s:
+            s.run_batch(4)
+            python_steps(s)
     beside_qemu(args.kut, args.qemu, args.rounds, args.target_ticks)
     return 0
 
