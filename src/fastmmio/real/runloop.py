@@ -390,7 +390,7 @@ class RunLoop:
                 done = True
                 break
             if status == C.ST_INTR:
-                if wd._fired:
+                if wd.fired:
                     break
                 continue  # another signal: its Python handler has run by now
             if status == C.ST_FULL:
