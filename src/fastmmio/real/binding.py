@@ -21,7 +21,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno as _errno
-import fcntl as _fcntl
 import os
 
 from fastmmio.kvmabi import (  # noqa: F401 - part of the ioctl's ABI, named here too
@@ -519,16 +518,10 @@ def munmap(addr: int, size: int) -> None:
         raise OSError(e, f"munmap: {os.strerror(e)}")
 
 
-# The KVM_RUN entry point: a separate function object with fixed argtypes, called as
-# ``run_ioctl(fd, KVM_RUN, 0)``; it returns -1 and leaves errno in ctypes.get_errno().
+# The KVM_RUN entry point: a separate function object with fixed argtypes, called from the hot
+# loop as ``run_ioctl(fd, KVM_RUN, 0)``; it returns -1 and leaves errno in ctypes.get_errno().
 run_ioctl = _ioctl_ul
 get_errno = ctypes.get_errno
-# The same call through the fcntl module, for the pure-Python run loop: about 0.4 us cheaper
-# per call than ctypes (no argument conversion, no errno swapping); it releases the GIL during
-# the ioctl as ctypes does, returns the ioctl's result and raises OSError(errno) on -1 (after
-# running pending Python signal handlers when errno is EINTR). The argument 0 is passed as a C
-# int, which is all KVM_RUN takes.
-run_ioctl_raising = _fcntl.ioctl
 
 
 def ioctl(fd: int, request: int, arg: int | ctypes._CData | None = 0) -> int:

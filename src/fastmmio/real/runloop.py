@@ -296,7 +296,7 @@ class RunLoop:
 
     def _exits_python(self) -> "_Exits":
         # locals for the hot loop
-        run_ioctl, KVM_RUN, fd = B.run_ioctl_raising, B.KVM_RUN, self._fd
+        run_ioctl, get_errno, KVM_RUN, fd = B.run_ioctl, B.get_errno, B.KVM_RUN, self._fd
         clock = time.perf_counter_ns
         exit_reason, m = self._exit_reason, self._map
         EXIT_IO, EXIT_MMIO, OUT = B.KVM_EXIT_IO, B.KVM_EXIT_MMIO, B.KVM_EXIT_IO_OUT
@@ -321,22 +321,18 @@ class RunLoop:
         try:
             while True:
                 t0 = clock()
-                try:
-                    run_ioctl(fd, KVM_RUN, 0)
-                except OSError as exc:
-                    inside += clock() - t0
-                    if has_ring and ring_first.value != ring_last.value:
-                        n_coalesced += self._drain_ring(coalesced_sample)
-                    e = exc.errno or 0
-                    if e == errno.EINTR or e == errno.EAGAIN:
-                        if wd.fired:
-                            break
-                        continue  # another signal: its Python handler has run
-                    error = _guest_error("kvm-run", f"KVM_RUN failed: {B.errno_name(e)} ({e})")
-                    break
+                r = run_ioctl(fd, KVM_RUN, 0)
                 inside += clock() - t0
                 if has_ring and ring_first.value != ring_last.value:
                     n_coalesced += self._drain_ring(coalesced_sample)
+                if r < 0:
+                    e = get_errno()
+                    if e == errno.EINTR or e == errno.EAGAIN:
+                        if wd.fired:
+                            break
+                        continue  # another signal: Python runs its handler at the next bytecode
+                    error = _guest_error("kvm-run", f"KVM_RUN failed: {B.errno_name(e)} ({e})")
+                    break
                 reason = exit_reason.value
                 if reason == EXIT_IO:
                     direction, size, port, count, off = unpack_io(m, IO_OFF)
