@@ -9,7 +9,8 @@ DONE_PORT`` ends the batch. Anything else (``KVM_EXIT_SHUTDOWN``, ``KVM_EXIT_INT
 ``KVM_EXIT_FAIL_ENTRY``, HLT, ...) stops the session with a :class:`GuestError` saying what
 the guest was doing.
 
-Watchdog. KVM_RUN is called through ctypes (GIL released, no EINTR retry). While a batch runs,
+Watchdog. KVM_RUN is called with the GIL released and no EINTR retry (through ctypes, or from
+the compiled per-exit path, which returns EINTR to Python). While a batch runs,
 the calling thread blocks the watchdog signal, and KVM_SET_SIGNAL_MASK makes KVM unblock it
 inside KVM_RUN only (the scheme QEMU uses for its SIG_IPI). When the bound passes, a timer
 thread sets ``kvm_run.immediate_exit`` and sends the signal to the vCPU thread with
@@ -18,9 +19,14 @@ stays pending and blocked in userspace, is never delivered to a handler, and is 
 ``sigtimedwait`` before the mask is restored. Nothing global (no signal handler) changes, and
 it works from any thread.
 
-Hot-path notes: every view into ``struct kvm_run`` is a ctypes object created once, the
-KVM_RUN ioctl is a ctypes function with fixed argtypes, per-exit work is a few attribute reads
-and, for sampled exits only, one ExitRecord.
+The per-exit path has two implementations with identical results: the compiled one
+(:mod:`fastmmio.real.exitpath`, used when its C extension is built: KVM_RUN, decode, device
+model, histogram, sample and ring drain in C for the whole batch, about 50 ns of host time
+outside KVM_RUN per exit) and the pure-Python one here, the reference and the fallback (about
+1-2 us per exit outside KVM_RUN, by ``benchmarks/bench_runloop.py``). In the Python loop every
+view into ``struct kvm_run`` is a ctypes object created once, the KVM_RUN ioctl is a ctypes
+function with fixed argtypes, per-exit work is a few attribute reads and, for sampled exits
+only, one ExitRecord.
 """
 
 from __future__ import annotations
