@@ -234,15 +234,31 @@ class GuestCpu:
     # -- memory --------------------------------------------------------------------------------
 
     def map_host_range(self, hpa: int, size: int) -> None:
-        """Map the backed host pages of ``[hpa, hpa+size)`` into unicorn's physical space."""
+        """Map the backed host pages of ``[hpa, hpa+size)`` into unicorn's physical space: one
+        ``mem_map_ptr`` per run of pages that are adjacent in the host process as well
+        (:meth:`HostMemory.back` gives a multi-page backing one buffer). unicorn's cost per
+        mapped region is high, at mapping and at ``uc_close`` alike."""
+        run: list[tuple[int, object]] = []  # (pfn, view) of pages adjacent in the host too
+
+        def flush() -> None:
+            if run:
+                pfn0, view0 = run[0]
+                self.uc.mem_map_ptr(pfn0 << 12, PAGE_SIZE * len(run),
+                                    UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC,
+                                    ctypes.addressof(view0))
+                self._mapped.update(run)
+                run.clear()
+
         for pfn in range(hpa >> 12, (hpa + size + PAGE_SIZE - 1) >> 12):
             if pfn in self._mapped:
+                flush()
                 continue
-            page = self.memory.page(pfn << 12)
-            view = (ctypes.c_char * PAGE_SIZE).from_buffer(page)
-            self.uc.mem_map_ptr(pfn << 12, PAGE_SIZE, UC_PROT_READ | UC_PROT_WRITE | UC_PROT_EXEC,
-                                ctypes.addressof(view))
-            self._mapped[pfn] = view
+            view = (ctypes.c_char * PAGE_SIZE).from_buffer(self.memory.page(pfn << 12))
+            if run and (run[-1][0] + 1 != pfn
+                        or ctypes.addressof(run[-1][1]) + PAGE_SIZE != ctypes.addressof(view)):
+                flush()
+            run.append((pfn, view))
+        flush()
 
     # -- registers -----------------------------------------------------------------------------
 

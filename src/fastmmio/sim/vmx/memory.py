@@ -28,7 +28,8 @@ _FMT = {1: struct.Struct("<B"), 2: struct.Struct("<H"), 4: struct.Struct("<I"), 
 class HostMemory:
     """Sparse host-physical memory of 4 KiB pages.
 
-    ``pages`` (pfn -> bytearray of 4096) is public so that hot paths (the walker, a memslot
+    ``pages`` (pfn -> a writable buffer of 4096 bytes: a ``bytearray``, or a ``memoryview``
+    slice of a multi-page run's buffer, see :meth:`back`) is public so that hot paths (the walker, a memslot
     backing view) can index it directly.
     """
 
@@ -38,16 +39,27 @@ class HostMemory:
         if not 32 <= maxphyaddr <= 52:
             raise HostMemoryError(f"MAXPHYADDR must be between 32 and 52, got {maxphyaddr}")
         self.maxphyaddr = maxphyaddr
-        self.pages: dict[int, bytearray] = {}
+        self.pages: dict[int, bytearray | memoryview] = {}
 
     # -- backing ----------------------------------------------------------------------------
 
     def back(self, hpa: int, size: int = PAGE_SIZE) -> None:
-        """Back ``[hpa, hpa+size)`` with zeroed pages (pages already backed are kept)."""
+        """Back ``[hpa, hpa+size)`` with zeroed pages (pages already backed are kept).
+
+        A run of several pages none of which is backed yet gets one buffer, each page a
+        ``memoryview`` of its slice: the run is then contiguous in the host process too, so
+        the CPU emulator maps it with one call (:meth:`runs`)."""
         self._check_range(hpa, size)
-        for pfn in range(hpa >> PAGE_SHIFT, (hpa + size + PAGE_MASK) >> PAGE_SHIFT):
-            if pfn not in self.pages:
-                self.pages[pfn] = bytearray(PAGE_SIZE)
+        first, end = hpa >> PAGE_SHIFT, (hpa + size + PAGE_MASK) >> PAGE_SHIFT
+        pages = self.pages
+        if end - first > 1 and not any(pfn in pages for pfn in range(first, end)):
+            buf = memoryview(bytearray((end - first) * PAGE_SIZE))
+            for i, pfn in enumerate(range(first, end)):
+                pages[pfn] = buf[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
+            return
+        for pfn in range(first, end):
+            if pfn not in pages:
+                pages[pfn] = bytearray(PAGE_SIZE)
 
     def release(self, hpa: int, size: int = PAGE_SIZE) -> None:
         """Drop the backing of ``[hpa, hpa+size)`` (page-granular)."""
@@ -58,8 +70,8 @@ class HostMemory:
     def is_backed(self, hpa: int) -> bool:
         return (hpa >> PAGE_SHIFT) in self.pages
 
-    def page(self, hpa: int) -> bytearray:
-        """The backing bytearray of the page holding ``hpa`` (shared, not a copy)."""
+    def page(self, hpa: int) -> bytearray | memoryview:
+        """The backing buffer of the page holding ``hpa`` (shared, not a copy)."""
         try:
             return self.pages[hpa >> PAGE_SHIFT]
         except KeyError:
