@@ -31,7 +31,7 @@ from fastmmio.costs import CostModel, Pricing, Profile, load_profile
 from fastmmio.errors import FastmmioError, GuestError, IoEventFdError, UsageError
 from fastmmio.result import RunResult
 from fastmmio.routes import Route, get_route
-from fastmmio.sim.backend import SimBackend, SimOptions
+from fastmmio.sim.backend import EnginePool, SimBackend, SimOptions
 from fastmmio.sim.kvm.variants import VARIANTS
 from fastmmio.sim.vmx.caches import CONFIGS, TranslationCacheConfig
 from fastmmio.sim.vmx.layouts import EPT_R, EPT_W, EPT_X
@@ -118,8 +118,8 @@ class _RecordingBackend:
     doorbell's EPT entry) can be read after :func:`measure_route` has closed it (a closed
     SimSession keeps its models)."""
 
-    def __init__(self, options: SimOptions):
-        self.inner = SimBackend(options)
+    def __init__(self, options: SimOptions, engines: EnginePool | None = None):
+        self.inner = SimBackend(options, engines=engines)
         self.name = self.inner.name
         self.session = None
 
@@ -287,6 +287,7 @@ class Comparison:
         self.timings = timings if timings is not None else Timings()
         self._runs: dict[tuple, SimRun] = {}
         self._models: dict[bool, CostModel] = {}
+        self._engines = EnginePool()  # unicorn engines set up once for all the simulations
 
     def with_profile(self, profile: Profile) -> "Comparison":
         """A comparison pricing with ``profile`` that shares this one's simulations (a price
@@ -294,6 +295,7 @@ class Comparison:
         other = Comparison(profile, iterations=self.iterations, cpl=self.cpl,
                            on_simulate=self.on_simulate, timings=self.timings)
         other._runs = self._runs
+        other._engines = self._engines
         return other
 
     # -- pricing ----------------------------------------------------------------------------
@@ -334,7 +336,7 @@ class Comparison:
         if route.variant is not None and route.variant != options.variant:
             return SimRun(route, options, NA, None,
                           f"written for the {route.variant} variant")
-        backend = _RecordingBackend(options)
+        backend = _RecordingBackend(options, self._engines)
         bench = BenchOptions(iterations=self.iterations, runs=1)
         try:
             result = measure_route(backend, route, self.cpl, bench, price=lambda _b: 0.0)

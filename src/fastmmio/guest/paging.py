@@ -14,6 +14,7 @@ The page at guest-physical 0 is left unmapped so that a null pointer in guest co
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 
@@ -87,6 +88,14 @@ def build_page_tables(
     """
     if ranges is None:
         ranges = default_ranges()
+    return _build_page_tables(user, tuple(ranges), base, limit)
+
+
+@functools.lru_cache(maxsize=64)
+def _build_page_tables(user: bool, ranges: tuple[MappedRange, ...], base: int,
+                       limit: int) -> PageTables:
+    """:func:`build_page_tables`, kept per arguments: the result is immutable, and every
+    simulation of a compare or sweep builds the same two (CPL0 and CPL3)."""
     tables: dict[int, bytearray] = {base: bytearray(layout.PAGE_SIZE)}
     next_free = base + layout.PAGE_SIZE
     common = PTE_P | PTE_RW | PTE_A | (PTE_US if user else 0)

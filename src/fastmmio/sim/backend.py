@@ -22,17 +22,16 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from iced_x86 import Decoder, Mnemonic
-from unicorn import UC_HOOK_CODE
 
 from fastmmio import layout
 from fastmmio.errors import GuestError, UsageError
-from fastmmio.machine import IoEventFdSpec, Machine
+from fastmmio.machine import IoEventFdSpec, Machine, MachineSpec
 from fastmmio.result import BatchResult, ExitRecord
-from fastmmio.sim.cpu import GuestCpu
+from fastmmio.sim.cpu import CpuEngine, GuestCpu
 from fastmmio.sim.kvm.variants import VARIANTS
 from fastmmio.sim.kvm.vm import KvmVm
 from fastmmio.sim.vmx.caches import CONFIGS
-from fastmmio.sim.vmx.memory import HostMemory
+from fastmmio.sim.vmx.memory import PAGE_SIZE, HostMemory
 from fastmmio.sim.vmx.processor import Processor
 
 # The guest CPUID table (KVM_SET_CPUID2) the simulated vCPU gets unless a caller passes one:
@@ -44,6 +43,7 @@ EXIT_SAMPLE = 64  # exit records kept per batch (exact counts are kept separatel
 # page-aligned doorbells above the real one in the MMIO hole, ports above the doorbell port.
 EXTRA_MMIO_BASE = layout.MMIO_BASE + 0x8000
 EXTRA_PIO_BASE = layout.DOORBELL_PORT + 0x100
+_ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 @dataclass(frozen=True)
@@ -92,14 +92,85 @@ class SimOptions:
 
 
 class SimBackend:
-    """Backend protocol implementation for the simulator."""
+    """Backend protocol implementation for the simulator.
 
-    def __init__(self, options: SimOptions | None = None, **kw: Any):
+    ``engines``: an :class:`EnginePool` to take CPU engines from and give them back to at
+    close (many simulations of machines of the same shape: ``compare``, ``sweep``); without
+    one, each session creates its engine and closes it at close.
+    """
+
+    def __init__(self, options: SimOptions | None = None, *, engines: "EnginePool | None" = None,
+                 **kw: Any):
         self.options = options if options is not None else SimOptions(**kw)
+        self.engines = engines
         self.name = f"sim:{self.options.variant}"
 
     def open(self, machine: Machine) -> "SimSession":
-        return SimSession(machine, self.options)
+        return SimSession(machine, self.options, engines=self.engines)
+
+
+def machine_shape(spec: MachineSpec) -> tuple:
+    """What decides the host memory layout of a simulated machine: its memslots in order
+    (their backing is allocated in that order from a fresh allocator, so the same memslots
+    give the same host-physical addresses). Machines of one shape share CPU engines."""
+    return tuple((m.slot, m.gpa, m.size, m.readonly) for m in spec.memslots)
+
+
+@dataclass
+class _IdleEngine:
+    engine: CpuEngine
+    pages: dict[int, Any]  # pfn -> the page buffers mapped into the engine
+    ranges: list[tuple[int, int]]  # the backing ranges they came from (checked at reuse)
+
+
+class EnginePool:
+    """Idle CPU engines (:class:`~fastmmio.sim.cpu.CpuEngine`) with the memslot pages mapped
+    into them, by :func:`machine_shape`: set up once, not per simulation.
+
+    Creating a unicorn engine and mapping a machine's memory into it, and closing it again,
+    cost more than most simulations. A session opened with a pool takes an idle engine of its
+    machine's shape when there is one: it zeroes the pages, builds its models over them as a
+    new session would (the allocator hands out the same addresses, checked), and resets the
+    engine (:meth:`CpuEngine.reset`); at close it gives the engine back, unless its last run
+    raised. Everything else (processor, KVM model, registers, hooks) is new per session, so a
+    session from a pool counts the same events as a new one (tests/unit/test_sim_reuse.py).
+    A closed session's guest memory is then the next session's: read what it needs before
+    closing (its KVM model and EPT tables stay its own). ``max_idle`` engines are kept per
+    shape; :meth:`close` closes them. One pool per thread: a session is not shared.
+    """
+
+    def __init__(self, max_idle: int = 2):
+        self.max_idle = max_idle
+        self._idle: dict[tuple, list[_IdleEngine]] = {}
+        self.created = 0  # engines created for sessions of this pool
+        self.reused = 0  # sessions served by an idle engine
+
+    def take(self, shape: tuple) -> _IdleEngine | None:
+        idle = self._idle.get(shape)
+        if idle:
+            self.reused += 1
+            return idle.pop()
+        self.created += 1
+        return None
+
+    def give(self, shape: tuple, idle: _IdleEngine) -> None:
+        kept = self._idle.setdefault(shape, [])
+        if len(kept) < self.max_idle:
+            kept.append(idle)
+        else:
+            idle.engine.close()
+
+    def close(self) -> None:
+        for kept in self._idle.values():
+            for idle in kept:
+                idle.engine.close()
+        self._idle.clear()
+
+    def __enter__(self) -> "EnginePool":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _timed_region(machine: Machine) -> tuple[int, int] | None:
@@ -119,15 +190,35 @@ def _timed_region(machine: Machine) -> tuple[int, int] | None:
 class SimSession:
     """One simulated VM with one vCPU running a guest image."""
 
-    def __init__(self, machine: Machine, options: SimOptions):
+    def __init__(self, machine: Machine, options: SimOptions,
+                 engines: EnginePool | None = None):
         self.machine = machine
         self.options = options
         spec = machine.spec
         if options.extra_ioeventfds:
             spec = replace(spec, ioeventfds=spec.ioeventfds + _extra_ioeventfds(options.extra_ioeventfds))
         self.spec = spec
+        self._engines = engines
+        self._shape = machine_shape(spec)
+        idle = engines.take(self._shape) if engines is not None else None
+        try:
+            self._build(machine, options, idle)
+        except BaseException:
+            if idle is not None:
+                if "cpu" in self.__dict__:
+                    self.cpu.close()
+                else:  # refused before the engine was touched (an ioeventfd the variant refuses)
+                    engines.give(self._shape, idle)
+            raise
+
+    def _build(self, machine: Machine, options: SimOptions, idle: "_IdleEngine | None") -> None:
+        spec = self.spec
         boot = machine.image.boot
         self.memory = HostMemory(46)
+        if idle is not None:
+            for page in idle.pages.values():
+                page[:] = _ZERO_PAGE
+            self.memory.pages.update(idle.pages)
         self.processor = Processor(self.memory, options.caches, vpid_enabled=options.vpid,
                                    vpid=1 if options.vpid else 0)
         self.events: Counter[str] = self.processor.events  # one counter for the machine
@@ -140,9 +231,15 @@ class SimSession:
         self.processor.set_eptp(self.vm.mmu.eptp)
         self.processor.load_guest_state(cr0=boot.cr0, cr3=boot.cr3, cr4=boot.cr4,
                                         efer=boot.efer, cpl=boot.cpl)
-        self.cpu = GuestCpu(self.memory, self.processor, boot, self.vcpu)
-        for hpa, size in self.vm.backing_ranges():
-            self.cpu.map_host_range(hpa, size)
+        self._ranges = self.vm.backing_ranges()
+        if idle is not None and idle.ranges != self._ranges:  # pragma: no cover - see shape
+            raise AssertionError(f"machine shape {self._shape} backed at {self._ranges}, "
+                                 f"its pooled engine at {idle.ranges}")
+        self.cpu = GuestCpu(self.memory, self.processor, boot, self.vcpu,
+                            engine=idle.engine if idle is not None else None)
+        if idle is None:
+            for hpa, size in self._ranges:
+                self.cpu.map_host_range(hpa, size)
         timed = _timed_region(machine)
         self._whole_batch = timed is None
         self._t0_ip, self._t1_ip = timed if timed is not None else (-1, -1)
@@ -150,7 +247,7 @@ class SimSession:
         self._in_timed = False
         self._timed: Counter[str] = Counter()
         self._snap: Counter[str] | None = None
-        self.cpu.uc.hook_add(UC_HOOK_CODE, self._on_insn, None, machine.image.code_gpa, code_end - 1)
+        self.cpu.hook_code(self._on_insn, machine.image.code_gpa, code_end - 1)
         self._batch_exits: list[ExitRecord] = []
         self._user_exits = 0
         self._coalesced = 0
@@ -158,6 +255,7 @@ class SimSession:
         self._stopped_at_done = False
         self.exit_histogram: Counter[tuple] = Counter()  # last batch, as RunLoop.exit_histogram
         self.closed = False
+        self._released = False
 
     # -- guest code hook: instruction count and the timed region ------------------------------
 
@@ -258,8 +356,17 @@ class SimSession:
         return self.cpu.regs()
 
     def close(self) -> None:
-        """Release the unicorn engine and its memory (also after a guest error)."""
+        """Release the unicorn engine and its memory (also after a guest error), or give the
+        engine back to the session's :class:`EnginePool` when its last run ended normally."""
         self.closed = True
+        if self._released:
+            return
+        self._released = True
+        if self._engines is not None and self.cpu.reusable:
+            mapped = self.cpu.engine.mapped
+            pages = {pfn: self.memory.pages[pfn] for pfn in mapped}
+            self._engines.give(self._shape, _IdleEngine(self.cpu.detach(), pages, self._ranges))
+            return
         self.cpu.close()
 
     def __enter__(self) -> "SimSession":

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import ctypes
 import operator
-import threading
+import weakref
 from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
@@ -83,6 +83,7 @@ try:  # the binding's ctypes library: registers read and written without per-cal
 except ImportError:  # pragma: no cover - another binding layout: use the public API
     _uclib = None
 
+from fastmmio.deadline import DeadlineTimer
 from fastmmio.image import BootState
 from fastmmio.sim.vmx.exits import (
     EXIT_CPUID,
@@ -144,34 +145,76 @@ class ExitHandler(Protocol):
 
 
 class _Deadline:
-    """The watchdog of :meth:`GuestCpu.run`: a thread that stops unicorn once ``seconds``
-    have passed, for the whole run rather than per ``emu_start``.
+    """The watchdog of :meth:`GuestCpu.run`: stops unicorn once ``seconds`` have passed, for
+    the whole run rather than per ``emu_start``, from the engine's one
+    :class:`~fastmmio.deadline.DeadlineTimer` thread (started once per engine, not per run).
 
     (``emu_start``'s own timeout starts a polling thread and joins it on every call, i.e. on
     every VM exit that stops unicorn: that cost more than the exit itself.) ``uc_emu_stop`` is
     what unicorn's own timeout thread calls, so it may come from another thread; one that lands
-    between two ``emu_start`` calls is lost, so it is repeated until the run loop notices.
+    between two ``emu_start`` calls is lost, so it is repeated every 10 ms until the run loop
+    notices.
     """
 
-    def __init__(self, uc: Uc, seconds: float):
+    def __init__(self, uc: Uc, timer: DeadlineTimer, seconds: float):
         self.uc = uc
         self.fired = False
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(seconds,), daemon=True,
-                                        name="fastmmio-sim-watchdog")
-        self._thread.start()
+        self._timer = timer
+        timer.arm(seconds, self._fire)
 
-    def _main(self, seconds: float) -> None:
-        if self._done.wait(seconds):
-            return
+    def _fire(self) -> None:  # on the timer thread, holding its (re-entrant) lock
         self.fired = True
-        while not self._done.is_set():
-            self.uc.emu_stop()
-            self._done.wait(0.01)
+        self.uc.emu_stop()
+        self._timer.arm(0.01, self._fire)
 
     def finish(self) -> None:
-        self._done.set()
-        self._thread.join()
+        self._timer.disarm()
+
+
+class CpuEngine:
+    """What a :class:`GuestCpu` keeps between guests of the same machine shape: the unicorn
+    engine (virtual-TLB mode, the scratch page, the exit list), the host pages mapped into it
+    (``mapped``: pfn -> ctypes view keeping the buffer exported), the CPU state it started
+    with, and the watchdog's timer thread.
+
+    :meth:`reset` makes a used engine equivalent to a new one for the next guest: the CPU
+    state is restored from the context saved at creation (``uc_context_restore``: registers,
+    segment and control state, flags), unicorn's translated code is dropped (the next guest's
+    code sits at the same addresses; its bytes are written behind unicorn's back) and so is
+    its TLB. The mappings stay; the caller rewrites the memory behind them.
+    """
+
+    def __init__(self) -> None:
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        self.mapped: dict[int, object] = {}
+        self._scratch = (ctypes.c_char * PAGE_SIZE)()
+        self.uc.mem_map_ptr(_SCRATCH_HPA, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC,
+                            ctypes.addressof(self._scratch))
+        self.uc.ctl_exits_enabled(True)  # with no exit points: see _END
+        self.uc.ctl_set_exits([])
+        self._pristine = self.uc.context_save()
+        self.timer = DeadlineTimer("fastmmio-sim-watchdog")
+        # an engine dropped without close() (a pool nobody closed) still ends its thread
+        self._stop_timer = weakref.finalize(self, self.timer.close)
+
+    def reset(self) -> None:
+        self.uc.context_restore(self._pristine)
+        self.uc.ctl_flush_tb()
+        self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+
+    def close(self) -> None:
+        """Close the unicorn engine now (``uc_close``) rather than when the garbage collector
+        finds the cycle between the engine and its hooks; then drop the page views and stop
+        the timer thread. Idempotent."""
+        uc = self.__dict__.pop("uc", None)
+        if uc is None:
+            return
+        self._stop_timer()
+        finalizer = getattr(uc, "_Uc__finalizer", None)
+        if finalizer is not None:
+            finalizer()  # runs Uc.release_handle(uch) once; the finalizer is then dead
+        self.mapped.clear()
 
 
 @dataclass
@@ -187,15 +230,20 @@ class GuestCpu:
     """One vCPU: unicorn for instructions, :class:`Processor` for translations."""
 
     def __init__(self, memory: HostMemory, processor: Processor, boot: BootState,
-                 handler: ExitHandler, *, fill_instruction_length: bool = True):
+                 handler: ExitHandler, *, fill_instruction_length: bool = True,
+                 engine: CpuEngine | None = None):
         self.memory = memory
         self.processor = processor
         self.handler = handler
         self.fill_instruction_length = fill_instruction_length
         self.events: Counter[str] = processor.events  # one counter for the whole machine
-        self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        self._mapped: dict[int, object] = {}  # pfn -> ctypes view keeping the buffer exported
+        if engine is None:
+            engine = CpuEngine()
+        else:
+            engine.reset()
+        self.engine = engine
+        self.uc = engine.uc
+        self._mapped = engine.mapped
         self._pending_fault: Fault | None = None
         self._pending_access = READ  # the access type of the refused fill
         self._insns: dict[int, Instruction | None] = {}  # decoded guest instructions by RIP
@@ -204,21 +252,19 @@ class GuestCpu:
         self._lengths: dict[int, int] = {}
         self._stop: CpuStop | None = None
         self._hook_error: BaseException | None = None
-        self._scratch = (ctypes.c_char * PAGE_SIZE)()
-        self.uc.mem_map_ptr(_SCRATCH_HPA, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC,
-                            ctypes.addressof(self._scratch))
-        self.uc.ctl_exits_enabled(True)  # with no exit points: see _END
-        self.uc.ctl_set_exits([])
-        self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill)
-        self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT)
-        self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)
-        self.uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID)
-        self.uc.hook_add(UC_HOOK_INTR, self._hook_intr)
+        self.reusable = True  # False while run() is under way or after it raised
+        self._hooks = [
+            self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill),
+            self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT),
+            self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN),
+            self.uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
+            self.uc.hook_add(UC_HOOK_INTR, self._hook_intr),
+        ]
         # no combined TLB (caches "none"): every access walks, instruction fetches included
         self.walk_every_access = not processor.config.combined_tlb
         self._fetch_filled: int | None = None  # page of unicorn's last counted fetch fill
         if self.walk_every_access:
-            self.uc.hook_add(UC_HOOK_CODE, self._hook_fetch)
+            self._hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_fetch))
         # Register file buffers for uc_reg_read_batch / uc_reg_read / uc_reg_write (x86-64
         # GPRs, RIP and RFLAGS are all 64-bit values in unicorn).
         n = len(_UC_REGS)
@@ -230,6 +276,22 @@ class GuestCpu:
         self._one = ctypes.c_uint64()
         self._one_ptr = ctypes.c_void_p(ctypes.addressof(self._one))
         self.set_regs({"rip": boot.rip, "rsp": boot.rsp, "rflags": boot.rflags, **boot.gprs})
+
+    def hook_code(self, callback, begin: int, end: int) -> int:
+        """A ``UC_HOOK_CODE`` hook over ``[begin, end]`` that belongs to this guest: removed by
+        :meth:`detach` before the engine serves another one."""
+        h = self.uc.hook_add(UC_HOOK_CODE, callback, None, begin, end)
+        self._hooks.append(h)
+        return h
+
+    def detach(self) -> CpuEngine:
+        """Take the engine away from this CPU for another guest (:class:`CpuEngine`): this
+        CPU's hooks are removed and it no longer has an engine (``uc``)."""
+        uc = self.__dict__.pop("uc")
+        for h in self._hooks:
+            uc.hook_del(h)
+        self._hooks = []
+        return self.engine
 
     # -- memory --------------------------------------------------------------------------------
 
@@ -332,12 +394,16 @@ class GuestCpu:
         budget (instructions, or microseconds of host time) runs out: the simulator's watchdog.
         """
         self._stop = None
-        deadline = _Deadline(self.uc, timeout_us / 1e6) if timeout_us > 0 else None
+        self.reusable = False
+        deadline = (_Deadline(self.uc, self.engine.timer, timeout_us / 1e6)
+                    if timeout_us > 0 else None)
         try:
-            return self._run(insn_budget, deadline)
+            stop = self._run(insn_budget, deadline)
         finally:
             if deadline is not None:
                 deadline.finish()
+        self.reusable = True
+        return stop
 
     def _run(self, insn_budget: int, deadline: _Deadline | None) -> CpuStop:
         while self._stop is None:
@@ -646,13 +712,7 @@ class GuestCpu:
         uc.emu_stop()
 
     def close(self) -> None:
-        """Close the unicorn engine now (``uc_close``) rather than when the garbage collector
-        finds the cycle between the engine and this object's hooks; then drop the page views.
-        Idempotent."""
-        uc = self.__dict__.pop("uc", None)
-        if uc is None:
+        """Close the unicorn engine now (:meth:`CpuEngine.close`). Idempotent."""
+        if self.__dict__.pop("uc", None) is None:
             return
-        finalizer = getattr(uc, "_Uc__finalizer", None)
-        if finalizer is not None:
-            finalizer()  # runs Uc.release_handle(uch) once; the finalizer is then dead
-        self._mapped.clear()
+        self.engine.close()
