@@ -57,6 +57,11 @@ class SimOptions:
     ``mmio_caching``: ``kvm.mmio_caching``. ``ept_ad``: ``kvm_intel.eptad``.
     ``extra_ioeventfds``: wildcard ioeventfds added to each bus besides the route's own.
     ``timeout_s``: the watchdog: host seconds a batch may run before it is stopped.
+    ``fast_exits``: handle a store's EPT exit that KVM answers with a skip inside unicorn's
+    hook, without stopping the engine (:meth:`fastmmio.sim.cpu.GuestCpu._fast_ept_exit`);
+    False keeps the reference path (stop, handle, restart). Both count the same events
+    (tests/unit/test_sim_fast_exits.py); it changes how fast the simulator runs, not what
+    the simulated machine is.
     """
 
     variant: str = "upstream"
@@ -67,6 +72,7 @@ class SimOptions:
     ept_ad: bool = True
     extra_ioeventfds: int = 0
     timeout_s: float = 30.0
+    fast_exits: bool = True
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -236,7 +242,8 @@ class SimSession:
             raise AssertionError(f"machine shape {self._shape} backed at {self._ranges}, "
                                  f"its pooled engine at {idle.ranges}")
         self.cpu = GuestCpu(self.memory, self.processor, boot, self.vcpu,
-                            engine=idle.engine if idle is not None else None)
+                            engine=idle.engine if idle is not None else None,
+                            fast_exits=options.fast_exits)
         if idle is None:
             for hpa, size in self._ranges:
                 self.cpu.map_host_range(hpa, size)

@@ -59,7 +59,16 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
-from iced_x86 import Code, Decoder, Instruction, MemorySizeExt, OpKind, Register, RegisterExt
+from iced_x86 import (
+    Code,
+    Decoder,
+    Instruction,
+    MemorySizeExt,
+    Mnemonic,
+    OpKind,
+    Register,
+    RegisterExt,
+)
 from unicorn import (
     UC_ARCH_X86,
     UC_HOOK_CODE,
@@ -122,6 +131,7 @@ _END_PAGE = _END >> 12
 # binding's Uc.ctl encodes it
 _CTL_TLB_FLUSH_W = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 _SCRATCH_HPA = (1 << 46) - 0x1000
+_SINK_HPA = (1 << 46) - 0x2000
 _UNDECODED = object()
 
 
@@ -193,10 +203,25 @@ class CpuEngine:
                             ctypes.addressof(self._scratch))
         self.uc.ctl_exits_enabled(True)  # with no exit points: see _END
         self.uc.ctl_set_exits([])
+        # the doorbell sink of exits handled without stopping (GuestCpu._fast_ept_exit): a
+        # store the hypervisor skipped lands here, and landing drops unicorn's TLB (the VM
+        # entry's flush, which could not be made before the store had its translation)
+        self.uc.mmio_map(_SINK_HPA, PAGE_SIZE, self._sink_read, None, self._sink_write, None)
         self._pristine = self.uc.context_save()
         self.timer = DeadlineTimer("fastmmio-sim-watchdog")
         # an engine dropped without close() (a pool nobody closed) still ends its thread
         self._stop_timer = weakref.finalize(self, self.timer.close)
+
+    def _sink_write(self, uc: Uc, _offset: int, _size: int, _value: int, _user) -> None:
+        err = _uclib.uc_ctl(uc._uch, _CTL_TLB_FLUSH_W) if _uclib is not None else 0
+        if _uclib is None:  # pragma: no cover
+            uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+        if err:  # pragma: no cover
+            raise UcError(err)
+
+    @staticmethod
+    def _sink_read(_uc: Uc, _offset: int, _size: int, _user) -> int:  # pragma: no cover
+        return 0  # only stores are sent to the sink
 
     def reset(self) -> None:
         self.uc.context_restore(self._pristine)
@@ -231,7 +256,7 @@ class GuestCpu:
 
     def __init__(self, memory: HostMemory, processor: Processor, boot: BootState,
                  handler: ExitHandler, *, fill_instruction_length: bool = True,
-                 engine: CpuEngine | None = None):
+                 engine: CpuEngine | None = None, fast_exits: bool = False):
         self.memory = memory
         self.processor = processor
         self.handler = handler
@@ -253,6 +278,9 @@ class GuestCpu:
         self._stop: CpuStop | None = None
         self._hook_error: BaseException | None = None
         self.reusable = True  # False while run() is under way or after it raised
+        self.fast_exits = fast_exits
+        self._fetch_memo: tuple[int, int] | None = None  # (page, HPA) see _fast_ept_exit
+        self._pending_outcome: tuple | None = None  # an EPT exit handled in the fill hook
         self._hooks = [
             self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill),
             self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT),
@@ -368,6 +396,7 @@ class GuestCpu:
 
     def flush_tlb(self) -> None:
         """Drop unicorn's own TLB so the next access to every page asks the model again."""
+        self._fetch_memo = None
         if _uclib is None:  # pragma: no cover
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
             return
@@ -418,6 +447,10 @@ class GuestCpu:
                 if self._hook_error is not None:
                     err, self._hook_error = self._hook_error, None
                     raise err
+                if self._pending_outcome is not None:
+                    self._finish_ept_exit(*self._pending_outcome)
+                    self._pending_outcome = None
+                    continue
                 if self._pending_fault is not None:
                     self._ept_exit(self._pending_fault)
                     continue
@@ -451,11 +484,19 @@ class GuestCpu:
 
     def _ept_exit(self, fault: Fault) -> None:
         regs, before = self._exit_regs()
+        info, go_on = self._handle_ept_exit(fault, regs)
+        self._finish_ept_exit(info, go_on, before, regs)
+
+    def _handle_ept_exit(self, fault: Fault, regs: dict[str, int]) -> tuple[ExitInfo, bool]:
+        self._fetch_memo = None
         length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
         fault = self._exact_fault(fault, regs)
         info = self.processor.exit_info(fault, length)
         self.processor.vmexit(info)
-        go_on = self.handler.ept_exit(info, regs)
+        return info, self.handler.ept_exit(info, regs)
+
+    def _finish_ept_exit(self, info: ExitInfo, go_on: bool, before: tuple[int, ...],
+                         regs: dict[str, int]) -> None:
         self._write_back(before, regs)
         if not go_on:
             self.flush_tlb()  # (unicorn does not run in between: one flush serves exit and entry)
@@ -479,6 +520,49 @@ class GuestCpu:
             self._set_stop("handler", info.name)
             return True
         self._vmentry()
+        return True
+
+    def _fast_ept_exit(self, fault: Fault, page: int, entry) -> bool | None:
+        """An EPT exit met by a store, handled inside the TLB-fill hook without stopping
+        unicorn when the hypervisor's answer is a skip (``KVM_FAST_MMIO_BUS`` hit: RIP moves
+        past the instruction, nothing else changes). Returns True when the fill is answered
+        (the store goes to the sink and the guest runs on), False when the exit was handled
+        but needs the stop (its outcome is applied by :meth:`_run` as :meth:`_ept_exit`
+        would), None when it is not tried (the reference path takes it).
+
+        The same steps as the reference path (stop, :meth:`_ept_exit`, restart), in the same
+        order: exit information, VM exit, handler, VM entry, then the translation of the next
+        instruction's page that unicorn asks for first after a restart (done here, and its
+        answer kept for unicorn's own ask of that page if it comes before the next exit: after
+        a restart it asks once and keeps the answer in its TLB). The entry's flush of
+        unicorn's TLB happens when the store lands in the sink (:class:`CpuEngine`), before
+        any other access. Tried only for a plain ``MOV`` store within one page: the skip then
+        differs from letting the store complete into the sink in nothing the guest sees.
+        RIP is exact in the hook because the session's code hook makes unicorn keep it per
+        instruction (SimSession passes ``fast_exits``)."""
+        regs, before = self._exit_regs()
+        rip = regs["rip"]
+        insn = self._decode_at(rip)
+        if insn is None or insn.mnemonic != Mnemonic.MOV or insn.op0_kind != OpKind.MEMORY:
+            return None
+        op = self._operands.get(rip, _UNDECODED)
+        if op is _UNDECODED:
+            op = self._operands[rip] = self._memory_operand(rip)
+        la = self._exact_address(page, regs)
+        if op is None or la is None or (la & 0xFFF) + op[-1] > PAGE_SIZE:
+            return None
+        self._pending_access = WRITE
+        info, go_on = self._handle_ept_exit(fault, regs)
+        next_rip = rip + insn.len
+        if not go_on or regs["rip"] != next_rip or _REG_VALUES(regs)[:-2] != before[:-2] \
+                or regs["rflags"] != before[-1]:
+            self._pending_outcome = (info, go_on, before, regs)
+            return False
+        self.processor.vmentry()
+        hpa = self.processor.translate(next_rip, FETCH)
+        self._fetch_memo = (next_rip >> 12, hpa)
+        entry.paddr = _SINK_HPA
+        entry.perms = UC_PROT_READ | UC_PROT_WRITE
         return True
 
     def _insn_length(self, rip: int) -> int | None:
@@ -609,7 +693,12 @@ class GuestCpu:
             return True
         try:
             access = _ACCESS.get(mem_type, READ)
-            r = self.processor.translate(vaddr, access)
+            memo = self._fetch_memo
+            if memo is not None and access == FETCH and memo[0] == vaddr >> 12:
+                self._fetch_memo = None  # asked for already, after the fast exit's entry
+                r = memo[1]
+            else:
+                r = self.processor.translate(vaddr, access)
             if isinstance(r, int):
                 if not r >> 12 in self._mapped:
                     self._pending_exception = f"access to unbacked host page {r:#x}"
@@ -620,6 +709,12 @@ class GuestCpu:
                 entry.perms = _PERMS[access]
                 return True
             if r.is_vm_exit:
+                if self.fast_exits and access == WRITE:
+                    done = self._fast_ept_exit(r, vaddr, entry)
+                    if done:
+                        return True
+                    if done is False:
+                        return False
                 self._pending_fault = r
                 self._pending_access = access
             else:
