@@ -11,7 +11,11 @@ unicorn program stores to an unmapped page in a loop; each store stops emulation
 (``UC_ERR_WRITE_UNMAPPED``), Python moves RIP past the store and restarts ``emu_start``. No
 translation hook, no model: the stop-and-restart alone.
 
-Printed: both rates and the ratio simulated/bare (aim: >= 0.3), for the best of R repeats,
+Each route runs twice: with exits handled inside unicorn's hooks where KVM's answer allows it
+(``SimOptions(fast_exits=True)``, the default) and on the reference path (``fast_exits=False``:
+every EPT exit stops and restarts unicorn; port I/O is handled in the OUT hook on both).
+
+Printed: the rates and the ratio simulated/bare (aim: >= 1.0), for the best of R repeats,
 in CPU time of the running thread (``time.thread_time_ns``: the machine may be shared, and
 CPU time is what the code costs) and, for information, in wall-clock time.
 
@@ -27,9 +31,9 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as X
 
 from fastmmio.routes import build_machine, get_route
-from fastmmio.sim.backend import SimBackend
+from fastmmio.sim.backend import SimBackend, SimOptions
 
-AIM = 0.3
+AIM = 1.0
 ROUTES = ("mmio-eventfd-len0", "pio-eventfd-len1")
 
 # mov [rsi], al ; dec rcx ; jnz -7 ; hlt   (rsi points at an unmapped page)
@@ -65,10 +69,12 @@ def bare_exits_per_second(n: int) -> tuple[float, float]:
     return exits / (cpu / 1e9), exits / (wall / 1e9)
 
 
-def sim_exits_per_second(route_name: str, n: int, repeats: int) -> tuple[float, float, float]:
+def sim_exits_per_second(route_name: str, n: int, repeats: int,
+                         fast_exits: bool = True) -> tuple[float, float, float]:
     """Best exits per CPU second and per wall-clock second over the repeats of a
     steady-state batch, and the exits per notification."""
-    with SimBackend().open(build_machine(get_route(route_name), 0)) as s:
+    options = SimOptions(fast_exits=fast_exits)
+    with SimBackend(options).open(build_machine(get_route(route_name), 0)) as s:
         s.run_batch(16)  # warm-up: first-touch EPT violations, MMIO SPTE, caches
         best_cpu = best_wall = per = 0.0
         for _ in range(repeats):
@@ -93,11 +99,14 @@ def main() -> int:
           f"   ({bare_wall:,.0f}, 1.00)")
     worst = None
     for name in ROUTES:
-        rate, wall, per = sim_exits_per_second(name, n, repeats)
-        ratio = rate / bare_cpu
-        worst = ratio if worst is None else min(worst, ratio)
-        print(f"{'sim ' + name:26} {rate:10,.0f} {1e6 / rate:8.2f} {ratio:6.2f}"
-              f"   ({wall:,.0f}, {wall / bare_wall:.2f})  {per:.2f} exits/notification")
+        for fast in (False, True):
+            rate, wall, per = sim_exits_per_second(name, n, repeats, fast)
+            ratio = rate / bare_cpu
+            if fast:
+                worst = ratio if worst is None else min(worst, ratio)
+            label = f"sim {name}" + ("" if fast else " (ref)")
+            print(f"{label:26} {rate:10,.0f} {1e6 / rate:8.2f} {ratio:6.2f}"
+                  f"   ({wall:,.0f}, {wall / bare_wall:.2f})  {per:.2f} exits/notification")
     verdict = "meets" if worst is not None and worst >= AIM else "below"
     print(f"worst ratio {worst:.2f}: {verdict} the aim of {AIM}")
     return 0

@@ -183,7 +183,10 @@ class KvmVcpu:
 
     def _load_regs(self, regs: Mapping[str, int]) -> None:
         p = self.processor
-        self.regs.update({k: v for k, v in regs.items() if k in _REG_KEYS})
+        if regs.keys() <= _REG_KEYS:  # the CPU's register file (every exit): no filtering
+            self.regs.update(regs)
+        else:
+            self.regs.update({k: v for k, v in regs.items() if k in _REG_KEYS})
         self.regs.update(cr0=p.cr0, cr3=p.cr3, cr4=p.cr4, efer=p.efer, cpl=p.cpl)
 
     def _before_entry(self) -> None:

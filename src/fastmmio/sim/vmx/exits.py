@@ -12,6 +12,7 @@ carries both what the processor wrote and whether the architecture promises it.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from fastmmio.sim.vmx.errors import VmxError
@@ -182,9 +183,11 @@ IO_QUAL = BitLayout("I/O qualification", (
 ), "Exit qualification for I/O instructions (Table 27-5)")
 
 
+@functools.lru_cache(maxsize=4096)
 def io_qualification(port: int, size: int, is_in: bool, string: bool = False,
                      rep: bool = False, immediate: bool = False) -> int:
-    """Build an I/O-instruction exit qualification (SDM Table 27-5)."""
+    """Build an I/O-instruction exit qualification (SDM Table 27-5); kept per arguments (it
+    is built at every I/O-instruction exit, and a guest uses a few ports)."""
     if size not in (1, 2, 4):
         raise VmxError(f"I/O size must be 1, 2 or 4, got {size}")
     return IO_QUAL.build(size_minus_1=size - 1, direction_in=is_in, string=string, rep=rep,
