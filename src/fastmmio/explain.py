@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -492,7 +492,9 @@ def explain(route: Route | str, options: ExplainOptions = ExplainOptions()) -> E
     model = CostModel(options.profile, nested=options.sim.nested)
     machine = build_machine(route, options.cpl)
     try:
-        session = SimBackend(options.sim).open(machine)
+        # the reference path: explain logs guest.insn per instruction beside its own hooks
+        # and every exit as a stop (fast exits count the same events, in blocks)
+        session = SimBackend(replace(options.sim, fast_exits=False)).open(machine)
     except IoEventFdError as exc:
         raise UsageError(f"route {route.name} cannot run under the {options.sim.variant} KVM "
                          f"variant: {exc}") from None

@@ -179,14 +179,19 @@ class EnginePool:
         self.close()
 
 
+def _code_bytes(machine: Machine) -> bytes:
+    image = machine.image
+    for region in image.regions:
+        if region.gpa == image.code_gpa:
+            return region.data
+    return b""
+
+
 def _timed_region(machine: Machine) -> tuple[int, int] | None:
     """Guest-physical addresses of the doorbell loop's two RDTSC instructions, or None for a
     program without a timed region (then a batch's events are those of the whole batch)."""
     image = machine.image
-    code = b""
-    for region in image.regions:
-        if region.gpa == image.code_gpa:
-            code = region.data
+    code = _code_bytes(machine)
     rdtsc = [i.ip for i in Decoder(64, code, ip=image.code_gpa) if i.mnemonic == Mnemonic.RDTSC]
     if len(rdtsc) < 2:
         return None
@@ -254,7 +259,13 @@ class SimSession:
         self._in_timed = False
         self._timed: Counter[str] = Counter()
         self._snap: Counter[str] | None = None
-        self.cpu.hook_code(self._on_insn, machine.image.code_gpa, code_end - 1)
+        if options.fast_exits:  # guest.insn per block; Python hooks on the two RDTSCs only
+            for ip in sorted({self._t0_ip, self._t1_ip} - {-1}):
+                self.cpu.hook_code(self._on_rdtsc, ip, ip)
+            self.cpu.count_instructions(machine.image.code_gpa,
+                                        _code_bytes(machine)[:machine.image.code_size])
+        else:
+            self.cpu.hook_code(self._on_insn, machine.image.code_gpa, code_end - 1)
         self._batch_exits: list[ExitRecord] = []
         self._user_exits = 0
         self._coalesced = 0
@@ -266,7 +277,24 @@ class SimSession:
 
     # -- guest code hook: instruction count and the timed region ------------------------------
 
+    def _on_rdtsc(self, uc, address: int, size: int, _user) -> None:
+        """The timed region's ends with ``guest.insn`` counted per block
+        (:meth:`GuestCpu.count_instructions`): the block's instructions after this one are
+        counted already, and are not part of the count up to here."""
+        ahead = self.cpu.insns_after(address)
+        if address == self._t0_ip:
+            self._snap = Counter(self.processor.events)
+            self._snap["guest.insn"] -= ahead
+        if address == self._t1_ip and self._snap is not None:
+            now = self.processor.events
+            delta = Counter({k: v - self._snap.get(k, 0) for k, v in now.items()})
+            delta["guest.insn"] -= ahead
+            self._timed = +delta
+            self._snap = None
+
     def _on_insn(self, uc, address: int, size: int, _user) -> None:
+        """Per instruction (the reference path, ``fast_exits=False``): ``guest.insn`` and the
+        timed region's ends."""
         ev = self.events
         ev["guest.insn"] += 1
         if address == self._t0_ip:

@@ -71,6 +71,7 @@ from iced_x86 import (
 )
 from unicorn import (
     UC_ARCH_X86,
+    UC_HOOK_BLOCK,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_INTR,
@@ -131,6 +132,8 @@ _END_PAGE = _END >> 12
 # binding's Uc.ctl encodes it
 _CTL_TLB_FLUSH_W = (UC_CTL_IO_WRITE << 30) | UC_CTL_TLB_FLUSH
 _SCRATCH_HPA = (1 << 46) - 0x1000
+_NATIVE_NOOP = (ctypes.cast(_uclib.uc_arch_supported, ctypes.c_void_p)
+                if _uclib is not None else None)  # see GuestCpu.count_instructions
 _SINK_HPA = (1 << 46) - 0x2000
 _UNDECODED = object()
 
@@ -279,6 +282,11 @@ class GuestCpu:
         self._hook_error: BaseException | None = None
         self.reusable = True  # False while run() is under way or after it raised
         self.fast_exits = fast_exits
+        self._block_ips: dict[tuple[int, int], tuple[int, ...]] | None = None  # count_instructions
+        self._native_hooks: list[int] = []
+        self._code: tuple[int, bytes] = (0, b"")
+        self._block: tuple[int, ...] = ()  # the addresses of the block unicorn is running
+        self._refused_fetch = False  # the last refused fill was an instruction fetch
         self._fetch_memo: tuple[int, int] | None = None  # (page, HPA) see _fast_ept_exit
         self._pending_outcome: tuple | None = None  # an EPT exit handled in the fill hook
         self._hooks = [
@@ -312,13 +320,74 @@ class GuestCpu:
         self._hooks.append(h)
         return h
 
+    def count_instructions(self, code_gpa: int, code: bytes) -> None:
+        """Count ``guest.insn`` for the instructions of ``code`` (at linear = guest-physical
+        ``code_gpa``; guest code here is never rewritten) per translated block instead of per
+        instruction: one ``UC_HOOK_BLOCK`` callback adds the block's instruction count, and
+        where unicorn leaves a block early the instructions it did not run are taken off again
+        (:meth:`_uncount_rest`). The result is what a per-instruction ``UC_HOOK_CODE`` count
+        gives (its hook fires before each instruction, not after a stop request), one Python
+        callback per block instead of one per instruction."""
+        self._block_ips = {}
+        self._code = (code_gpa, code)
+        end = code_gpa + len(code) - 1
+        self._hooks.append(self.uc.hook_add(UC_HOOK_BLOCK, self._on_block, None, code_gpa, end))
+        if _uclib is not None:
+            # A code hook over the same range that calls no Python: with any code hook on an
+            # instruction unicorn checks for a stop request before running it, so a stop
+            # requested by a hook (the done port's OUT) takes effect at the next instruction
+            # as with a per-instruction count, not at the end of the block. The callback is a
+            # C function of unicorn's that reads one integer argument and changes nothing
+            # (uc_arch_supported; on x86-64 and AArch64 the extra arguments are ignored).
+            h = ctypes.c_size_t()
+            err = _uclib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, _NATIVE_NOOP,
+                                     None, ctypes.c_uint64(code_gpa), ctypes.c_uint64(end))
+            if err:  # pragma: no cover
+                raise UcError(err)
+            self._native_hooks.append(h.value)
+
+    def _on_block(self, uc: Uc, address: int, size: int, _user) -> None:
+        key = (address, size)
+        ips = self._block_ips.get(key)
+        if ips is None:
+            base, code = self._code
+            end = min(address + size, base + len(code))
+            ips = tuple(i.ip for i in Decoder(64, code[address - base:end - base], ip=address))
+            self._block_ips[key] = ips
+        self._block = ips
+        self.events["guest.insn"] += len(ips)
+
+    def insns_after(self, address: int) -> int:
+        """How many instructions of the running block come after ``address`` (counted by
+        :meth:`count_instructions` at the block's start, not run yet)."""
+        ips = self._block
+        return len(ips) - ips.index(address) - 1 if address in ips else 0
+
+    def _uncount_rest(self, rip: int, stop_requested: bool = False) -> None:
+        """unicorn left the block at ``rip`` (which ran, or faulted after its count). After a
+        stop requested by a hook (``uc_emu_stop``) unicorn still calls the first code hook
+        of the next instruction before it stops (unicorn 2.1), so a per-instruction count
+        includes that instruction although it does not run: so does this one."""
+        if self._block_ips is not None:
+            n = self.insns_after(rip)
+            if stop_requested and n:
+                n -= 1
+            if n:
+                self.events["guest.insn"] -= n
+            self._block = ()
+
     def detach(self) -> CpuEngine:
         """Take the engine away from this CPU for another guest (:class:`CpuEngine`): this
         CPU's hooks are removed and it no longer has an engine (``uc``)."""
         uc = self.__dict__.pop("uc")
         for h in self._hooks:
             uc.hook_del(h)
+        for h in self._native_hooks:
+            err = _uclib.uc_hook_del(uc._uch, h)
+            if err:  # pragma: no cover
+                raise UcError(err)
         self._hooks = []
+        self._native_hooks = []
         return self.engine
 
     # -- memory --------------------------------------------------------------------------------
@@ -441,12 +510,15 @@ class GuestCpu:
             rip = self.reg(_UC_RIP)
             self._pending_fault = None
             self._pending_exception = None
+            self._refused_fetch = False
             try:
                 self._emu_start(rip, insn_budget)
             except UcError as exc:
                 if self._hook_error is not None:
                     err, self._hook_error = self._hook_error, None
                     raise err
+                if not self._refused_fetch:  # a data access faulted: the rest did not run
+                    self._uncount_rest(self.reg(_UC_RIP))
                 if self._pending_outcome is not None:
                     self._finish_ept_exit(*self._pending_outcome)
                     self._pending_outcome = None
@@ -465,6 +537,7 @@ class GuestCpu:
             if self._stop is not None:
                 break
             if self._pending_exception is not None:
+                self._uncount_rest(self.reg(_UC_RIP))
                 return self._set_stop("shutdown", self._pending_exception)
             # emu_start returned by itself: budget or timeout exhausted, or HLT.
             new_rip = self.reg(_UC_RIP)
@@ -702,6 +775,7 @@ class GuestCpu:
             if isinstance(r, int):
                 if not r >> 12 in self._mapped:
                     self._pending_exception = f"access to unbacked host page {r:#x}"
+                    self._refused_fetch = access == FETCH
                     return False
                 if access == FETCH:
                     self._fetch_filled = vaddr >> 12
@@ -719,6 +793,7 @@ class GuestCpu:
                 self._pending_access = access
             else:
                 self._pending_exception = f"guest {r!r} with no handler: triple fault"
+            self._refused_fetch = access == FETCH
             return False
         except BaseException as exc:  # noqa: BLE001 - re-raised by run()
             self._hook_error = exc
@@ -748,6 +823,7 @@ class GuestCpu:
             self.flush_tlb()
             self._set_stop("handler", info.name)
             self.uc.emu_stop()
+            self._uncount_rest(next_rip - (info.instruction_length or 0), stop_requested=True)
 
     def _hook_fetch(self, uc: Uc, address: int, size: int, _user) -> None:
         """Caches ``none`` only: this instruction's fetch translated by the model (unless
