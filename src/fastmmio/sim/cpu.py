@@ -13,7 +13,10 @@ What becomes a VM exit, and how it is delivered to the hypervisor model (``handl
 * a refused translation (EPT violation or misconfiguration): unicorn stops with RIP on the
   faulting instruction; the exit information (qualification, GPA, GLA, and the instruction
   length the processor writes although the SDM leaves it undefined, 27.2.4) goes to
-  ``handler.ept_exit``; the handler may change registers (skip, emulate) before re-entry;
+  ``handler.ept_exit``; the handler may change registers (skip, emulate) before re-entry.
+  With ``fast_exits`` a plain ``MOV`` store's exit is handled inside the fill hook instead,
+  and when the handler's answer is a skip the store lands in a sink page and unicorn runs on
+  without stopping (:meth:`GuestCpu._fast_ept_exit`; same events, same order);
 * ``IN``/``OUT`` (I/O instruction, reason 30) and ``CPUID`` (10): hooked where they execute,
   handled inline, and the guest continues (KVM's fast PIO and CPUID paths re-enter at once);
 * ``VMCALL`` (18): unconditional in VMX non-root operation at any CPL (SDM 25.1.2); unicorn
@@ -45,9 +48,16 @@ configurations keep the one hook-free path.
 
 unicorn itself runs at CPL0; the guest's CPL (3 on a PVM host) is the model's, which applies
 the U/S rules of every walk. An I/O-instruction hook cannot stop unicorn at the next
-instruction (the stop takes effect at the end of the translated block), so stops requested
-from a hook (the guest's final ``OUT`` to the done port) take effect at the end of that block:
-guest programs end a batch with ``OUT`` followed by a jump.
+instruction by itself (the stop takes effect at the end of the translated block); a code hook
+on the next instruction makes unicorn check for the stop before running it, so with a code
+hook over the guest's code (the session's per-instruction count, or the native no-op hook of
+:meth:`GuestCpu.count_instructions`) a stop requested from a hook (the guest's final ``OUT``
+to the done port) leaves RIP on the next instruction. Guest programs end a batch with
+``OUT`` followed by a jump.
+
+Set-up once: a :class:`CpuEngine` (the unicorn engine with the memslot pages mapped into it)
+outlives its guest when a pool keeps it (:class:`fastmmio.sim.backend.EnginePool`); the next
+guest of the same machine shape resets it (:meth:`CpuEngine.reset`) and adds its own hooks.
 """
 
 from __future__ import annotations
