@@ -367,6 +367,17 @@ class GuestCpu:
         self._block = ips
         self.events["guest.insn"] += len(ips)
 
+    def _code_size_at(self, address: int) -> int:
+        """The length of the instruction at ``address`` from the code given to
+        :meth:`count_instructions` (1 when it is not there). With a block hook installed,
+        unicorn 2.1 hands the code hook of an instruction it cannot decode (a VMCALL) the
+        block hook's unpatched size placeholder (0xF1F1F1F1-like) instead of a length."""
+        base, code = self._code
+        if base <= address < base + len(code):
+            n = Decoder(64, code[address - base:address - base + 15], ip=address).decode().len
+            return n or 1
+        return 1
+
     def insns_after(self, address: int) -> int:
         """How many instructions of the running block come after ``address`` (counted by
         :meth:`count_instructions` at the block's start, not run yet)."""
@@ -377,10 +388,11 @@ class GuestCpu:
         """unicorn left the block at ``rip`` (which ran, or faulted after its count). After a
         stop requested by a hook (``uc_emu_stop``) unicorn still calls the first code hook
         of the next instruction before it stops (unicorn 2.1), so a per-instruction count
-        includes that instruction although it does not run: so does this one."""
+        includes that instruction although it does not run: so does this one, unless the
+        first code hook is the caches-``none`` fetch hook (added before the count's)."""
         if self._block_ips is not None:
             n = self.insns_after(rip)
-            if stop_requested and n:
+            if stop_requested and n and not self.walk_every_access:
                 n -= 1
             if n:
                 self.events["guest.insn"] -= n
@@ -642,8 +654,9 @@ class GuestCpu:
             self._pending_outcome = (info, go_on, before, regs)
             return False
         self.processor.vmentry()
-        hpa = self.processor.translate(next_rip, FETCH)
-        self._fetch_memo = (next_rip >> 12, hpa)
+        if not self.walk_every_access:  # (otherwise _hook_fetch translates it, as after a restart)
+            hpa = self.processor.translate(next_rip, FETCH)
+            self._fetch_memo = (next_rip >> 12, hpa)
         entry.paddr = _SINK_HPA
         entry.perms = UC_PROT_READ | UC_PROT_WRITE
         return True
@@ -840,6 +853,8 @@ class GuestCpu:
         unicorn's own fill just did it), then unicorn's TLB dropped so that the instruction's
         data accesses are translated by the model as well."""
         try:
+            if size > 15:  # not an instruction's size: see _code_size_at
+                size = self._code_size_at(address)
             filled, self._fetch_filled = self._fetch_filled, None
             pages = {address >> 12, (address + max(size, 1) - 1) >> 12}
             for page in sorted(pages):
