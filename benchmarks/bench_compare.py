@@ -10,8 +10,13 @@ where it goes.
    compare wall / baseline.
 3. cProfile of one more compare (``--profile-variants``, default ``upstream`` only, to keep
    the profile short): the top entries by cumulative and by own time.
+4. With ``--against DIR`` (another checkout of fastmmio, e.g. ``git worktree add DIR main``):
+   ``fastmmio compare --no-kvm`` of that tree and of this one, each in a fresh process
+   (``PYTHONPATH=DIR/src`` for the other), alternately ``--rounds`` times: the median wall
+   time of each and their ratio, measured in one run on the same machine.
 
     .venv/bin/python benchmarks/bench_compare.py [--profile-variants V1,V2] [--top N]
+                                                 [--against DIR [--rounds R]]
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ import argparse
 import contextlib
 import cProfile
 import io
+import os
 import pstats
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +55,34 @@ def timed_cli(out: Path) -> float:
     return wall
 
 
+def cli_in_process(src: Path) -> float:
+    """Wall seconds of ``fastmmio compare --no-kvm`` run from ``src`` in a new process."""
+    env = dict(os.environ, PYTHONPATH=str(src))
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "fastmmio", "compare", "--no-kvm",
+                               "--out", tmp], env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+        wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        sys.exit(f"fastmmio compare from {src} exited {proc.returncode}: {proc.stderr[-500:]}")
+    return wall
+
+
+def against(other: Path, rounds: int) -> None:
+    here = Path(__file__).resolve().parent.parent / "src"
+    theirs: list[float] = []
+    ours: list[float] = []
+    for _ in range(rounds):
+        theirs.append(cli_in_process(other / "src"))
+        ours.append(cli_in_process(here))
+    m_theirs, m_ours = statistics.median(theirs), statistics.median(ours)
+    print(f"\ncompare --no-kvm, fresh processes, alternately x{rounds}:")
+    print(f"  {str(other):40} median {m_theirs:6.1f} s  (runs {', '.join(f'{t:.1f}' for t in theirs)})")
+    print(f"  {'this tree':40} median {m_ours:6.1f} s  (runs {', '.join(f'{t:.1f}' for t in ours)})")
+    print(f"  this tree / {other.name}: {m_ours / m_theirs:.2f}x")
+
+
 def baseline() -> tuple[float, int]:
     """Bare simulation of the main matrix: (seconds, simulations)."""
     n = 0
@@ -67,7 +103,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile-variants", default="upstream")
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--against", type=Path, default=None,
+                    help="another fastmmio checkout to time alternately with this one")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.against is not None and not (args.against / "src" / "fastmmio").is_dir():
+        sys.exit(f"--against {args.against}: no src/fastmmio there")
 
     with tempfile.TemporaryDirectory() as tmp:
         wall = timed_cli(Path(tmp) / "cli")
@@ -122,6 +163,8 @@ def main() -> int:
         print(f"\ncProfile, compare --variants {','.join(variants)}, top {args.top} by {order}:")
         for ln in lines[start:start + args.top + 1]:
             print("  " + ln.replace(str(Path.cwd()) + "/", ""))
+    if args.against is not None:
+        against(args.against.resolve(), args.rounds)
     return 0
 
 
