@@ -41,7 +41,7 @@ from fastmmio.compare.run import CompareOptions, run_compare
 from fastmmio.errors import IoEventFdError
 from fastmmio.report.compare import write_outputs
 from fastmmio.routes import load_catalogue
-from fastmmio.sim.backend import SimBackend, SimOptions
+from fastmmio.sim.backend import EnginePool, SimBackend, SimOptions
 from fastmmio.sim.kvm.variants import VARIANTS
 
 
@@ -87,8 +87,9 @@ def baseline() -> tuple[float, int]:
     """Bare simulation of the main matrix: (seconds, simulations)."""
     n = 0
     t0 = time.perf_counter()
+    engines = EnginePool()  # as compare's: engines set up once
     for v in VARIANTS:
-        backend = SimBackend(SimOptions(variant=v))
+        backend = SimBackend(SimOptions(variant=v), engines=engines)
         for r in load_catalogue():
             try:
                 measure_route(backend, r, SIM_CPL, BenchOptions(iterations=DEFAULT_ITERATIONS,
@@ -96,6 +97,7 @@ def baseline() -> tuple[float, int]:
             except IoEventFdError:
                 pass
             n += 1
+    engines.close()
     return time.perf_counter() - t0, n
 
 
