@@ -288,6 +288,7 @@ class GuestCpu:
         self._operands: dict[int, tuple | None] = {}  # their memory operands, by RIP
         self._pending_exception: str | None = None
         self._lengths: dict[int, int] = {}
+        self._io_infos: dict[tuple, ExitInfo] = {}  # I/O-instruction exits, see _io
         self._stop: CpuStop | None = None
         self._hook_error: BaseException | None = None
         self.reusable = True  # False while run() is under way or after it raised
@@ -450,13 +451,15 @@ class GuestCpu:
         err = _uclib.uc_reg_read_batch(self.uc._uch, self._reg_ids, self._reg_ptrs, self._nregs)
         if err:
             raise UcError(err)
-        return dict(zip(_REG_NAMES, self._reg_vals))
+        return dict(zip(_REG_NAMES, self._reg_vals[:]))
 
     def _exit_regs(self) -> tuple[dict[str, int], tuple[int, ...]]:
         """The register file for a handler, and the same values as a tuple to compare with
         afterwards (:meth:`_write_back`)."""
         regs = self.regs()
-        return regs, _REG_VALUES(regs)
+        if _uclib is None:  # pragma: no cover
+            return regs, _REG_VALUES(regs)
+        return regs, tuple(self._reg_vals[:])
 
     def reg(self, reg_id: int) -> int:
         """One 64-bit register (a unicorn ``UC_X86_REG_*`` id)."""
@@ -825,8 +828,12 @@ class GuestCpu:
     def _io(self, port: int, size: int, is_in: bool, value: int) -> None:
         regs, before = self._exit_regs()
         rip = regs["rip"]
-        info = ExitInfo(EXIT_IO_INSTRUCTION, io_qualification(port, size, is_in),
-                        instruction_length=self._insn_length(rip))
+        key = (rip, port, size, is_in)
+        info = self._io_infos.get(key)
+        if info is None:  # (ExitInfo is immutable: one per instruction and port)
+            info = self._io_infos[key] = ExitInfo(
+                EXIT_IO_INSTRUCTION, io_qualification(port, size, is_in),
+                instruction_length=self._insn_length(rip))
         self.processor.vmexit(info)
         go_on = self.handler.io_exit(info, regs, port, size, is_in, value)
         regs["rip"] = rip  # the handler skipped the instruction; unicorn advances RIP

@@ -33,6 +33,7 @@ MMU requests (new root, TLB flush) are serviced on the processor before every re
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,7 @@ _M64 = (1 << 64) - 1
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 KVM_EPERM = 1  # EPERM, as kvm_para.h defines KVM_EPERM
 _WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
+_WRITEBACK_VALUES = operator.itemgetter(*_WRITEBACK)
 _REG_KEYS = frozenset(RegisterFile.KEYS)  # (a set: tested for every register at every exit)
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
 
@@ -177,8 +179,7 @@ class KvmVcpu:
             self.vm.running_vcpu = None
         if go_on:
             self._before_entry()
-        for k in _WRITEBACK:
-            regs[k] = self.regs[k]
+        regs.update(zip(_WRITEBACK, _WRITEBACK_VALUES(self.regs)))
         return go_on
 
     def _load_regs(self, regs: Mapping[str, int]) -> None:
