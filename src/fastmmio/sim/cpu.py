@@ -358,15 +358,19 @@ class GuestCpu:
             self._native_hooks.append(h.value)
 
     def _on_block(self, uc: Uc, address: int, size: int, _user) -> None:
-        key = (address, size)
-        ips = self._block_ips.get(key)
-        if ips is None:
-            base, code = self._code
-            end = min(address + size, base + len(code))
-            ips = tuple(i.ip for i in Decoder(64, code[address - base:end - base], ip=address))
-            self._block_ips[key] = ips
-        self._block = ips
-        self.events["guest.insn"] += len(ips)
+        try:
+            key = (address, size)
+            ips = self._block_ips.get(key)
+            if ips is None:
+                base, code = self._code
+                end = min(address + size, base + len(code))
+                ips = tuple(i.ip for i in Decoder(64, code[address - base:end - base], ip=address))
+                self._block_ips[key] = ips
+            self._block = ips
+            self.events["guest.insn"] += len(ips)
+        except BaseException as exc:  # noqa: BLE001 - re-raised by run()
+            self._hook_error = exc
+            uc.emu_stop()
 
     def _code_size_at(self, address: int) -> int:
         """The length of the instruction at ``address`` from the code given to
