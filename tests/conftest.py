@@ -95,3 +95,13 @@ def skip_unsupported(kvm_device):
             pytest.skip(why)
 
     return check
+
+
+@pytest.fixture(autouse=True)
+def _default_signal_handlers():
+    """A test that ran the CLI in-process leaves its signal handlers installed (the CLI keeps
+    them until the process exits); restore Python's defaults after every test."""
+    yield
+    from fastmmio import interrupts
+
+    interrupts.uninstall()

@@ -1,24 +1,103 @@
-"""``fastmmio`` command line: argument parsing and the one place errors become exit codes."""
+"""``fastmmio`` command line: argument parsing and the one place errors become exit codes.
+
+Every command reports a problem as one line, ``fastmmio COMMAND: message`` (``fastmmio fuzz
+hostile: ...`` for a nested one), and exits with:
+
+* 0 on success; 1 when the command's own checks failed (see each command); 2 for a usage or
+  host error (:class:`~fastmmio.errors.FastmmioError`, or argparse's own complaint);
+* 130 after Ctrl-C or SIGTERM (see :mod:`fastmmio.interrupts`): one line, nothing written;
+* 1 when standard output cannot be written (a closed pipe, a full disk): one line.
+
+This module imports only the standard library at the top, so that the signal handlers are in
+place before the heavy imports (numpy, matplotlib, unicorn) of the commands.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
+import re
 import sys
+from typing import Any
 
-from fastmmio import __version__
-from fastmmio.commands import COMMAND_MODULES
-from fastmmio.errors import FastmmioError
+from fastmmio import interrupts
+
+
+class StdoutError(Exception):
+    """Standard output could not be written (a closed pipe, a full disk)."""
+
+    def __init__(self, exc: OSError):
+        self.errno = exc.errno
+        super().__init__(exc.strerror or str(exc))
+
+
+class _Stdout:
+    """``sys.stdout`` whose write errors become :class:`StdoutError` (so that they are told
+    apart from the command's own file errors and reported in one line)."""
+
+    def __init__(self, inner: Any):
+        self._inner = inner
+
+    def write(self, text: str) -> int:
+        try:
+            return self._inner.write(text)
+        except OSError as exc:
+            raise StdoutError(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._inner.flush()
+        except OSError as exc:
+            raise StdoutError(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def _silence_stdout() -> None:
+    """Point file descriptor 1 at /dev/null so that the interpreter's last flush of what is
+    still buffered cannot fail again (it would print "Exception ignored ...")."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+_INVALID_CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits with status 2 and one line on a bad argument (its default too)."""
+    """argparse that exits with status 2 and one line, ``PROG: message``, on a bad argument."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
+        m = _INVALID_CHOICE.search(message)
+        if m:
+            from fastmmio.errors import did_you_mean
+
+            choices = [c.strip().strip("'") for c in m.group(2).split(",")]
+            message = message[:m.end(1) + 1] + did_you_mean(m.group(1), choices) + \
+                message[m.end(1) + 1:]
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def _label_tree(parser: argparse.ArgumentParser) -> None:
+    """Give every (sub)command's namespace its error label (its ``prog``, e.g. ``fastmmio
+    fuzz hostile``); the deepest parser's default wins."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                sub.set_defaults(error_label=sub.prog)
+                _label_tree(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastmmio import __version__
+    from fastmmio.commands import COMMAND_MODULES
+
     parser = _Parser(
         prog="fastmmio",
         description="What a guest's doorbell write (port I/O or MMIO) costs under KVM, "
@@ -34,28 +113,66 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(sub)
+    _label_tree(parser)
     return parser
 
 
-def dispatch(parser: argparse.ArgumentParser, argv: list[str] | None, label: str) -> int:
-    """Parse, run the chosen subcommand's ``func``, and turn a :class:`FastmmioError` into
-    ``label: message`` on stderr and its exit status (2), an interrupt into 130."""
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
+def _guarded(label: str, fn) -> int:
+    """``fn()``, with every way it can end turned into an exit status and at most one line
+    on stderr labelled ``label``."""
+    from fastmmio.errors import FastmmioError
+
     try:
-        return int(args.func(args) or 0)
+        status = int(fn() or 0)
+        sys.stdout.flush()
+        return status
     except FastmmioError as exc:
         print(f"{label}: {exc}", file=sys.stderr)
         return exc.exit_status
-    except KeyboardInterrupt:
-        print(f"{label}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Interrupted, or Ctrl-C before the handler was in place
+        signum = getattr(exc, "signum", None)
+        what = "stopped by SIGTERM" if signum == interrupts.signal.SIGTERM else "interrupted"
+        print(f"{label}: {what}; nothing written", file=sys.stderr)
         return 130
+    except StdoutError as exc:
+        _silence_stdout()
+        what = "it is closed" if exc.errno == errno.EPIPE else exc
+        print(f"{label}: cannot write to standard output: {what}", file=sys.stderr)
+        return 1
+
+
+def dispatch(parser_factory, argv: list[str] | None, label: str) -> int:
+    """Install the signal handlers, parse (``parser_factory()`` builds the parser), run the
+    chosen subcommand's ``func`` and turn every way it can end into an exit status and at
+    most one line on stderr (see the module docstring)."""
+    interrupts.install()
+    real_stdout = sys.stdout
+    sys.stdout = _Stdout(real_stdout)
+    try:
+        parsed: list[argparse.Namespace] = []
+
+        def parse() -> int:
+            parser = parser_factory()
+            parsed.append(parser.parse_args(argv))
+            if getattr(parsed[0], "func", None) is None:
+                getattr(parsed[0], "help_parser", parser).print_help(sys.stderr)
+                return 2
+            return 0
+
+        status = _guarded(label, parse)
+        if status or not parsed:
+            return status
+        args = parsed[0]
+        return _guarded(getattr(args, "error_label", label), lambda: args.func(args))
+    finally:
+        sys.stdout = real_stdout
+        # From here on the process is exiting: a late signal is ignored rather than turned
+        # into a traceback at shutdown (tests calling main() restore the defaults).
+        interrupts.finished()
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch(build_parser(), argv, "fastmmio")
+    return dispatch(build_parser, argv, "fastmmio")
 
 
 if __name__ == "__main__":

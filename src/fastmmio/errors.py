@@ -43,3 +43,14 @@ class IoEventFdError(FastmmioError):
         self.errno_name = errno_name
         self.rule = rule
         super().__init__(f"ioeventfd rejected ({errno_name}): {rule}")
+
+
+def did_you_mean(name: str, choices) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` to a misspelt ``name``
+    (:func:`difflib.get_close_matches`), or ``""`` when none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=2, cutoff=0.6)
+    if not close:
+        return ""
+    return " (did you mean " + " or ".join(repr(c) for c in close) + "?)"

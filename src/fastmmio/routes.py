@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmmio import layout
-from fastmmio.errors import UsageError
+from fastmmio.errors import UsageError, did_you_mean
 from fastmmio.guest.build import build_image
 from fastmmio.guest.program import Access, AccessKind
 from fastmmio.machine import CoalescedZone, IoEventFdSpec, Machine, MachineSpec, MemSlot
@@ -321,7 +321,9 @@ def get_route(name: str, routes: tuple[Route, ...] | None = None) -> Route:
     for r in routes:
         if r.name == name:
             return r
-    raise UsageError(f"unknown route {name!r}; valid routes: {', '.join(route_names(routes))}")
+    names = route_names(routes)
+    raise UsageError(f"unknown route {name!r}{did_you_mean(name, names)}; valid routes: "
+                     f"{', '.join(names)}")
 
 
 def build_machine(route: Route, cpl: int) -> Machine:

@@ -28,7 +28,13 @@ from typing import Callable, Iterator, Mapping
 
 from fastmmio.bench import BenchOptions, failed_result, measure_route
 from fastmmio.costs import CostModel, Pricing, Profile, load_profile
-from fastmmio.errors import FastmmioError, GuestError, IoEventFdError, UsageError
+from fastmmio.errors import (
+    FastmmioError,
+    GuestError,
+    IoEventFdError,
+    UsageError,
+    did_you_mean,
+)
 from fastmmio.result import RunResult
 from fastmmio.routes import Route, get_route
 from fastmmio.sim.backend import EnginePool, SimBackend, SimOptions
@@ -58,7 +64,7 @@ def check_variants(names: "list[str] | tuple[str, ...]") -> tuple[str, ...]:
     """The variant names, each checked (a :class:`UsageError` naming the choices)."""
     bad = [v for v in names if v not in VARIANTS]
     if bad:
-        raise UsageError(f"unknown KVM variant {bad[0]!r}; choose from {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown KVM variant {bad[0]!r}{did_you_mean(bad[0], VARIANTS)}; choose from {', '.join(VARIANTS)}")
     if not names:
         raise UsageError("no KVM variant chosen")
     return tuple(dict.fromkeys(names))
@@ -66,7 +72,8 @@ def check_variants(names: "list[str] | tuple[str, ...]") -> tuple[str, ...]:
 
 def check_caches(name: str) -> str:
     if name not in CONFIGS:
-        raise UsageError(f"unknown cache configuration {name!r}; choose from {', '.join(CONFIGS)}")
+        raise UsageError(f"unknown cache configuration {name!r}{did_you_mean(name, CONFIGS)}; "
+                         f"choose from {', '.join(CONFIGS)}")
     return name
 
 

@@ -45,7 +45,7 @@ from fastmmio.compare.core import (
     sim_options,
 )
 from fastmmio.costs import Profile, load_profile
-from fastmmio.errors import UsageError
+from fastmmio.errors import UsageError, did_you_mean
 from fastmmio.routes import get_route
 from fastmmio.sim.vmx.caches import (
     CONFIGS,
@@ -77,7 +77,7 @@ def _int(text: str, param: str, lo: int, hi: int) -> int:
 def parse_values(param: str, texts: Sequence[str]) -> list[Any]:
     """The values of ``param``, each checked (a :class:`UsageError` naming the problem)."""
     if param not in PARAMS:
-        raise UsageError(f"unknown sweep parameter {param!r}; choose from {', '.join(PARAMS)}")
+        raise UsageError(f"unknown sweep parameter {param!r}{did_you_mean(param, PARAMS)}; choose from {', '.join(PARAMS)}")
     if not texts:
         raise UsageError(f"--param {param}: no values given (--values V1,V2,...)")
     out: list[Any] = []

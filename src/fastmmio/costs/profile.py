@@ -67,7 +67,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
-from fastmmio.errors import ProfileError
+from fastmmio.errors import ProfileError, did_you_mean
 
 COMPONENTS = (
     "exit",  # VM exit + VM entry round trip and KVM's common run-loop code around it
@@ -502,6 +502,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
     name = str(name_or_path)
     res = _bundled_dir().joinpath(f"{name}.toml")
     if not res.is_file():
-        raise ProfileError(f"unknown profile {name!r}; bundled profiles: "
+        raise ProfileError(f"unknown profile {name!r}{did_you_mean(name, list_profiles())}; "
+                           "bundled profiles: "
                            f"{', '.join(list_profiles()) or '(none)'}; or give a .toml path")
     return parse_profile(res.read_text(), f"{name}.toml")

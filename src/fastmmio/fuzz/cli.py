@@ -1,8 +1,10 @@
-"""``python -m fastmmio.fuzz``: hostile guests and the ioeventfd soak on this host's KVM.
+"""``fastmmio fuzz``: hostile guests, the ioeventfd soak and differential fuzzing on this
+host's KVM (``python -m fastmmio.fuzz`` is the same command).
 
-    python -m fastmmio.fuzz hostile [--runs N] [--seconds S] [--seed X] [--cpl 3,0] [--kind K ...]
-    python -m fastmmio.fuzz hostile --seed X --only I      # rebuild and rerun program X:I
-    python -m fastmmio.fuzz soak [--notifications N] [--batch B] [ROUTE ...]
+    fastmmio fuzz hostile [--runs N] [--seconds S] [--seed X] [--cpl 3,0] [--kind K ...]
+    fastmmio fuzz hostile --seed X --only I      # rebuild and rerun program X:I
+    fastmmio fuzz soak [--notifications N] [--batch B] [ROUTE ...]
+    fastmmio fuzz diff [--examples N] [--seconds S] [--seed X] [--save-dir DIR]
 
 Exit status: 0 when every run ended in a defined, allowed outcome with no leak (hostile) or
 every notification was signalled and none exited to userspace (soak); 1 otherwise; 2 for a
@@ -16,7 +18,6 @@ import itertools
 import sys
 import time
 
-from fastmmio.cli import _Parser
 from fastmmio.argtypes import positive_int, positive_seconds
 
 
@@ -41,19 +42,19 @@ def _cpls(text: str) -> tuple[int, ...]:
     return cpls
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """``hostile``, ``soak`` and ``diff`` under ``fastmmio fuzz`` (see
+    :mod:`fastmmio.commands.fuzz`)."""
     from fastmmio.fuzz.hostile import KINDS
     from fastmmio.fuzz.soak import DEFAULT_BATCH, DEFAULT_NOTIFICATIONS
-
-    parser = _Parser(prog="python -m fastmmio.fuzz", description="Reliability runs on real KVM: hostile guests, the ioeventfd soak, and differential fuzzing against the simulator.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     h = sub.add_parser("hostile", help="run hostile guests until --runs or --seconds; report outcomes and leaks")
     h.add_argument("--runs", type=positive_int, metavar="N", help="stop after N runs")
     h.add_argument("--seconds", type=positive_seconds, metavar="S", help="stop after S seconds (default 60 without --runs)")
     h.add_argument("--seed", type=int, default=None, help="program stream (default: from the clock, printed)")
     h.add_argument("--start", type=int, default=0, metavar="I", help="first program index (default 0)")
-    h.add_argument("--only", type=int, metavar="I", help="run program I of --seed alone, with its listing")
+    h.add_argument("--only", type=int, metavar="I",
+                   help="run program I of --seed alone, with its listing (needs --seed)")
     h.add_argument("--cpl", type=_cpls, default=(3, 0), metavar="LIST",
                    help="guest CPLs to draw from, e.g. 3 or 3,0 (default 3,0: CPL0 exercises KVM's "
                    "emulator where it runs CPL0 code, as under PVM)")
@@ -77,17 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     from fastmmio.fuzz.differential import add_parser as add_diff_parser  # H9: fuzz diff
 
     add_diff_parser(sub)
-    return parser
 
 
 def run_hostile(args: argparse.Namespace) -> int:
     from fastmmio.fuzz.hostile import KINDS, generate
+    from fastmmio.errors import UsageError
     from fastmmio.fuzz.runner import DEFAULT_WATCHDOG_S, campaign, run_program
     from fastmmio.real.backend import RealBackend
 
     RealBackend(device=args.device).check()
     kinds = tuple(args.kind) if args.kind else KINDS
     watchdog = args.watchdog or DEFAULT_WATCHDOG_S
+    if args.only is not None and args.seed is None:
+        raise UsageError("--only I reruns program I of a seed's stream: give the --seed the "
+                         "campaign printed")
     seed = args.seed if args.seed is not None else int(time.time())
     if args.only is not None:
         program = generate(seed, args.only, kinds, args.cpl)
@@ -116,7 +120,7 @@ def run_hostile(args: argparse.Namespace) -> int:
     summary = campaign(programs, runs, seconds, args.device, watchdog, on_run=on_run)
     for line in summary.lines():
         print(line)
-    print(f"reproduce one: python -m fastmmio.fuzz hostile --seed {seed} --only INDEX")
+    print(f"reproduce one: fastmmio fuzz hostile --seed {seed} --only INDEX")
     return 0 if summary.ok else 1
 
 
@@ -147,9 +151,10 @@ def run_soak(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fastmmio.cli import dispatch
+    """``python -m fastmmio.fuzz ARGS``: the same as ``fastmmio fuzz ARGS``."""
+    from fastmmio.cli import main as fastmmio_main
 
-    return dispatch(build_parser(), argv, "fastmmio fuzz")
+    return fastmmio_main(["fuzz", *(sys.argv[1:] if argv is None else argv)])
 
 
-__all__ = ["main", "build_parser"]
+__all__ = ["add_subcommands", "main"]

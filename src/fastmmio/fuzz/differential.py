@@ -520,7 +520,12 @@ def save_regression(result: CaseResult, directory: Path, origin: str = "",
     """Write ``result``'s program (and, for the reader, its machine, listing and the
     differences found) as ``<directory>/<name>.json``; the replay test asserts the backends
     agree on it."""
-    directory.mkdir(parents=True, exist_ok=True)
+    from fastmmio.outputs import write_text
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create {directory}: {exc.strerror or exc}") from None
     p = result.program
     doc = {
         "program": p.to_json(),
@@ -531,7 +536,7 @@ def save_regression(result: CaseResult, directory: Path, origin: str = "",
         "listing": p.listing(),
     }
     path = directory / f"{name or 'case-' + p.digest()}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    write_text(path, json.dumps(doc, indent=1) + "\n")
     return path
 
 
@@ -636,12 +641,51 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     return d
 
 
+def _hypothesis_home() -> None:
+    """Keep hypothesis's storage (it caches data even with ``database=None``) out of the
+    user's working directory: ``$HYPOTHESIS_STORAGE_DIRECTORY`` when set, else
+    ``$XDG_CACHE_HOME/fastmmio/hypothesis`` (``~/.cache/...``), else a temporary folder."""
+    if os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY"):
+        return
+    import tempfile
+
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    home = cache / "fastmmio" / "hypothesis"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        home = Path(tempfile.gettempdir()) / f"fastmmio-hypothesis-{os.getuid()}"
+    set_hypothesis_home_dir(home)
+
+
+def check_save_dir(directory: Path) -> None:
+    """UsageError now, before any fuzzing, if regression files cannot be written into
+    ``directory`` (it may not exist yet: then its nearest existing ancestor must be a writable
+    folder, as ``save_regression`` creates it)."""
+    from fastmmio.outputs import check_writable_file
+
+    d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"--save-dir {d}: not a directory")
+    probe = d
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--save-dir {d}: {probe} is not a directory")
+    check_writable_file(probe / "case-probe.json")
+
+
 def run_diff(args: argparse.Namespace) -> int:
     """Fuzz, then shrink and save the first case of each kind of disagreement. Exit status 1
     when the backends disagreed on any case."""
     from fastmmio.real.backend import RealBackend
 
+    if not args.no_save:
+        check_save_dir(args.save_dir)
     RealBackend(device=args.device).check()  # a missing or unusable device: one line, status 2
+    _hypothesis_home()
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     runner = DiffRunner(args.device, mmio_caching=args.mmio_caching)
     info = runner.info
@@ -676,16 +720,10 @@ def run_diff(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m fastmmio.fuzz.differential`` (the same as ``python -m fastmmio.fuzz diff``)."""
-    ap = argparse.ArgumentParser(prog="python -m fastmmio.fuzz.differential")
-    sub = ap.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = ap.parse_args(["diff", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return run_diff(args)
-    except FastmmioError as exc:
-        print(f"fastmmio fuzz diff: {exc}", file=sys.stderr)
-        return exc.exit_status
+    """``python -m fastmmio.fuzz.differential``: the same as ``fastmmio fuzz diff``."""
+    from fastmmio.cli import main as fastmmio_main
+
+    return fastmmio_main(["fuzz", "diff", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -50,7 +50,7 @@ from collections.abc import Callable
 from iced_x86 import Code, Decoder, Instruction, MemoryOperand, Register, RepPrefixKind
 
 from fastmmio import layout
-from fastmmio.errors import UsageError
+from fastmmio.errors import UsageError, did_you_mean
 from fastmmio.fuzz.program import (
     ANY,
     DONE,
@@ -805,7 +805,7 @@ def generate(seed: int, index: int, kinds: tuple[str, ...] = KINDS, cpls: tuple[
     program (the random generator is seeded with both), whatever ran before it."""
     for k in kinds:
         if k not in GENERATORS:
-            raise UsageError(f"unknown hostile kind {k!r}; one of {', '.join(KINDS)}")
+            raise UsageError(f"unknown hostile kind {k!r}{did_you_mean(k, KINDS)}; one of {', '.join(KINDS)}")
     for c in cpls:
         if c not in (0, 3):
             raise UsageError(f"guest CPL must be 0 or 3, not {c}")

@@ -24,7 +24,7 @@ from typing import Any
 from iced_x86 import Decoder, Mnemonic
 
 from fastmmio import layout
-from fastmmio.errors import GuestError, UsageError
+from fastmmio.errors import GuestError, UsageError, did_you_mean
 from fastmmio.machine import IoEventFdSpec, Machine, MachineSpec
 from fastmmio.result import BatchResult, ExitRecord
 from fastmmio.sim.cpu import CpuEngine, GuestCpu
@@ -76,10 +76,12 @@ class SimOptions:
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
-            raise UsageError(f"unknown KVM variant {self.variant!r}; "
+            raise UsageError(f"unknown KVM variant {self.variant!r}"
+                             f"{did_you_mean(self.variant, VARIANTS)}; "
                              f"choose from {', '.join(VARIANTS)}")
         if isinstance(self.caches, str) and self.caches not in CONFIGS:
-            raise UsageError(f"unknown cache configuration {self.caches!r}; "
+            raise UsageError(f"unknown cache configuration {self.caches!r}"
+                             f"{did_you_mean(self.caches, CONFIGS)}; "
                              f"choose from {', '.join(CONFIGS)}")
         if not 0 <= self.extra_ioeventfds <= 1024:
             raise UsageError("extra ioeventfds must be between 0 and 1024")

@@ -103,6 +103,7 @@ try:  # the binding's ctypes library: registers read and written without per-cal
 except ImportError:  # pragma: no cover - another binding layout: use the public API
     _uclib = None
 
+from fastmmio import interrupts as _interrupts
 from fastmmio.deadline import DeadlineTimer
 from fastmmio.image import BootState
 from fastmmio.sim.vmx.exits import (
@@ -540,9 +541,19 @@ class GuestCpu:
             self._pending_fault = None
             self._pending_exception = None
             self._refused_fetch = False
+            error: UcError | None = None
+            marked = _interrupts.push_engine(self.uc)
             try:
                 self._emu_start(rip, insn_budget)
             except UcError as exc:
+                error = exc
+            finally:
+                if marked:
+                    _interrupts.pop_engine()
+            # A Ctrl-C or SIGTERM that came while unicorn ran stopped it (the handler does not
+            # raise inside a hook, see fastmmio.interrupts): raised here, outside callbacks.
+            _interrupts.check()
+            if error is not None:
                 if self._hook_error is not None:
                     err, self._hook_error = self._hook_error, None
                     raise err
@@ -557,9 +568,9 @@ class GuestCpu:
                     continue
                 if self._pending_exception is not None:
                     return self._set_stop("shutdown", self._pending_exception)
-                if exc.errno == UC_ERR_INSN_INVALID and self._vmcall_exit():
+                if error.errno == UC_ERR_INSN_INVALID and self._vmcall_exit():
                     continue
-                return self._set_stop("shutdown", f"unicorn: {exc}")
+                return self._set_stop("shutdown", f"unicorn: {error}")
             if self._hook_error is not None:
                 err, self._hook_error = self._hook_error, None
                 raise err

@@ -66,7 +66,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastmmio.errors import UsageError
+from fastmmio.errors import UsageError, did_you_mean
 from fastmmio.sim.kvm.iobus import KvmBus
 from fastmmio.sim.vmx.exits import ExitInfo
 from fastmmio.sim.vmx.layouts import QUAL_WRITE
@@ -233,4 +233,4 @@ def get_variant(name: "str | Variant") -> Variant:
     try:
         return VARIANTS[name]()
     except KeyError:
-        raise UsageError(f"unknown KVM variant {name!r}; choose one of: {', '.join(VARIANTS)}") from None
+        raise UsageError(f"unknown KVM variant {name!r}{did_you_mean(name, VARIANTS)}; choose one of: {', '.join(VARIANTS)}") from None

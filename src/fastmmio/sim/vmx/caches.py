@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Iterator
 
+from fastmmio.errors import did_you_mean
 from fastmmio.sim.vmx.errors import CacheConfigError
 
 POLICIES = ("lru", "fifo", "random")
@@ -386,7 +387,8 @@ def get_config(name: str | TranslationCacheConfig,
         return known[name]
     except KeyError:
         raise CacheConfigError(
-            f"unknown cache configuration {name!r} (known: {', '.join(known)})") from None
+            f"unknown cache configuration {name!r}{did_you_mean(name, known)} "
+            f"(known: {', '.join(known)})") from None
 
 
 class MultiSizeTlb:

@@ -1,0 +1,142 @@
+"""Ctrl-C (SIGINT) and SIGTERM for the command line: stop within a second, anywhere.
+
+Python runs a signal handler in the main thread at the next bytecode, wherever that is. When
+it is inside a unicorn hook (a ctypes callback) an exception raised there cannot cross back
+through the C engine: ctypes prints "Exception ignored on calling ctypes callback function"
+and unicorn goes on as if nothing had happened. So the handler installed by :func:`install`
+never raises while an engine is running (:func:`engine` marks that stretch): it records the
+signal and stops the engine (``uc_emu_stop``, which unicorn allows from a hook); the code that
+started the engine calls :func:`check` once ``emu_start`` has returned, outside any callback,
+and that raises :class:`Interrupted`. Anywhere else the handler raises at once.
+
+The output transaction of :mod:`fastmmio.outputs` publishes its files inside :func:`critical`:
+a signal that arrives there is recorded, the publication is undone, and :class:`Interrupted`
+is raised afterwards, so an interrupted run never leaves part of its output behind. Once a
+command has published its results, :func:`finished` makes later signals no-ops: the run is
+complete and about to exit.
+
+Without :func:`install` (the library used from Python, the tests) nothing here changes
+Python's own behaviour: :func:`check` only raises for a signal this handler recorded.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by SIGINT or SIGTERM (a KeyboardInterrupt, so code that cleans up
+    on Ctrl-C does so for both)."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+
+class _State:
+    def __init__(self) -> None:
+        self.installed = False
+        self.pending: int | None = None  # the first signal received
+        self.engines: list[Any] = []  # unicorn engines running in the main thread
+        self.critical = 0  # depth of critical sections
+        self.done = False
+
+
+_state = _State()
+
+
+def _handler(signum: int, _frame: Any) -> None:
+    s = _state
+    if s.pending is None:
+        s.pending = signum
+    if s.done:
+        return
+    if s.engines:
+        for uc in s.engines:
+            uc.emu_stop()
+        return
+    if s.critical:
+        return
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Install the handler for SIGINT and SIGTERM (main thread only; elsewhere a no-op) and
+    forget any earlier state."""
+    global _state
+    _state = _State()
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in SIGNALS:
+        signal.signal(s, _handler)
+    _state.installed = True
+
+
+def uninstall() -> None:
+    """Restore Python's defaults (SIGINT raises KeyboardInterrupt, SIGTERM terminates)."""
+    global _state
+    if _state.installed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _state = _State()
+
+
+def pending() -> int | None:
+    """The signal received and not yet acted on, or None."""
+    return _state.pending
+
+
+def check() -> None:
+    """Raise :class:`Interrupted` if a signal was recorded (call it outside engine hooks)."""
+    s = _state
+    if s.pending is not None and not s.done and not s.engines and not s.critical:
+        raise Interrupted(s.pending)
+
+
+def push_engine(uc: Any) -> bool:
+    """Mark ``uc`` as running (see :func:`engine`); returns whether it was marked (only in the
+    main thread with the handler installed). A cheap pair for hot paths; pair with
+    :func:`pop_engine`."""
+    s = _state
+    if not s.installed or threading.current_thread() is not threading.main_thread():
+        return False
+    s.engines.append(uc)
+    return True
+
+
+def pop_engine() -> None:
+    _state.engines.pop()
+
+
+@contextmanager
+def engine(uc: Any) -> Iterator[None]:
+    """While inside, a signal stops ``uc`` instead of raising; :func:`check` on leaving."""
+    marked = push_engine(uc)
+    try:
+        yield
+    finally:
+        if marked:
+            pop_engine()
+    check()
+
+
+@contextmanager
+def critical() -> Iterator[None]:
+    """A stretch a signal must not cut in two: the signal is recorded and :func:`pending`
+    tells the code inside; :func:`check` on leaving raises it."""
+    _state.critical += 1
+    try:
+        yield
+    finally:
+        _state.critical -= 1
+    check()
+
+
+def finished() -> None:
+    """The command has published its results: later signals are ignored (it is exiting)."""
+    _state.done = True
