@@ -138,5 +138,12 @@ def critical() -> Iterator[None]:
 
 
 def finished() -> None:
-    """The command has published its results: later signals are ignored (it is exiting)."""
+    """The command has published its results (or ended otherwise): later signals are
+    ignored, it is exiting. With the handler installed, SIGINT and SIGTERM are then set to
+    SIG_IGN, which the interpreter's shutdown keeps (it restores the default disposition
+    only over a Python-level handler, and a signal in that last stretch would otherwise kill
+    a finished run)."""
     _state.done = True
+    if _state.installed and threading.current_thread() is threading.main_thread():
+        for s in SIGNALS:
+            signal.signal(s, signal.SIG_IGN)

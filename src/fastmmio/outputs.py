@@ -44,9 +44,21 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_MODE = 0o666 & ~_umask()  # what open() would have given a new file
+
+
 def _tempfile(directory: Path, name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{name}.", dir=directory)
-    os.close(fd)
+    try:
+        os.fchmod(fd, _MODE)  # mkstemp makes it 0600
+    finally:
+        os.close(fd)
     return Path(tmp)
 
 
@@ -82,9 +94,26 @@ class OutputFolder:
     # -- open: checks, creation, lock ----------------------------------------------------
 
     def open(self) -> "OutputFolder":
+        """Check, create (if needed) and lock the folder; all or nothing, and a signal that
+        comes meanwhile is raised only once nothing of it is left behind."""
+        try:
+            with interrupts.critical():
+                self._open()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _where(self) -> str:
         p = self.path
+        return str(p) if p.is_absolute() else f"{p} (in {p.absolute().parent})"
+
+    def _open(self) -> None:
+        p = self.path
+        if self._key in _open_folders:
+            raise UsageError(f"output folder {p} is already open in this process")
         if p.exists() and not p.is_dir():
-            raise UsageError(f"output folder {p} exists and is not a directory")
+            raise UsageError(f"output folder {self._where()} exists and is not a directory")
         if not p.exists():
             parent = p.absolute().parent
             if not parent.is_dir():
@@ -95,7 +124,8 @@ class OutputFolder:
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise UsageError(f"cannot create output folder {p}: {_why(exc)}") from None
+                raise UsageError(f"cannot create output folder {self._where()}: "
+                                 f"{_why(exc)}") from None
         try:
             self._fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
             try:
@@ -107,17 +137,10 @@ class OutputFolder:
                         "choose another --out") from None
                 raise
             os.unlink(_tempfile(p, "probe"))  # can files be created in it?
-        except UsageError:
-            self._release()
-            raise
         except OSError as exc:
-            self._release()
-            raise UsageError(f"cannot write into output folder {p}: {_why(exc)}") from None
-        if self._key in _open_folders:
-            self._release()
-            raise UsageError(f"output folder {p} is already open in this process")
+            raise UsageError(f"cannot write into output folder {self._where()}: "
+                             f"{_why(exc)}") from None
         _open_folders[self._key] = self
-        return self
 
     def __enter__(self) -> "OutputFolder":
         return self.open()
@@ -129,9 +152,9 @@ class OutputFolder:
 
     def stage(self, final: Path) -> Path:
         """A new temporary file in the folder that :meth:`commit` will rename to ``final``."""
-        tmp = _tempfile(self.path, final.name)
-        self._staged = [(t, f) for t, f in self._staged if f != final]
-        self._staged.append((tmp, final))
+        with interrupts.critical():  # never a temporary file that close() would not know
+            tmp = _tempfile(self.path, final.name)
+            self._staged.append((tmp, final))
         return tmp
 
     def commit(self) -> list[Path]:
@@ -177,7 +200,11 @@ class OutputFolder:
 
     def close(self) -> None:
         """Remove what was staged and not published, and the folder if this run created it
-        and left nothing in it; release the lock."""
+        and left nothing in it; release the lock. Idempotent."""
+        with interrupts.critical():
+            self._close()
+
+    def _close(self) -> None:
         for tmp, _final in self._staged:
             try:
                 os.unlink(tmp)
@@ -209,19 +236,27 @@ def target(path: Path | str) -> Iterator[Path]:
     :class:`OutputFolder`, staged for its commit. On an error it is removed."""
     path = Path(path)
     folder = _folder_for(path)
-    try:
-        tmp = folder.stage(path) if folder is not None else _tempfile(path.parent, path.name)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {_why(exc)}") from None
-    try:
-        yield tmp
-        if folder is None:
-            os.replace(tmp, path)
-    except BaseException:
+    if folder is not None:
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
+            tmp = folder.stage(path)  # removed by the folder's close() unless committed
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {_why(exc)}") from None
+        yield tmp
+        return
+    tmp = None
+    try:
+        with interrupts.critical():
+            tmp = _tempfile(path.parent, path.name)
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        if isinstance(exc, OSError) and tmp is None:
+            raise UsageError(f"cannot write {path}: {_why(exc)}") from None
         raise
 
 
@@ -242,14 +277,17 @@ def open_text(path: Path | str, newline: str | None = None) -> Iterator[IO[str]]
             os.fsync(fh.fileno())
 
 
-def write_text(path: Path | str, text: str) -> Path | str:
+def write_text(path: Path | str, text: str, what: str = "") -> Path | str:
     """Write ``text`` to ``path`` atomically (``-``: standard output); an OSError becomes one
-    UsageError line naming the file."""
+    UsageError line, ``cannot write [WHAT ]PATH: reason``."""
     try:
         with open_text(path) as fh:
             fh.write(text)
+    except UsageError as exc:
+        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: "
+                         f"{str(exc).rsplit(': ', 1)[-1]}") from None
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {_why(exc)}") from None
+        raise UsageError(f"cannot write {what + ' ' if what else ''}{path}: {_why(exc)}") from None
     return path
 
 

@@ -23,7 +23,7 @@ def test_missing_device_is_one_line_exit_2(capsys):
     assert status == 2
     assert out == ""
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fastmmio: ") and MISSING in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("fastmmio bench: ") and MISSING in lines[0]
 
 
 def test_unknown_route_lists_the_valid_ones(capsys):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from fastmmio.bench import (
     bench_routes,
 )
 from fastmmio.errors import HostError, UsageError
+from fastmmio.outputs import check_writable_file, is_stdout, write_text
 from fastmmio.real.host import unsupported_reason
 from fastmmio.argtypes import cpu_number, percent, positive_int, positive_seconds
 from fastmmio.report.bench import bench_table, json_records, kut_lines
@@ -42,27 +42,6 @@ def _target_ticks(text: str) -> int:
     if value > MAX_TARGET_TICKS:
         raise argparse.ArgumentTypeError(f"at most 2^40 = {MAX_TARGET_TICKS}: {text}")
     return value
-
-
-def check_writable(path: Path) -> None:
-    """UsageError now, before anything runs, if ``path`` cannot be written: a directory, a
-    missing parent, no permission, a read-only file system. Probes by opening it for append
-    and removes the file again if the probe created it."""
-    if path.is_dir():
-        raise UsageError(f"cannot write {path}: it is a directory")
-    if not path.parent.is_dir():
-        raise UsageError(f"cannot write {path}: {path.parent} is not a directory")
-    existed = path.exists()
-    try:
-        with open(path, "a"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-    if not existed:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -100,7 +79,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu", type=cpu_number, metavar="N",
                    help="pin the vCPU thread (the one that issues KVM_RUN) to CPU N")
     p.add_argument("--json", type=Path, metavar="FILE",
-                   help="also write a host record and one record per route as JSON")
+                   help="also write a host record and one record per route as JSON to FILE "
+                   "(written whole or not at all); '-': to standard output, instead of the table")
     p.add_argument("--format", choices=("table", "kut"), default="table",
                    help="table (default) or kvm-unit-tests lines 'NAME CYCLES' (today's names, "
                    "data/kut.toml)")
@@ -168,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         cpu=args.cpu,
     )
     if args.json is not None:
-        check_writable(args.json)
+        check_writable_file(args.json)
     from fastmmio.real.backend import RealBackend
     from fastmmio.real.host import detect_host
     from fastmmio.real.objects import Kvm
@@ -177,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
     host = detect_host(args.device, cpl=args.cpl)
     backend = RealBackend(device=args.device, watchdog_s=watchdog_seconds(args, host.tsc_khz))
     if args.cpl is None:
-        print(f"fastmmio: guest CPL{host.guest_cpl}: {host.cpl_reason}", file=sys.stderr)
+        print(f"fastmmio bench: guest CPL{host.guest_cpl}: {host.cpl_reason}", file=sys.stderr)
     with Kvm(args.device) as kvm:
         routes, skipped = _select_routes(args, kvm, host)
     for r, reason in skipped:
-        print(f"fastmmio: skipping {r.name}: {reason}", file=sys.stderr)
+        print(f"fastmmio bench: skipping {r.name}: {reason}", file=sys.stderr)
     if not routes:
         raise HostError("no route of the catalogue can run on this host")
 
@@ -203,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
             on_batch=on_batch, on_result=lambda _r: progress.advance(task),
         )
 
-    if args.format == "kut":
+    if is_stdout(args.json):
+        pass  # the JSON is the output
+    elif args.format == "kut":
         for line in kut_lines(results):
             print(line)
     else:
@@ -214,10 +196,7 @@ def run(args: argparse.Namespace) -> int:
     for r in failed:
         for line in r.checks:
             if line.startswith("FAIL"):
-                print(f"fastmmio: {r.route}: {line}", file=sys.stderr)
+                print(f"fastmmio bench: {r.route}: {line}", file=sys.stderr)
     if args.json:
-        try:
-            args.json.write_text(json.dumps(json_records(results, host), indent=2) + "\n")
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.json}: {exc.strerror}") from None
+        write_text(args.json, json.dumps(json_records(results, host), indent=2) + "\n")
     return 1 if failed else 0

@@ -29,6 +29,7 @@ from fastmmio.argtypes import percent as percent_arg
 from fastmmio.compare.core import DEFAULT_ITERATIONS, MAX_ITERATIONS
 from fastmmio.compare.run import (
     DEFAULT_CACHES,
+    DEFAULT_DEVICE,
     DEFAULT_PROFILE,
     KVM_MAX_TARGET_TICKS,
     KVM_RUNS,
@@ -39,8 +40,8 @@ from fastmmio.compare.run import (
     default_out,
     run_compare,
 )
-from fastmmio.costs import list_profiles, load_profile
-from fastmmio.errors import UsageError
+from fastmmio.costs import check_prices, list_profiles, load_profile
+from fastmmio.outputs import OutputFolder
 from fastmmio.sim.kvm.variants import VARIANTS
 from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.verdict import DEFAULT_TOLERANCE
@@ -86,8 +87,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="routes (default: the whole catalogue; see fastmmio bench --list)")
     add_sim_arguments(p, default_variants=",".join(VARIANTS))
     p.add_argument("--no-kvm", action="store_true", help="do not measure on this host's KVM")
-    p.add_argument("--device", default="/dev/kvm", metavar="PATH",
-                   help="KVM device (default /dev/kvm)")
+    p.add_argument("--device", default=None, metavar="PATH",
+                   help="KVM device (default /dev/kvm when it is usable; a device named here "
+                   "must be)")
     p.add_argument("--kvm-runs", type=positive_int, default=KVM_RUNS, metavar="R",
                    help=f"at most R runs per route on KVM; a route whose median is stable "
                    f"stops earlier (default {KVM_RUNS})")
@@ -127,12 +129,16 @@ def stdout_console() -> Console:
     return term if term.is_terminal else Console(width=200)
 
 
-def check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output folder {out} exists and is not a directory")
-    parent = out.resolve().parent
-    if not parent.is_dir():
-        raise UsageError(f"cannot create output folder {out}: {parent} does not exist")
+def check_device(args: argparse.Namespace) -> str:
+    """The KVM device to measure on: ``--device`` when given, which must then be usable
+    (HostError now, exit status 2, before any simulation), else /dev/kvm when it is (a host
+    without one is reported in the output, not refused)."""
+    if args.device is None or args.no_kvm:
+        return args.device or DEFAULT_DEVICE
+    from fastmmio.real.backend import RealBackend
+
+    RealBackend(device=args.device).check()
+    return args.device
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,28 +146,30 @@ def run(args: argparse.Namespace) -> int:
     options = CompareOptions(
         routes=tuple(args.routes), variants=tuple(args.variants), profile=args.profile,
         caches=args.caches, vpid=args.vpid, nested=args.nested, iterations=args.iterations,
-        kvm=not args.no_kvm, device=args.device, kvm_runs=args.kvm_runs,
+        kvm=not args.no_kvm, device=check_device(args), kvm_runs=args.kvm_runs,
         kvm_target_ticks=args.kvm_target_ticks, kvm_seconds=args.kvm_seconds,
         kvm_tolerance=args.kvm_tolerance, kvm_cpu=args.cpu, tolerance=args.tolerance,
         verdict=not args.no_verdict, review=not args.no_review)
-    check_out_dir(args.out)
-    progress, _ = progress_display()
-    with progress:
-        task = progress.add_task("compare", total=None)
+    check_prices(profile, nested=args.nested)
+    with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
+        progress, _ = progress_display()
+        with progress:
+            task = progress.add_task("compare", total=None)
 
-        def on_step(what: str, done: int, total: int) -> None:
-            progress.update(task, description=what, completed=done, total=total)
+            def on_step(what: str, done: int, total: int) -> None:
+                progress.update(task, description=what, completed=done, total=total)
 
-        result = run_compare(options, on_step, profile=profile)
-    from fastmmio.report.compare import render, write_outputs
+            result = run_compare(options, on_step, profile=profile)
+        from fastmmio.report.compare import render, write_outputs
 
-    paths = write_outputs(result, args.out)
-    out = stdout_console()
-    render(out, result)
-    out.print()
+        write_outputs(result, args.out)  # staged in the folder
+        out = stdout_console()
+        render(out, result)
+        out.print()
+        paths = folder.commit()
     out.print(Text(f"Written: {', '.join(str(p) for p in paths)}  "
                    f"(compare took {result.wall_s:.1f} s)"))
     failed = result.failed_baseline()
     for line in failed:
-        print(f"fastmmio: upstream route failed its checks: {line}", file=sys.stderr)
+        print(f"fastmmio compare: upstream route failed its checks: {line}", file=sys.stderr)
     return 1 if failed else 0

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from fastmmio.costs import COMPONENTS
-from fastmmio.errors import UsageError
+from fastmmio.costs import COMPONENTS, check_prices
+from fastmmio.outputs import check_writable_file, is_stdout, write_text
 from fastmmio.explain import DEFAULT_CPL, DEFAULT_PROFILE, DEFAULT_WARMUP, ExplainOptions, Explanation, explain
 from fastmmio.argtypes import positive_int
 from fastmmio.routes import get_route
@@ -88,10 +87,8 @@ def breakdown_line(e: Explanation) -> str:
 
 def run(args: argparse.Namespace) -> int:
     route = get_route(args.route)  # UsageError listing the routes
-    if args.json not in (None, "-"):
-        parent = Path(args.json).parent
-        if not parent.is_dir():
-            raise UsageError(f"cannot write {args.json}: {parent} is not a directory")
+    if args.json is not None:
+        check_writable_file(Path(args.json))
     options = ExplainOptions(
         sim=SimOptions(variant=args.variant, caches=args.caches, vpid=args.vpid == "on",
                        nested=args.nested),
@@ -99,16 +96,13 @@ def run(args: argparse.Namespace) -> int:
         cpl=args.cpl,
         warmup=args.warmup,
     )
+    check_prices(args.profile, nested=args.nested)  # before simulating
     e = explain(route, options)
     if args.json is not None:
         text = json.dumps(e.to_json(), indent=2) + "\n"
-        if args.json == "-":
-            sys.stdout.write(text)
+        write_text(args.json, text)
+        if is_stdout(args.json):
             return 0
-        try:
-            Path(args.json).write_text(text)
-        except OSError as exc:
-            raise UsageError(f"cannot write {args.json}: {exc.strerror}") from None
     term = Console()
     out = term if term.is_terminal else Console(width=160)
     out.print(explanation_table(e))

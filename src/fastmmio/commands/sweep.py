@@ -13,7 +13,6 @@ from rich.text import Text
 from fastmmio.argtypes import csv_list
 from fastmmio.commands.compare import (
     add_sim_arguments,
-    check_out_dir,
     progress_display,
     stdout_console,
 )
@@ -25,8 +24,9 @@ from fastmmio.compare.sweep import (
     parse_values,
     run_sweep,
 )
-from fastmmio.costs import load_profile
+from fastmmio.costs import check_prices, load_profile
 from fastmmio.errors import UsageError
+from fastmmio.outputs import OutputFolder
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -58,21 +58,25 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("sweep at most two parameters at once")
     params = [(name, parse_values(name, vals)) for name, vals in zip(args.param, args.values)]
     profile = load_profile(args.profile)
-    check_out_dir(args.out)
+    check_prices(profile, nested=args.nested or any(
+        name == "nested" and True in values for name, values in params))
     base = Base(caches=args.caches, vpid=args.vpid, nested=args.nested)
-    progress, _ = progress_display()
-    with progress:
-        task = progress.add_task("sweep", total=None)
+    with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
+        progress, _ = progress_display()
+        with progress:
+            task = progress.add_task("sweep", total=None)
 
-        def on_step(what: str, done: int, total: int) -> None:
-            progress.update(task, description=what, completed=done, total=total)
+            def on_step(what: str, done: int, total: int) -> None:
+                progress.update(task, description=what, completed=done, total=total)
 
-        result = run_sweep(params, routes=args.routes, variants=args.variants, profile=profile,
-                           base=base, iterations=args.iterations, progress=on_step)
-    from fastmmio.report.compare import sweep_table, write_sweep
+            result = run_sweep(params, routes=args.routes, variants=args.variants,
+                               profile=profile, base=base, iterations=args.iterations,
+                               progress=on_step)
+        from fastmmio.report.compare import sweep_table, write_sweep
 
-    paths = write_sweep(result, args.out)
-    out = stdout_console()
-    out.print(sweep_table(result))
+        write_sweep(result, args.out)  # staged in the folder
+        out = stdout_console()
+        out.print(sweep_table(result))
+        paths = folder.commit()
     out.print(Text(f"Written: {', '.join(str(p) for p in paths)}"))
     return 0

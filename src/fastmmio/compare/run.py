@@ -39,6 +39,7 @@ from fastmmio.verdict import DEFAULT_TOLERANCE, Verdict, build_verdict, required
 
 DEFAULT_PROFILE = "skylake-sp"  # the current Intel server profile
 DEFAULT_CACHES = "sdm-max"
+DEFAULT_DEVICE = "/dev/kvm"
 # The KVM column: short calibrated batches, as many runs as the measuring rule of
 # fastmmio.bench needs, at most KVM_RUNS per route and KVM_SECONDS in all. 2^20 ticks is 0.4 ms
 # at 2.6 GHz (N's floor of 64 makes a userspace exit's batch ~2 ms): shorter than a scheduler

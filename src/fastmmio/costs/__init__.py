@@ -2,7 +2,14 @@
 event counts (:mod:`.model`), and fitting a profile's free prices to published figures
 (:mod:`.fit`)."""
 
-from fastmmio.costs.model import CostModel, LineItem, Pricing, Resolution, UnpricedEventError
+from fastmmio.costs.model import (
+    CostModel,
+    LineItem,
+    Pricing,
+    Resolution,
+    UnpricedEventError,
+    check_prices,
+)
 from fastmmio.costs.profile import (
     BASES,
     COMPONENTS,
@@ -16,5 +23,5 @@ from fastmmio.costs.profile import (
 
 __all__ = [
     "BASES", "COMPONENTS", "CostModel", "Free", "LineItem", "Price", "Pricing", "Profile",
-    "Resolution", "UnpricedEventError", "list_profiles", "load_profile", "parse_profile",
+    "Resolution", "UnpricedEventError", "check_prices", "list_profiles", "load_profile", "parse_profile",
 ]

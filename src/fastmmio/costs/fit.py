@@ -499,10 +499,9 @@ def write_profile(profile: Profile, path: str | Path) -> Path:
     text = dump_profile(profile)
     parse_profile(text, str(path))  # never write a file that would not load
     path = Path(path)
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise UsageError(f"cannot write profile {path}: {exc.strerror or exc}") from None
+    from fastmmio.outputs import write_text
+
+    write_text(path, text, "profile")  # atomic: a reader never sees half a profile
     return path
 
 

@@ -244,3 +244,12 @@ def price(events: Mapping[str, float], iterations: int = 1, profile: Profile | s
           "skylake-sp", *, nested: bool | None = None) -> Pricing:
     """One-shot: ``CostModel(profile, nested=nested).price(events, iterations)``."""
     return CostModel(profile, nested=nested).price(events, iterations)
+
+
+def check_prices(profile: Profile | str | Path, *, nested: bool = False) -> None:
+    """Refuse, before any simulation, a profile that lacks a price for an event the models
+    can count (:func:`fastmmio.sim.events.vocabulary`): the :class:`UnpricedEventError` it
+    would otherwise raise at the first run that counts it, perhaps after minutes of work."""
+    from fastmmio.sim.events import vocabulary
+
+    CostModel(profile, nested=nested).check(sorted(vocabulary()))

@@ -84,6 +84,11 @@ COMPONENTS = (
 
 BASES = ("measured", "derived", "estimate", "fitted")
 
+MAX_PRICE = 1e7
+"""The largest price a profile may give one event, in cycles: the dearest event the models
+count (an exit to userspace and back) costs some 10^4 cycles, so anything near 10^7 (several
+milliseconds) is a mistake, and a figure like 1e300 would make every sum meaningless."""
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _SOURCE_NAME_RE = re.compile(r"^\S+$")
 
@@ -241,6 +246,10 @@ def _number(ctx: _Ctx, v: Any, where: str, what: str = "cycles") -> float:
         raise ctx.error(where, f"must be finite, not {v}")
     if v < 0:
         raise ctx.error(where, f"must not be negative ({what}), got {v}")
+    if what == "cycles" and v > MAX_PRICE:
+        raise ctx.error(where, f"{v:g} cycles is above the sanity bound of {MAX_PRICE:g} "
+                               "(a few milliseconds of CPU time for one event: a typo or a "
+                               "unit mix-up, not a price)")
     return float(v)
 
 

@@ -152,9 +152,11 @@ def run_soak(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m fastmmio.fuzz ARGS``: the same as ``fastmmio fuzz ARGS``."""
-    from fastmmio.cli import main as fastmmio_main
+    from fastmmio.cli import build_parser, dispatch, exit_now_if_interrupted
 
-    return fastmmio_main(["fuzz", *(sys.argv[1:] if argv is None else argv)])
+    status = dispatch(build_parser, ["fuzz", *(sys.argv[1:] if argv is None else argv)],
+                      "fastmmio")
+    return exit_now_if_interrupted(status, argv)
 
 
 __all__ = ["add_subcommands", "main"]

@@ -28,6 +28,7 @@ from fastmmio.compare.run import CompareRun
 from fastmmio.compare.sweep import SweepResult, fmt_value
 from fastmmio.costs.profile import COMPONENTS
 from fastmmio.errors import UsageError
+from fastmmio.outputs import open_text, write_text
 from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spread_text
 from fastmmio.report.plots import plot_breakdown, plot_sweep
 from fastmmio.result import RunResult
@@ -304,7 +305,7 @@ def cell_fields(c: Cell, ratio: float | None) -> dict[str, Any]:
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     fields = list(dict.fromkeys(k for r in rows for k in r)) or ["route"]
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, restval="")
         w.writeheader()
         w.writerows([{k: ("" if v is None else v) for k, v in r.items()} for r in rows])
@@ -390,7 +391,7 @@ def write_outputs(run: CompareRun, out: Path) -> list[Path]:
         paths = []
         try:
             p = out / "results.json"
-            p.write_text(json.dumps(results_json(run, cells), indent=2) + "\n")
+            write_text(p, json.dumps(results_json(run, cells), indent=2) + "\n")
             paths.append(p)
             p = out / "results.csv"
             _write_csv(p, _csv_rows(run, cells))
@@ -476,7 +477,7 @@ def write_sweep(result: SweepResult, out: Path) -> list[Path]:
         _write_csv(p, rows)
         paths.append(p)
         p = stem.with_suffix(".json")
-        p.write_text(json.dumps(_clean({
+        write_text(p, json.dumps(_clean({
             "params": list(result.params),
             "values": [[fmt_value(n, v) for v in vals]
                        for n, vals in zip(result.params, result.values)],

@@ -23,6 +23,7 @@ from matplotlib.figure import Figure
 
 from fastmmio.costs.profile import COMPONENTS
 from fastmmio.errors import UsageError
+from fastmmio.outputs import target
 from fastmmio.result import RunResult
 
 FORMATS = ("png", "svg")
@@ -52,7 +53,8 @@ def _save(fig: Figure, paths: list[Path]) -> list[Path]:
     FigureCanvasAgg(fig)
     for p in paths:
         try:
-            fig.savefig(p, format=p.suffix.lstrip("."), bbox_inches="tight")
+            with target(p) as tmp:
+                fig.savefig(tmp, format=p.suffix.lstrip("."), bbox_inches="tight")
         except OSError as exc:
             raise UsageError(f"cannot write plot {p}: {exc.strerror or exc}") from None
     return paths

@@ -95,3 +95,53 @@ PSC_LEVELS = ("pml4e", "pdpte", "pde")
 SERVED_BY = ("l1", "l2", "llc", "mem")
 
 Events = Counter  # the type every model returns: event name -> count
+
+TRANSLATION_KINDS = ("combined", "guest_physical", "linear")
+FAULT_KINDS = ("page_fault", "ept_misconfig", "gp")
+INVALIDATION_CAUSES = ("ept_violation", "vmexit_novpid", "vmentry_novpid", "invept_single",
+                       "invept_all", "invvpid_address", "invvpid_single", "invvpid_all",
+                       "invvpid_single_retain_globals", "mov_cr3", "mov_cr4", "mov_cr0",
+                       "invlpg")
+USER_EXIT_KINDS = ("io", "mmio", "internal_error", "hlt", "shutdown")
+KVM_EVENTS = (
+    "kvm.handler.ept_violation", "kvm.handler.ept_misconfig", "kvm.handler.io",
+    "kvm.handler.cpuid", "kvm.handler.hlt",
+    "kvm.mmu.page_fault", "kvm.mmu.fast_page_fault", "kvm.mmu.fast_page_fault.fixed",
+    "kvm.mmu.slow_path", "kvm.mmu.memslot_lookup", "kvm.mmu.spte_install",
+    "kvm.mmu.spte_install.mmio", "kvm.mmu.mmio_spte_stale", "kvm.mmu.bad_page",
+    "kvm.mmu.mmio_info_hit", "kvm.mmu.spte_walk", "kvm.mmu.spurious", "kvm.mmu.retry",
+    "kvm.mmu.table_alloc", "kvm.mmu.zap", "kvm.mmu.zap_all_fast",
+    "kvm.bus.probe", "kvm.eventfd.signal",
+    "kvm.emulate", "kvm.emulate.fetch", "kvm.emulate.decode", "kvm.emulate.walk",
+    "kvm.emulate.walk.ref", "kvm.emulate.failure", "kvm.emulate.exception",
+    "kvm.skip.vmcs_length", "kvm.skip.decode", "kvm.coalesced.append",
+)
+
+
+def vocabulary() -> frozenset[str]:
+    """Every event name the models can count (the families above, expanded over every
+    paging level, cache level of every named configuration, exit reason, bus, invalidation
+    cause and user-exit kind). A profile that prices all of them cannot meet an unpriced event
+    in a run, so a command checks it before simulating (:func:`fastmmio.costs.model.
+    check_prices`); ``tests/unit/test_events_vocabulary.py`` holds the models to it."""
+    from fastmmio.sim.kvm.iobus import KvmBus
+    from fastmmio.sim.vmx.caches import CONFIGS
+    from fastmmio.sim.vmx.exits import EXIT_REASONS
+
+    names = {"vmentry", "guest.insn", *KVM_EVENTS}
+    served = set(SERVED_BY)
+    for cfg in CONFIGS.values():
+        served |= {lv.name for lv in cfg.data_cache or ()}
+    names |= {f"walk.served.{s}" for s in served}
+    for structure in ("guest", "ept"):
+        for level in PAGING_LEVELS:
+            names |= {f"walk.ref.{structure}.{level}", f"walk.ad.{structure}.{level}"}
+    for kind in TRANSLATION_KINDS:
+        names |= {f"tlb.{kind}.{o}" for o in ("hit", "miss", "dirty_assist")}
+        names |= {f"psc.{kind}.{level}.{o}" for level in PSC_LEVELS for o in ("hit", "miss")}
+    names |= {f"fault.{k}" for k in FAULT_KINDS}
+    names |= {f"inv.{c}" for c in INVALIDATION_CAUSES}
+    names |= {f"exit.{n}" for n in EXIT_REASONS.values()}
+    names |= {f"kvm.bus.lookup.{b.name}" for b in KvmBus}
+    names |= {f"kvm.user_exit.{k}" for k in USER_EXIT_KINDS}
+    return frozenset(names)
