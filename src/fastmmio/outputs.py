@@ -216,7 +216,8 @@ class OutputFolder:
                 self.path.rmdir()
             except OSError:
                 pass
-        _open_folders.pop(self._key, None)
+        if _open_folders.get(self._key) is self:
+            del _open_folders[self._key]
         self._release()
 
     def _release(self) -> None:

@@ -86,12 +86,12 @@ def run_hostile(args: argparse.Namespace) -> int:
     from fastmmio.fuzz.runner import DEFAULT_WATCHDOG_S, campaign, run_program
     from fastmmio.real.backend import RealBackend
 
-    RealBackend(device=args.device).check()
-    kinds = tuple(args.kind) if args.kind else KINDS
-    watchdog = args.watchdog or DEFAULT_WATCHDOG_S
     if args.only is not None and args.seed is None:
         raise UsageError("--only I reruns program I of a seed's stream: give the --seed the "
                          "campaign printed")
+    RealBackend(device=args.device).check()
+    kinds = tuple(args.kind) if args.kind else KINDS
+    watchdog = args.watchdog or DEFAULT_WATCHDOG_S
     seed = args.seed if args.seed is not None else int(time.time())
     if args.only is not None:
         program = generate(seed, args.only, kinds, args.cpl)
