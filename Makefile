@@ -24,18 +24,18 @@ bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 # Hostile guests on this host's KVM for FUZZ_SECONDS: outcome counts, leaks, hangs
-# (python -m fastmmio.fuzz hostile --help for seeds, kinds, reproducing one program).
+# (fastmmio fuzz hostile --help for seeds, kinds, reproducing one program).
 FUZZ_SECONDS ?= 300
 fuzz: $(STAMP)
-	$(BIN)/python -m fastmmio.fuzz hostile --seconds $(FUZZ_SECONDS)
+	$(BIN)/fastmmio fuzz hostile --seconds $(FUZZ_SECONDS)
 	$(MAKE) fuzz-diff
 
 # Differential fuzzing for FUZZ_SECONDS: random programs on the simulator and on this host's
 # KVM; each kind of disagreement is shrunk and saved in tests/kvm/regressions/
-# (python -m fastmmio.fuzz diff --help for seeds, example counts, program size).
+# (fastmmio fuzz diff --help for seeds, example counts, program size).
 FUZZ_DIFF_EXAMPLES ?= 1000000
 fuzz-diff: $(STAMP)
-	$(BIN)/python -m fastmmio.fuzz diff --examples $(FUZZ_DIFF_EXAMPLES) --seconds $(FUZZ_SECONDS)
+	$(BIN)/fastmmio fuzz diff --examples $(FUZZ_DIFF_EXAMPLES) --seconds $(FUZZ_SECONDS)
 
 # SOAK_NOTIFICATIONS through every in-kernel ioeventfd route: none lost, none to userspace
 # (about 30 s per route per million where an in-kernel exit costs ~28 us, as under PVM).

@@ -15,14 +15,23 @@ is raised afterwards, so an interrupted run never leaves part of its output behi
 command has published its results, :func:`finished` makes later signals no-ops: the run is
 complete and about to exit.
 
+Python runs its handler only when the main thread executes bytecode, and a guest that loops
+inside unicorn without an exit never returns to Python. So :func:`install` also points
+Python's wakeup file descriptor (``signal.set_wakeup_fd``: the C-level handler writes the
+signal number there at once) at a pipe read by a small thread, which stops the running engines
+until the main thread has taken the signal. (Engines are closed only after they have left the
+list under a lock that thread also holds, so it never stops a freed engine.)
+
 Without :func:`install` (the library used from Python, the tests) nothing here changes
 Python's own behaviour: :func:`check` only raises for a signal this handler recorded.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -41,6 +50,8 @@ class Interrupted(KeyboardInterrupt):
 class _State:
     def __init__(self) -> None:
         self.installed = False
+        self.wakeup: tuple[int, int] | None = None  # the pipe (read, write)
+        self.lock = threading.Lock()  # the engines list against the wakeup thread
         self.pending: int | None = None  # the first signal received
         self.engines: list[Any] = []  # unicorn engines running in the main thread
         self.critical = 0  # depth of critical sections
@@ -69,12 +80,48 @@ def install() -> None:
     """Install the handler for SIGINT and SIGTERM (main thread only; elsewhere a no-op) and
     forget any earlier state."""
     global _state
+    _close_wakeup(_state)
     _state = _State()
     if threading.current_thread() is not threading.main_thread():
         return
     for s in SIGNALS:
         signal.signal(s, _handler)
     _state.installed = True
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    try:
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    except ValueError:  # pragma: no cover - not the main interpreter
+        os.close(r)
+        os.close(w)
+        return
+    _state.wakeup = (r, w)
+    threading.Thread(target=_watch, args=(_state, r), daemon=True,
+                     name="fastmmio-interrupts").start()
+
+
+def _watch(state: _State, fd: int) -> None:
+    """The wakeup thread: on SIGINT or SIGTERM, stop the engines that run (repeatedly: a stop
+    that lands between two ``emu_start`` calls is lost) until the main thread has taken the
+    signal or some two seconds have passed."""
+    while True:
+        try:
+            data = os.read(fd, 64)
+        except OSError:
+            data = b""
+        if not data:  # the write end was closed: uninstalled
+            os.close(fd)
+            return
+        if not any(b in SIGNALS for b in data):
+            continue
+        for _ in range(200):
+            with state.lock:
+                engines = list(state.engines)
+                for uc in engines:
+                    uc.emu_stop()
+            if not engines and state.pending is not None:
+                break
+            time.sleep(0.01)
 
 
 def uninstall() -> None:
@@ -83,7 +130,15 @@ def uninstall() -> None:
     if _state.installed and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _close_wakeup(_state)
     _state = _State()
+
+
+def _close_wakeup(state: _State) -> None:
+    if state.wakeup is not None and threading.current_thread() is threading.main_thread():
+        signal.set_wakeup_fd(-1)
+        os.close(state.wakeup[1])  # the thread sees EOF, closes the read end and ends
+        state.wakeup = None
 
 
 def pending() -> int | None:
@@ -110,7 +165,9 @@ def push_engine(uc: Any) -> bool:
 
 
 def pop_engine() -> None:
-    _state.engines.pop()
+    s = _state
+    with s.lock:
+        s.engines.pop()
 
 
 @contextmanager

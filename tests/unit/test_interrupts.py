@@ -202,3 +202,30 @@ def test_interrupt_inside_a_unicorn_hook_stops_the_engine():
     finally:
         session.close()
         interrupts.uninstall()
+
+
+def test_interrupt_of_a_guest_that_never_leaves_unicorn():
+    """A guest looping inside unicorn with no exit never runs Python code, so no Python
+    handler can run: the wakeup thread of fastmmio.interrupts (woken by the C-level handler
+    through the wakeup fd) stops the engine, and the interrupt is raised within a second,
+    not after the 30 s watchdog."""
+    import threading
+
+    from fastmmio import interrupts, layout
+    from fastmmio.guest.program import Access, AccessKind
+    from tests.unit.test_sim_cpu import _machine
+
+    tb, cpu, _ = _machine(Access(AccessKind.NONE))
+    tb.write_gpa_u64(layout.MAILBOX_GPA + layout.MAILBOX_ITERATIONS, 1 << 60)
+    interrupts.install()
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(interrupts.Interrupted):
+            cpu.run(timeout_us=30_000_000)
+        assert time.monotonic() - t0 < 1.3
+    finally:
+        timer.cancel()
+        interrupts.uninstall()
+        cpu.close()
