@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from rich.console import Console
 from rich.text import Text
@@ -47,6 +48,7 @@ from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.verdict import DEFAULT_TOLERANCE
 
 
+T = TypeVar("T")
 iterations_arg = int_in_range(1, MAX_ITERATIONS)
 
 
@@ -124,6 +126,19 @@ def progress_display() -> tuple[Progress, Console]:
     return progress, err
 
 
+def with_progress(label: str, work: Callable[[Callable[[str, int, int], None]], T]) -> T:
+    """``work(on_step)`` under a progress bar on stderr (when it is a terminal); ``on_step``
+    takes (what, done, total)."""
+    progress, _ = progress_display()
+    with progress:
+        task = progress.add_task(label, total=None)
+
+        def on_step(what: str, done: int, total: int) -> None:
+            progress.update(task, description=what, completed=done, total=total)
+
+        return work(on_step)
+
+
 def stdout_console() -> Console:
     term = Console()
     return term if term.is_terminal else Console(width=200)
@@ -152,14 +167,8 @@ def run(args: argparse.Namespace) -> int:
         verdict=not args.no_verdict, review=not args.no_review)
     check_prices(profile, nested=args.nested)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
-        progress, _ = progress_display()
-        with progress:
-            task = progress.add_task("compare", total=None)
-
-            def on_step(what: str, done: int, total: int) -> None:
-                progress.update(task, description=what, completed=done, total=total)
-
-            result = run_compare(options, on_step, profile=profile)
+        result = with_progress("compare", lambda on_step: run_compare(options, on_step,
+                                                                      profile=profile))
         from fastmmio.report.compare import render, write_outputs
 
         write_outputs(result, args.out)  # staged in the folder

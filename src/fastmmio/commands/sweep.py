@@ -13,8 +13,8 @@ from rich.text import Text
 from fastmmio.argtypes import csv_list
 from fastmmio.commands.compare import (
     add_sim_arguments,
-    progress_display,
     stdout_console,
+    with_progress,
 )
 from fastmmio.compare.sweep import (
     DEFAULT_ROUTES,
@@ -62,16 +62,9 @@ def run(args: argparse.Namespace) -> int:
         name == "nested" and True in values for name, values in params))
     base = Base(caches=args.caches, vpid=args.vpid, nested=args.nested)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
-        progress, _ = progress_display()
-        with progress:
-            task = progress.add_task("sweep", total=None)
-
-            def on_step(what: str, done: int, total: int) -> None:
-                progress.update(task, description=what, completed=done, total=total)
-
-            result = run_sweep(params, routes=args.routes, variants=args.variants,
-                               profile=profile, base=base, iterations=args.iterations,
-                               progress=on_step)
+        result = with_progress("sweep", lambda on_step: run_sweep(
+            params, routes=args.routes, variants=args.variants, profile=profile, base=base,
+            iterations=args.iterations, progress=on_step))
         from fastmmio.report.compare import sweep_table, write_sweep
 
         write_sweep(result, args.out)  # staged in the folder
