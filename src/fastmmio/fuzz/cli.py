@@ -141,7 +141,8 @@ def run_soak(args: argparse.Namespace) -> int:
 
     results = soak(args.routes or None, args.notifications, args.batch, args.device, args.cpl,
                    on_result=on_result,
-                   on_skip=lambda r, why: print(f"skipping {r.name}: {why}", file=sys.stderr))
+                   on_skip=lambda r, why: print(f"fastmmio fuzz soak: skipping {r.name}: {why}",
+                                                  file=sys.stderr))
     total = sum(r.notifications for r in results)
     lost = sum(r.lost for r in results)
     exits = sum(r.user_exits for r in results)
