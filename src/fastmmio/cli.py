@@ -132,7 +132,11 @@ def _guarded(label: str, fn) -> int:
     except KeyboardInterrupt as exc:  # Interrupted, or Ctrl-C before the handler was in place
         signum = getattr(exc, "signum", None)
         what = "stopped by SIGTERM" if signum == interrupts.signal.SIGTERM else "interrupted"
-        print(f"{label}: {what}; nothing written", file=sys.stderr)
+        done = sys.modules.get("fastmmio.outputs")
+        done = done.published() if done is not None else []
+        kept = (f"; the {len(done)} file(s) written before it are complete" if done
+                else "; nothing written")
+        print(f"{label}: {what}{kept}", file=sys.stderr)
         return 130
     except StdoutError as exc:
         _silence_stdout()
@@ -146,6 +150,9 @@ def dispatch(parser_factory, argv: list[str] | None, label: str) -> int:
     chosen subcommand's ``func`` and turn every way it can end into an exit status and at
     most one line on stderr (see the module docstring)."""
     interrupts.install()
+    outputs = sys.modules.get("fastmmio.outputs")
+    if outputs is not None:  # an earlier in-process run (tests)
+        outputs.forget_published()
     real_stdout = sys.stdout
     sys.stdout = _Stdout(real_stdout)
     try:

@@ -34,6 +34,16 @@ from fastmmio.errors import UsageError
 
 _TMP_PREFIX = ".fastmmio-tmp-"
 _open_folders: dict[Path, "OutputFolder"] = {}
+_published: list[Path] = []  # files this process has published (for the interrupt line)
+
+
+def published() -> list[Path]:
+    """The files this process has published so far (each complete)."""
+    return list(_published)
+
+
+def forget_published() -> None:
+    _published.clear()
 
 
 def is_stdout(name: str | Path | None) -> bool:
@@ -193,6 +203,7 @@ class OutputFolder:
                         pass
             interrupts.finished()
         self.committed = [f for _t, f in self._staged]
+        _published.extend(self.committed)
         self._staged = []
         return self.committed
 
@@ -250,6 +261,7 @@ def target(path: Path | str) -> Iterator[Path]:
             tmp = _tempfile(path.parent, path.name)
         yield tmp
         os.replace(tmp, path)
+        _published.append(path)
     except BaseException as exc:
         if tmp is not None:
             try:
@@ -278,6 +290,15 @@ def open_text(path: Path | str, newline: str | None = None) -> Iterator[IO[str]]
             os.fsync(fh.fileno())
 
 
+def write_final(path: Path | str, text: str) -> None:
+    """A command's last output file: written atomically, after which the command is done (a
+    signal is then ignored, so that an exit status of 130 always means the file was not
+    written)."""
+    with interrupts.critical():
+        write_text(path, text)
+        interrupts.finished()
+
+
 def write_text(path: Path | str, text: str, what: str = "") -> Path | str:
     """Write ``text`` to ``path`` atomically (``-``: standard output); an OSError becomes one
     UsageError line, ``cannot write [WHAT ]PATH: reason``."""
@@ -292,5 +313,5 @@ def write_text(path: Path | str, text: str, what: str = "") -> Path | str:
     return path
 
 
-__all__ = ["OutputFolder", "check_writable_file", "is_stdout", "open_text", "target",
-           "write_text"]
+__all__ = ["OutputFolder", "check_writable_file", "is_stdout", "open_text", "published",
+           "target", "write_final", "write_text"]

@@ -24,7 +24,7 @@ from fastmmio.bench import (
     bench_routes,
 )
 from fastmmio.errors import HostError, UsageError
-from fastmmio.outputs import check_writable_file, is_stdout, write_text
+from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.real.host import unsupported_reason
 from fastmmio.argtypes import cpu_number, percent, positive_int, positive_seconds
 from fastmmio.report.bench import bench_table, json_records, kut_lines
@@ -198,5 +198,5 @@ def run(args: argparse.Namespace) -> int:
             if line.startswith("FAIL"):
                 print(f"fastmmio bench: {r.route}: {line}", file=sys.stderr)
     if args.json:
-        write_text(args.json, json.dumps(json_records(results, host), indent=2) + "\n")
+        write_final(args.json, json.dumps(json_records(results, host), indent=2) + "\n")
     return 1 if failed else 0

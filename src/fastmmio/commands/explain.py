@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fastmmio.costs import COMPONENTS, check_prices
-from fastmmio.outputs import check_writable_file, is_stdout, write_text
+from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.explain import DEFAULT_CPL, DEFAULT_PROFILE, DEFAULT_WARMUP, ExplainOptions, Explanation, explain
 from fastmmio.argtypes import positive_int
 from fastmmio.routes import get_route
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     e = explain(route, options)
     if args.json is not None:
         text = json.dumps(e.to_json(), indent=2) + "\n"
-        write_text(args.json, text)
+        write_final(args.json, text)
         if is_stdout(args.json):
             return 0
     term = Console()
