@@ -23,7 +23,7 @@ from fastmmio.bench import (
     BenchOptions,
     bench_routes,
 )
-from fastmmio.errors import HostError, UsageError
+from fastmmio.errors import HostError
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.real.host import unsupported_reason
 from fastmmio.argtypes import cpu_number, percent, positive_int, positive_seconds

@@ -191,9 +191,9 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--fit: {', '.join(unknown)} not a [price] key of profile "
                              f"{base.name}")
     if args.out is not None:
-        from fastmmio.commands.bench import check_writable
+        from fastmmio.outputs import check_writable_file
 
-        check_writable(args.out)
+        check_writable_file(args.out)
     if args.anchors is not None:
         if args.era is not None:
             raise UsageError("--era does not apply to --anchors: an anchor set names its era")
