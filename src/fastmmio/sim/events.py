@@ -96,16 +96,17 @@ SERVED_BY = ("l1", "l2", "llc", "mem")
 
 Events = Counter  # the type every model returns: event name -> count
 
-TRANSLATION_KINDS = ("combined", "guest_physical", "linear")
+TRANSLATION_KINDS = ("combined", "guest_physical", "linear", "nested")  # nested: sim/svm
 FAULT_KINDS = ("page_fault", "ept_misconfig", "gp")
 INVALIDATION_CAUSES = ("ept_violation", "vmexit_novpid", "vmentry_novpid", "invept_single",
                        "invept_all", "invvpid_address", "invvpid_single", "invvpid_all",
                        "invvpid_single_retain_globals", "mov_cr3", "mov_cr4", "mov_cr0",
-                       "invlpg")
+                       "invlpg", "npf", "invlpga")
 USER_EXIT_KINDS = ("io", "mmio", "internal_error", "hlt", "shutdown")
 KVM_EVENTS = (
     "kvm.handler.ept_violation", "kvm.handler.ept_misconfig", "kvm.handler.io",
-    "kvm.handler.cpuid", "kvm.handler.hlt",
+    "kvm.handler.cpuid", "kvm.handler.hlt", "kvm.handler.vmcall",
+    "kvm.handler.ept_violation.prelude",
     "kvm.mmu.page_fault", "kvm.mmu.fast_page_fault", "kvm.mmu.fast_page_fault.fixed",
     "kvm.mmu.slow_path", "kvm.mmu.memslot_lookup", "kvm.mmu.spte_install",
     "kvm.mmu.spte_install.mmio", "kvm.mmu.mmio_spte_stale", "kvm.mmu.bad_page",
@@ -120,20 +121,22 @@ KVM_EVENTS = (
 
 def vocabulary() -> frozenset[str]:
     """Every event name the models can count (the families above, expanded over every
-    paging level, cache level of every named configuration, exit reason, bus, invalidation
-    cause and user-exit kind). A profile that prices all of them cannot meet an unpriced event
+    paging level, cache level of every named configuration, exit reason (VMX and SVM), bus,
+    invalidation cause and user-exit kind). A profile that prices all of them cannot meet an unpriced event
     in a run, so a command checks it before simulating (:func:`fastmmio.costs.model.
     check_prices`); ``tests/unit/test_events_vocabulary.py`` holds the models to it."""
     from fastmmio.sim.kvm.iobus import KvmBus
+    from fastmmio.sim.svm import caches as svm_caches
+    from fastmmio.sim.svm.layouts import EXIT_CODES, TLB_CONTROL_NAMES
     from fastmmio.sim.vmx.caches import CONFIGS
     from fastmmio.sim.vmx.exits import EXIT_REASONS
 
-    names = {"vmentry", "guest.insn", *KVM_EVENTS}
+    names = {"vmentry", "guest.insn", "tlb.nested_fault.hit", *KVM_EVENTS}
     served = set(SERVED_BY)
-    for cfg in CONFIGS.values():
+    for cfg in (*CONFIGS.values(), *svm_caches.CONFIGS.values()):
         served |= {lv.name for lv in cfg.data_cache or ()}
     names |= {f"walk.served.{s}" for s in served}
-    for structure in ("guest", "ept"):
+    for structure in ("guest", "ept", "nested"):
         for level in PAGING_LEVELS:
             names |= {f"walk.ref.{structure}.{level}", f"walk.ad.{structure}.{level}"}
     for kind in TRANSLATION_KINDS:
@@ -141,7 +144,8 @@ def vocabulary() -> frozenset[str]:
         names |= {f"psc.{kind}.{level}.{o}" for level in PSC_LEVELS for o in ("hit", "miss")}
     names |= {f"fault.{k}" for k in FAULT_KINDS}
     names |= {f"inv.{c}" for c in INVALIDATION_CAUSES}
-    names |= {f"exit.{n}" for n in EXIT_REASONS.values()}
+    names |= {f"exit.{n}" for n in (*EXIT_REASONS.values(), *EXIT_CODES.values())}
+    names |= {f"inv.tlb_control.{n}" for n in TLB_CONTROL_NAMES.values()}
     names |= {f"kvm.bus.lookup.{b.name}" for b in KvmBus}
     names |= {f"kvm.user_exit.{k}" for k in USER_EXIT_KINDS}
     return frozenset(names)
