@@ -56,6 +56,8 @@ class _State:
         self.engines: list[Any] = []  # unicorn engines running in the main thread
         self.critical = 0  # depth of critical sections
         self.done = False
+        self.raised = False  # Interrupted is raised once; a later signal is only recorded
+        self.main_ident = threading.main_thread().ident
 
 
 _state = _State()
@@ -71,8 +73,9 @@ def _handler(signum: int, _frame: Any) -> None:
         for uc in s.engines:
             uc.emu_stop()
         return
-    if s.critical:
+    if s.critical or s.raised:
         return
+    s.raised = True
     raise Interrupted(signum)
 
 
@@ -103,7 +106,14 @@ def install() -> None:
 def _watch(state: _State, fd: int) -> None:
     """The wakeup thread: on SIGINT or SIGTERM, stop the engines that run (repeatedly: a stop
     that lands between two ``emu_start`` calls is lost) until the main thread has taken the
-    signal or some two seconds have passed."""
+    signal or some two seconds have passed.
+
+    The kernel gives a process-directed signal to any thread that does not block it; when
+    that is not the main thread while the main thread waits in C (KVM_RUN inside the compiled
+    run loop of fastmmio.real, which goes back to Python only at the batch's end), nothing
+    would make it return. So when the main thread has not taken the signal after a moment,
+    it is sent again to the main thread itself (``pthread_kill``): KVM_RUN then returns
+    EINTR and the run loop goes back to Python, where the handler raises."""
     while True:
         try:
             data = os.read(fd, 64)
@@ -112,15 +122,21 @@ def _watch(state: _State, fd: int) -> None:
         if not data:  # the write end was closed: uninstalled
             os.close(fd)
             return
-        if not any(b in SIGNALS for b in data):
+        signums = [b for b in data if b in SIGNALS]
+        if not signums:
             continue
-        for _ in range(200):
+        for i in range(200):
             with state.lock:
                 engines = list(state.engines)
                 for uc in engines:
                     uc.emu_stop()
-            if not engines and state.pending is not None:
+            if state.pending is not None and (not engines or state.done):
                 break
+            if state.pending is None and i % 5 == 2 and state.main_ident is not None:
+                try:
+                    signal.pthread_kill(state.main_ident, signums[0])
+                except (OSError, ProcessLookupError):
+                    pass
             time.sleep(0.01)
 
 
@@ -150,6 +166,7 @@ def check() -> None:
     """Raise :class:`Interrupted` if a signal was recorded (call it outside engine hooks)."""
     s = _state
     if s.pending is not None and not s.done and not s.engines and not s.critical:
+        s.raised = True
         raise Interrupted(s.pending)
 
 
