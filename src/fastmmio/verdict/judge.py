@@ -23,12 +23,11 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from fastmmio.compare.core import NA, OK, Cell, Comparison, ratio, sim_key
+from fastmmio.compare.core import NA, OK, PIO_REFERENCE, Cell, Comparison, ratio, sim_key
 from fastmmio.costs.linear import (
     BreakEven,
     PriceSpace,
     break_even,
-    quantiles,
     reprice,
     sample_prices,
 )
@@ -298,31 +297,51 @@ def uncertainty(rows: Rows, cells: Iterable[Cell], n: int, *, seed: int = 0,
     import time
 
     t0 = time.perf_counter()
-    cells = [c for c in cells if rows.row(c) is not None]
-    pios = [rows.comparison.pio_cell(c) for c in cells]
+    out = Uncertainty(n, seed, method, tolerance)
     keys: dict[tuple, int] = {}
     order: list[np.ndarray] = []
-    for c in cells + pios:
+    pairs: list[tuple[tuple, int, int | None]] = []  # (cell key, its row, its PIO's row)
+    pio_rows: dict[tuple, int | None] = {}  # by the PIO cell's key
+
+    def add(c: Cell) -> int | None:
         k = sim_key(c.route, c.run.options)
-        if k not in keys and rows.row(c) is not None:
+        if k not in keys:
+            r = rows.row(c)
+            if r is None:
+                return None
             keys[k] = len(order)
-            order.append(rows.row(c))
-    out = Uncertainty(n, seed, method, tolerance)
+            order.append(r)
+        return keys[k]
+
+    for c in cells:
+        i = add(c)
+        if i is None:
+            continue
+        pk = sim_key(PIO_REFERENCE, c.run.options)
+        if pk not in pio_rows:
+            pio_rows[pk] = add(rows.comparison.pio_cell(c))
+        pairs.append((sim_key(c.route, c.run.options), i, pio_rows[pk]))
     if not order:
         return out
     prices = sample_prices(rows.space, n, seed, method)
-    cycles = reprice(np.vstack(order), prices)  # cells x n
-    for c, p in zip(cells, pios):
-        i = keys[sim_key(c.route, c.run.options)]
-        j = keys.get(sim_key(p.route, p.run.options))
-        lo, med, hi = quantiles(cycles[i])
-        st: dict[str, float] = {"cycles_median": med, "cycles_p05": lo, "cycles_p95": hi}
-        if j is not None:
-            r = cycles[i] / cycles[j]
-            rlo, rmed, rhi = quantiles(r)
-            st.update({"ratio_median": rmed, "ratio_p05": rlo, "ratio_p95": rhi,
-                       "share_as_fast": float(np.mean(within(r, tolerance)))})
-        out.cells[sim_key(c.route, c.run.options)] = st
+    cycles = reprice(np.vstack(order), prices)  # cells x n, one matrix product
+    ci = np.array([i for _, i, _ in pairs])
+    cq = np.quantile(cycles[ci], (0.05, 0.5, 0.95), axis=1)
+    with_pio = [(m, j) for m, (_, _, j) in enumerate(pairs) if j is not None]
+    rq = share = None
+    if with_pio:
+        r = cycles[ci[[m for m, _ in with_pio]]] / cycles[[j for _, j in with_pio]]
+        rq = np.quantile(r, (0.05, 0.5, 0.95), axis=1)
+        share = np.mean(within(r, tolerance), axis=1)
+    slot = {m: q for q, (m, _) in enumerate(with_pio)}
+    for m, (k, _, _) in enumerate(pairs):
+        st: dict[str, float] = {"cycles_median": float(cq[1, m]),
+                                "cycles_p05": float(cq[0, m]), "cycles_p95": float(cq[2, m])}
+        if m in slot:
+            q = slot[m]
+            st.update({"ratio_median": float(rq[1, q]), "ratio_p05": float(rq[0, q]),
+                       "ratio_p95": float(rq[2, q]), "share_as_fast": float(share[q])})
+        out.cells[k] = st
     out.seconds = time.perf_counter() - t0
     return out
 
