@@ -246,9 +246,9 @@ def test_orderings_carry_their_break_even():
 
 
 def test_estimate_share_follows_depends():
-    """kvm.handler.io is derived, from an estimate: the PIO side's handler counts as resting on
-    estimates, so all of upstream's difference does (ept_misconfig 150 and io -100 of the 258
-    cycles of moved prices... walks are measured)."""
+    """kvm.handler.io is derived from an estimate (kvm.handler.cpuid): the PIO side's handler
+    counts as resting on estimates. Upstream's difference by price: ept_misconfig +150,
+    io -100, walk.served +8 (measured): 250 of 258 cycles rest on estimates."""
     _, v = verdict_for(0.05)
     f = _finding(v, "doorbell", variant="upstream")
     assert "kvm.handler.io" in f.values["estimate_keys"]
@@ -273,8 +273,8 @@ def test_uncertainty_reprices_every_cell_and_counts_the_as_fast_share():
     u = v.judgement.uncertainty
     assert u.samples == 2000
     p = v.point("upstream")
-    # only three prices move the ratio here; the share is the fraction of samples with
-    # 1.05 x PIO - door >= 0, recomputed below by hand from the same seed
+    # only two prices with an interval enter this ratio (ept_misconfig, io); the share is the
+    # fraction of samples with door / PIO <= 1.05, recomputed here from the same seed
     import numpy as np
 
     from fastmmio.costs.linear import PriceSpace, sample_prices

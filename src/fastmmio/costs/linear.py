@@ -29,7 +29,7 @@ within its own stated interval, independently of the prices it was derived from 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import numpy as np
 
@@ -232,6 +232,3 @@ def reprice(rows: np.ndarray, prices: np.ndarray) -> np.ndarray:
     ``cells x n`` cycles, one matrix product."""
     return np.asarray(rows, float) @ np.asarray(prices, float).T
 
-
-def quantiles(x: np.ndarray, qs: Sequence[float] = (0.05, 0.5, 0.95)) -> list[float]:
-    return [float(v) for v in np.quantile(x, qs)]

@@ -18,12 +18,22 @@ read a :class:`Judgement`; none of them recomputes a ratio or re-applies the tol
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from fastmmio.compare.core import NA, OK, PIO_REFERENCE, Cell, Comparison, ratio, sim_key
+from fastmmio.compare.core import (
+    NA,
+    OK,
+    PIO_REFERENCE,
+    Cell,
+    Comparison,
+    caches_name,
+    ratio,
+    sim_key,
+)
 from fastmmio.costs.linear import (
     BreakEven,
     PriceSpace,
@@ -124,8 +134,7 @@ class Uncertainty:
             if st is not None:
                 o = c.run.options
                 rows.append({"route": c.route, "variant": o.variant,
-                             "scenario": c.scenario, "caches": str(getattr(o.caches, "name",
-                                                                          o.caches)),
+                             "scenario": c.scenario, "caches": caches_name(o.caches),
                              "vpid": o.vpid, "nested": o.nested, **st})
         return {"samples": self.samples, "seed": self.seed, "method": self.method,
                 "tolerance": self.tolerance, "seconds": round(self.seconds, 4), "cells": rows}
@@ -294,8 +303,6 @@ def uncertainty(rows: Rows, cells: Iterable[Cell], n: int, *, seed: int = 0,
     """Every priced cell (and its PIO reference) at ``n`` sampled price vectors: one matrix
     product; per cell the median and 90% interval of its cycles and of its ratio to PIO, and
     the share of samples in which it is as fast (:func:`within`)."""
-    import time
-
     t0 = time.perf_counter()
     out = Uncertainty(n, seed, method, tolerance)
     keys: dict[tuple, int] = {}
@@ -379,6 +386,4 @@ def judge(comparison: Comparison, subs: list[Subject], scs: tuple[Scenario, ...]
 
 
 def _with(p: Point, st: Mapping[str, float]) -> Point:
-    from dataclasses import replace
-
     return replace(p, uncertainty=dict(st))

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 from fastmmio.compare.core import NA, OK, PIO_REFERENCE, Cell
 from fastmmio.costs.linear import BreakEven
 from fastmmio.costs.profile import Profile
-from fastmmio.verdict.judge import AS_FAST, INCORRECT, SLOWER, Judgement, Statement
+from fastmmio.verdict.judge import AS_FAST, INCORRECT, SLOWER, Judgement
 from fastmmio.verdict.scenarios import BASE, Scenario, Subject, label
 
 EXIT_NAMES = {  # SDM basic exit reasons, as the text names them
