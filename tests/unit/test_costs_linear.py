@@ -154,7 +154,9 @@ def test_coefficients_reprice_exactly(nested):
 
 
 def _greedy(space, c, m0):
-    """Fractional knapsack: spend the cheapest margin per unit of move first."""
+    """Fractional knapsack: spend the cheapest margin per unit of move first. (Margins are
+    cycles: the generated ones are 0 or at least 0.01 away from it, well above the LP's
+    feasibility tolerance.)"""
     s = 1.0 if m0 >= 0 else -1.0
     need = abs(m0)
     if need == 0:
@@ -183,7 +185,7 @@ def _greedy(space, c, m0):
 @given(st.lists(st.tuples(st.floats(1, 1000), st.floats(0.1, 3), st.floats(0.1, 3),
                           st.one_of(st.just(0.0), st.floats(0.01, 3), st.floats(-3, -0.01))),
                 min_size=1, max_size=6),
-       st.floats(-500, 500))
+       st.one_of(st.just(0.0), st.floats(0.01, 500), st.floats(-500, -0.01)))
 def test_linear_programme_matches_the_exact_greedy_answer(prices, offset):
     text = HEAD
     coefs = []
@@ -200,7 +202,7 @@ def test_linear_programme_matches_the_exact_greedy_answer(prices, offset):
     if want is None:
         assert not comb.feasible
     else:
-        assert comb.feasible and comb.effort == pytest.approx(want, rel=1e-6, abs=1e-6)
+        assert comb.feasible and comb.effort == pytest.approx(want, rel=1e-5, abs=1e-6)
 
 
 def test_single_flip_values_and_directions():
