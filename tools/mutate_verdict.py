@@ -59,7 +59,7 @@ MUTATIONS = (
              '"ratio_to_pio": _r(ratio, 4)', '"ratio_to_pio": _r(c.cycles, 4)'),
     # more of the same kind
     Mutation("the tolerance rule made strict (< instead of <=)", "src/fastmmio/verdict/judge.py",
-             "return r <= 1 + tolerance", "return r < 1 + tolerance"),
+             "return r <= limit(tolerance)", "return r < limit(tolerance)"),
     Mutation("a doorbell whose checks fail judged by its ratio", "src/fastmmio/verdict/judge.py",
              "if status not in (OK, NA) and r is not None:", "if False:"),
     Mutation("break-even direction reversed for a statement that holds",

@@ -49,10 +49,15 @@ AS_FAST, SLOWER, INCORRECT = "as fast", "slower", "incorrect"
 CLASSES = (AS_FAST, SLOWER, INCORRECT, NA)
 
 
+def limit(tolerance: float) -> float:
+    """The largest ratio to PIO that is still "as fast": ``1 + tolerance``."""
+    return 1 + tolerance
+
+
 def within(r: float, tolerance: float) -> bool:
     """The tolerance rule, written once: a doorbell is as fast as port I/O when its cycles
-    are at most ``1 + tolerance`` times the PIO ioeventfd's."""
-    return r <= 1 + tolerance
+    are at most :func:`limit` times the PIO ioeventfd's (the limit itself included)."""
+    return r <= limit(tolerance)
 
 
 def classify(status: str, r: float | None, tolerance: float) -> str:
@@ -252,8 +257,8 @@ class Rows:
 
 
 def as_fast_form(door: np.ndarray, pio: np.ndarray, tolerance: float) -> np.ndarray:
-    """``(1 + t) * pio - door``: non-negative exactly when :func:`within` holds."""
-    return (1 + tolerance) * pio - door
+    """``limit(t) * pio - door``: non-negative exactly when :func:`within` holds."""
+    return limit(tolerance) * pio - door
 
 
 def ordering_form(cheaper: np.ndarray, dearer: np.ndarray) -> np.ndarray:
