@@ -68,8 +68,8 @@ MUTATIONS = (
              'direction = ("above" if ci > 0 else "below") if holds else'),
     Mutation("the uncertainty's share counting the slower samples",
              "src/fastmmio/verdict/judge.py",
-             '"share_as_fast": float(np.mean(within(r, tolerance)))',
-             '"share_as_fast": float(np.mean(~within(r, tolerance)))'),
+             "share = np.mean(within(r, tolerance), axis=1)",
+             "share = np.mean(~within(r, tolerance), axis=1)"),
     Mutation("the estimate share ignoring depends", "src/fastmmio/verdict/text.py",
              "leaning = {k: d for k, d in items.items() if profile.estimate_roots(k)}",
              "leaning = {k: d for k, d in items.items() "
