@@ -65,11 +65,12 @@ def main() -> int:
           f"(median of {args.repeat})")
     print(f"{args.samples} sampled price vectors over every cell: {1000 * s:8.2f} ms "
           f"(median of {args.repeat})")
-    print(f"ratio sampled / plain = {s / p:.1f}x  ({s / p / args.samples * 1e4:.2f}x per "
-          "10,000 samples... i.e. one sample costs "
-          f"{s / p / args.samples:.5f} of a plain pricing)")
-    print(f"one simulation in this run: {1000 * per_sim:.0f} ms on average ({sims} "
-          f"simulations); sampled / one simulation = {s / per_sim:.2f}x")
+    print(f"ratio sampled / plain = {s / p:.1f}x: one sampled price vector over every cell "
+          f"costs {s / p / args.samples:.5f} of one plain pricing")
+    total = run.timings.seconds["simulate"]
+    print(f"simulation in this run: {sims} simulations, {total:.1f} s, {1000 * per_sim:.0f} ms "
+          f"each on average; sampled / one simulation = {s / per_sim:.2f}x, sampled / all "
+          f"of the run's simulations = {s / total:.3f}x")
     return 0
 
 
