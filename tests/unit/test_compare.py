@@ -150,6 +150,11 @@ BAD_COMPARE = [
     (["--tolerance", "150"], "between 0 and 100"),
     (["--iterations", "0"], "between 1 and"),
     (["--nested", "--profile", "pci-testdev-2013"], "no [nested] table"),
+    (["--uncertainty", "0"], "between 1 and"),
+    (["--uncertainty", "many"], "many"),
+    (["--seed", "-1"], "between 0 and"),
+    (["--sampling", "normal"], "invalid choice: 'normal'"),
+    (["--uncertainty", "10", "--no-verdict"], "--uncertainty needs the verdict"),
 ]
 
 
@@ -276,3 +281,26 @@ def test_help_prints(command, capsys):
 def test_parse_values_rejects_unknown_parameters():
     with pytest.raises(UsageError, match="unknown sweep parameter"):
         parse_values("speed", ["1"])
+
+
+def test_compare_uncertainty_writes_the_sample_statistics(tmp_path, capsys):
+    out = tmp_path / "u"
+    code = main(["compare", "pio-eventfd-len1", "mmio-eventfd-len0", "--variants", "upstream",
+                 "--no-kvm", "--no-review", "--uncertainty", "300", "--seed", "3",
+                 "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    u = doc["verdict"]["uncertainty"]
+    assert (u["samples"], u["seed"], u["method"]) == (300, 3, "uniform")
+    door = [p for p in doc["verdict"]["points"] if p["subject"] == "upstream"]
+    assert door and all(0 <= p["uncertainty"]["share_as_fast"] <= 1 for p in door)
+    for p in door:
+        q = p["uncertainty"]
+        assert q["ratio_p05"] <= q["ratio_median"] <= q["ratio_p95"]
+    recs = [r for r in doc["simulated"] if r["route"] == "mmio-eventfd-len0"]
+    assert all(r["extra"]["uncertainty"]["cycles_p05"] <= r["cycles"] * 2 for r in recs)
+    assert doc["verdict"]["statements"]  # break-even values, with or without sampling
+    base = next(p for p in door if p["scenario"] == "sdm-max")
+    assert f"as fast in {base['uncertainty']['share_as_fast']:.0%} of plausible price sets" \
+        in " ".join(printed.split())

@@ -73,6 +73,22 @@ def test_rfc_as_posted_never_gets_a_present_doorbell_entry(verdict):
     assert "every write walks again" in f.text
 
 
+def test_rfc_walk_references_are_split_between_both_sdm_rules(verdict):
+    """The RFC's walk references: the leaves because nothing is cached from a not-present
+    entry (SDM 28.3.2), the upper levels because its EPT violation invalidates the
+    paging-structure-cache entries used to translate the address (SDM 28.3.3.1)."""
+    from fastmmio.verdict.text import walk_split
+
+    cell = verdict.judgement.cells[("rfc-2015", BASE.key)]
+    upper, leaves = walk_split(cell)
+    assert upper > 0 and leaves > 0 and upper + leaves == cell.walk_refs
+    assert cell.per.get("inv.ept_violation", 0) >= 1
+    text = _finding(verdict, "doorbell", variant="rfc-2015").text
+    assert (f"of its {cell.walk_refs:g} walk references, {leaves:g} (the leaves)" in text)
+    assert f"{upper:g} (the upper levels) from the EPT violation itself" in text
+    assert "28.3.3.1" in text
+
+
 def test_rfc_as_the_review_asked_caches_only_read_permission(verdict):
     """Objection 5 and SDM 28.3.3.1: a present read-only entry is installed, but a write
     through it is an EPT violation, which invalidates what was cached: the write still walks."""

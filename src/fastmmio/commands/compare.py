@@ -37,11 +37,13 @@ from fastmmio.compare.run import (
     KVM_SECONDS,
     KVM_TARGET_TICKS,
     KVM_TOLERANCE,
+    MAX_SAMPLES,
     CompareOptions,
     default_out,
     run_compare,
 )
 from fastmmio.costs import check_prices, list_profiles, load_profile
+from fastmmio.costs.linear import SAMPLING
 from fastmmio.outputs import OutputFolder
 from fastmmio.sim.kvm.variants import VARIANTS
 from fastmmio.sim.vmx.caches import CONFIGS
@@ -110,6 +112,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=percent_arg, default=DEFAULT_TOLERANCE, metavar="PCT",
                    help=f"'as fast as port I/O' means within this many percent "
                    f"(default {DEFAULT_TOLERANCE * 100:g}%%)")
+    p.add_argument("--uncertainty", type=int_in_range(1, MAX_SAMPLES), default=0, metavar="N",
+                   help="also sample N price sets inside the profile's intervals and say in "
+                   "how many each doorbell is as fast as port I/O (default off)")
+    p.add_argument("--seed", type=int_in_range(0, 2**63 - 1), default=0, metavar="S",
+                   help="seed of the sampled price sets (default 0)")
+    p.add_argument("--sampling", choices=SAMPLING, default="uniform",
+                   help="how prices are drawn inside their intervals (default uniform)")
     p.add_argument("--no-verdict", action="store_true", help="tables and files only")
     p.add_argument("--no-review", action="store_true",
                    help="leave out the checks of fastmmio.review from the verdict")
@@ -164,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
         kvm=not args.no_kvm, device=check_device(args), kvm_runs=args.kvm_runs,
         kvm_target_ticks=args.kvm_target_ticks, kvm_seconds=args.kvm_seconds,
         kvm_tolerance=args.kvm_tolerance, kvm_cpu=args.cpu, tolerance=args.tolerance,
-        verdict=not args.no_verdict, review=not args.no_review)
+        verdict=not args.no_verdict, review=not args.no_review, uncertainty=args.uncertainty,
+        seed=args.seed, sampling=args.sampling)
     check_prices(profile, nested=args.nested)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
         result = with_progress("compare", lambda on_step: run_compare(options, on_step,

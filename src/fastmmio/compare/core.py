@@ -379,14 +379,24 @@ class Comparison:
         self.timings.add("price", time.perf_counter() - t0)
         return cell
 
+    def pio_cell(self, cell: Cell) -> Cell:
+        """The PIO ioeventfd route under ``cell``'s own machine setting: what its ratio is
+        taken against (never another setting's)."""
+        return self.cell(PIO_REFERENCE, cell.run.options, cell.scenario)
+
     def ratio_to_pio(self, cell: Cell) -> float | None:
         """``cell``'s cycles over the PIO ioeventfd route's under the same machine setting."""
         if cell.pricing is None:
             return None
-        pio = self.cell(PIO_REFERENCE, cell.run.options, cell.scenario)
-        if pio.pricing is None or not pio.cycles:
-            return None
-        return cell.cycles / pio.cycles
+        return ratio(cell, self.pio_cell(cell))
+
+
+def ratio(cell: Cell, pio: Cell) -> float | None:
+    """The one ratio rule: ``cell``'s cycles over ``pio``'s (None when either is not priced).
+    Callers pass the PIO cell of the same machine setting (:meth:`Comparison.pio_cell`)."""
+    if cell.pricing is None or pio.pricing is None or not pio.cycles:
+        return None
+    return cell.cycles / pio.cycles
 
 
 

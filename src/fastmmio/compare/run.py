@@ -31,6 +31,7 @@ from fastmmio.compare.core import (
     sim_options,
 )
 from fastmmio.costs import Profile, load_profile
+from fastmmio.costs.linear import SAMPLING
 from fastmmio.errors import HostError, UsageError
 from fastmmio.result import HostInfo, RunResult
 from fastmmio.routes import Route, get_route, load_catalogue
@@ -52,6 +53,7 @@ KVM_SECONDS = 30.0
 # At most 2^32 ticks per batch (under 5 s at a 1 GHz TSC, 2x that while calibrating): the
 # real backend's default watchdog (10 s) still bounds every batch.
 KVM_MAX_TARGET_TICKS = 1 << 32
+MAX_SAMPLES = 1_000_000
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -77,6 +79,9 @@ class CompareOptions:
     tolerance: float = DEFAULT_TOLERANCE
     verdict: bool = True
     review: bool = True
+    uncertainty: int = 0  # sampled price sets (0: off)
+    seed: int = 0
+    sampling: str = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "variants", check_variants(tuple(self.variants)))
@@ -88,6 +93,14 @@ class CompareOptions:
         if self.kvm_runs < 1 or not 1 <= self.kvm_target_ticks <= KVM_MAX_TARGET_TICKS:
             raise UsageError(f"KVM runs must be positive and target ticks between 1 and "
                              f"2^32 = {KVM_MAX_TARGET_TICKS}")
+        if self.uncertainty < 0 or self.uncertainty > MAX_SAMPLES:
+            raise UsageError(f"--uncertainty must be between 0 and {MAX_SAMPLES}, "
+                             f"got {self.uncertainty}")
+        if self.sampling not in SAMPLING:
+            raise UsageError(f"unknown sampling {self.sampling!r}; choose from "
+                             f"{', '.join(SAMPLING)}")
+        if self.uncertainty and not self.verdict:
+            raise UsageError("--uncertainty needs the verdict (drop --no-verdict)")
         self.kvm_bench()  # the measuring rule's bounds, the CPU to pin to
 
     def kvm_bench(self) -> BenchOptions:
@@ -158,6 +171,18 @@ class CompareRun:
 
     def cells(self) -> list[Cell]:
         return list(self.matrix.cells.values())
+
+    def all_cells(self) -> list[Cell]:
+        """Every priced cell of the run, once: the main matrix, then the cells the verdict
+        judged (read from its judgement, never collected again)."""
+        out, seen = [], set()
+        judged = self.verdict.judgement.all_cells() if self.verdict is not None else []
+        for c in self.cells() + judged:
+            k = sim_key(c.route, c.run.options)
+            if k not in seen:
+                seen.add(k)
+                out.append(c)
+        return out
 
     def failed_baseline(self) -> list[str]:
         """Failures that are tool or host problems, not findings: upstream KVM (simulated
@@ -291,7 +316,8 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
 
         verdict = build_verdict(comparison, options.variants, matrix.cells.values(),
                                 tolerance=options.tolerance, review=options.review,
-                                on_review=on_review)
+                                on_review=on_review, samples=options.uncertainty,
+                                seed=options.seed, sampling=options.sampling)
         timings.add("verdict", time.perf_counter() - t0)
     cal = calibration_rows(comparison)
     run = CompareRun(options, prof, comparison, matrix, kvm, verdict, cal, timings)

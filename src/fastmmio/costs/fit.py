@@ -348,9 +348,18 @@ def fit_profile(profile: Profile | str | Path, targets: Sequence[Target], free: 
         for t, f in zip(targets, fitted)
     )
     cited = "; ".join(dict.fromkeys(t.source for t in targets if t.source)) or "the [fit] targets"
+    spread = fit_intervals(Aw, bw, x, rank)
     new_prices = dict(prof.prices)
-    for k, v in params.items():
+    for j, (k, v) in enumerate(params.items()):
         old = prof.prices[k]
+        low, high, why = old.low, old.high, old.why
+        if spread is not None:
+            se, dof = spread
+            low, high = max(0.0, round(v - 2 * se[j], ROUND)), round(v + 2 * se[j], ROUND)
+            why = (f"the fit's residuals: +-2 standard errors (one is {se[j]:.1f} cycles; "
+                   f"weighted residual variance over {dof} degrees of freedom)")
+        elif low is not None and not low <= v <= high:
+            low, high, why = None, None, ""  # the prior's interval no longer holds the value
         note = old.note
         if old.basis != "fitted":  # first fit: keep what the prior was and why
             note = (note + " | " if note else "") + f"prior {old.cycles:g} ({old.basis}): {old.source}"
@@ -358,6 +367,7 @@ def fit_profile(profile: Profile | str | Path, targets: Sequence[Target], free: 
             old, cycles=v, basis="fitted", source_ref=None,
             source=f"fitted (see [fit]) to: {cited}",
             prior=old.prior if old.prior is not None else old.cycles, note=note,
+            low=low, high=high, why=why,
         )
     reg_note = (f"; regularization {regularization:g} toward the priors" if regularization
                 else "")
@@ -378,6 +388,21 @@ def fit_profile(profile: Profile | str | Path, targets: Sequence[Target], free: 
     )
     new_profile = replace(prof, prices=new_prices, fit=record)
     return FitResult(params, residuals, rank, new_profile, weighting, float(regularization))
+
+
+def fit_intervals(Aw: np.ndarray, bw: np.ndarray, x: np.ndarray, rank: int
+                  ) -> tuple[np.ndarray, int] | None:
+    """Standard errors of the fitted prices from the residuals (ordinary least-squares
+    covariance ``s^2 (A^T A)^+`` of the weighted system, ``s^2`` = residual sum of squares over
+    the degrees of freedom), and the degrees of freedom; None when there are none (as many
+    independent targets as prices: the residuals are zero and say nothing)."""
+    dof = Aw.shape[0] - rank
+    if dof <= 0:
+        return None
+    r = Aw @ x - bw
+    s2 = float(r @ r) / dof
+    cov = s2 * np.linalg.pinv(Aw.T @ Aw)
+    return np.sqrt(np.maximum(np.diag(cov), 0.0)), dof
 
 
 def refit(profile: Profile | str | Path, events: Mapping[str, Mapping[str, float]] | None = None,
@@ -439,6 +464,10 @@ def _price_lines(p: Price) -> list[str]:
         out.append(f"prior = {_n(p.prior)}")
     if p.note:
         out.append(f"note = {_s(p.note)}")
+    if p.interval is not None:
+        out += [f"low = {_n(p.low)}", f"high = {_n(p.high)}", f"why = {_s(p.why)}"]
+    if p.depends:
+        out.append("depends = [" + ", ".join(_s(d) for d in p.depends) + "]")
     return out
 
 

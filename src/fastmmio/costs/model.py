@@ -62,6 +62,15 @@ class Resolution:
     basis: str  # measured | derived | estimate | fitted | free
     source: str  # citation, or the [free] reason
     nested_rule: str = ""  # "", "override" or "scale x<factor>"
+    factor: float = 1.0  # unit_cycles = factor x the price's cycles (the nested scale)
+
+    @property
+    def price_id(self) -> str | None:
+        """The price this event is charged to: its key, or ``nested:<key>`` for a
+        ``[nested.price]`` override (see :meth:`Profile.price_entry`); None when free."""
+        if self.free:
+            return None
+        return f"nested:{self.key}" if self.nested_rule == "override" else self.key
 
 
 @dataclass(frozen=True)
@@ -183,6 +192,8 @@ class CostModel:
         if self.nested and prof.nested is not None and hit.component in prof.nested.scale:
             factor = prof.nested.scale[hit.component]
             unit, rule = hit.cycles * factor, f"scale x{factor:g}"
+            return Resolution(event, hit.key, False, unit, hit.component, hit.basis,
+                              hit.source, rule, factor)
         return Resolution(event, hit.key, False, unit, hit.component, hit.basis, hit.source, rule)
 
     def check(self, events) -> None:
@@ -230,6 +241,19 @@ class CostModel:
             items=tuple(items),
             sources=sources,
         )
+
+    def coefficients(self, events: Mapping[str, float], iterations: int = 1) -> dict[str, float]:
+        """Per notification, how many times each price is paid (nested scale included): the
+        cost is linear in the prices, ``cycles == sum(coef[id] * price(id).cycles)``, so a
+        price change re-prices a stored event vector without the models
+        (:mod:`fastmmio.costs.linear`). Keys are price ids (:attr:`Resolution.price_id`)."""
+        out: dict[str, float] = {}
+        for name, count in events.items():
+            r = self.resolve(name)
+            pid = r.price_id
+            if pid is not None and count:
+                out[pid] = out.get(pid, 0.0) + count * r.factor / iterations
+        return out
 
     def cost(self, events: Mapping[str, float]) -> Pricing:
         """Price a count vector that is already per notification (``iterations=1``)."""

@@ -24,6 +24,10 @@ it comes from. The schema (every table and field; anything else is an error):
     exact = false                       # optional: true = this exact name only, no prefix use
     note = "..."                        # optional
     prior = 1000                        # optional: the value before a fit replaced it
+    low = 2                             # optional: the plausible interval [low, high]
+    high = 6                            #   (both or neither; low <= cycles <= high)
+    why = "..."                         # required with an interval: what sizes it
+    depends = ["exit", "kvm.skip"]      # optional: the prices this one was derived from
 
     [free."walk.ref"]                   # events that are explicitly not priced
     reason = "..."                      # required: why they cost nothing of their own
@@ -55,6 +59,18 @@ nested setting rather than pretending it costs the same.
 ``measured`` (a published measurement of this very quantity), ``derived`` (computed from
 published measurements, the computation in ``source``/``note``), ``estimate`` (no measurement:
 the reason in ``source``), ``fitted`` (by :mod:`fastmmio.costs.fit`; the record in ``[fit]``).
+
+**Intervals.** ``low``/``high`` bound where the true price plausibly lies, and ``why`` says what
+sizes the interval (for an estimate: the length of the code path it stands for; for a fitted
+price: the fit's residuals, as :mod:`fastmmio.costs.fit` writes them; for a derived one: the
+published range and the intervals of what it subtracts). A price without an interval is held
+at its value by the break-even and uncertainty analyses (:mod:`fastmmio.costs.linear`); the
+bundled profiles give one to every price that is not a published measurement.
+
+**Dependencies.** ``depends`` names the ``[price]`` keys a derived price was computed from (a
+``[nested.price]`` may name base keys too). :meth:`Profile.estimate_roots` follows them: a price
+leans on an estimate when it is one or when anything it depends on (transitively) does. An
+unknown key or a cycle is an error.
 """
 
 from __future__ import annotations
@@ -94,7 +110,8 @@ _SOURCE_NAME_RE = re.compile(r"^\S+$")
 
 _PROFILE_FIELDS = {"name", "description", "cpu", "nested", "notes"}
 _TOP_FIELDS = {"profile", "sources", "price", "free", "nested", "fit"}
-_PRICE_FIELDS = {"cycles", "component", "basis", "source", "exact", "note", "prior"}
+_PRICE_FIELDS = {"cycles", "component", "basis", "source", "exact", "note", "prior", "low",
+                 "high", "why", "depends"}
 _FREE_FIELDS = {"reason", "exact"}
 _NESTED_FIELDS = {"description", "source", "scale", "price"}
 _FIT_FIELDS = {"method", "weighting", "regularization", "free", "events_source", "notes",
@@ -115,6 +132,17 @@ class Price:
     exact: bool = False
     note: str = ""
     prior: float | None = None
+    low: float | None = None  # the plausible interval [low, high] (None: none given)
+    high: float | None = None
+    why: str = ""  # what sizes the interval
+    depends: tuple[str, ...] = ()  # the price keys this one was derived from
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """``(low, high)``, or None when the profile gives no interval."""
+        if self.low is None or self.high is None:
+            return None
+        return (self.low, self.high)
 
 
 @dataclass(frozen=True)
@@ -178,6 +206,32 @@ class Profile:
     nested_default: bool = False
     notes: str = ""
     fit: FitRecord | None = None
+
+    def price_entry(self, pid: str) -> Price:
+        """The price by id: a ``[price]`` key, or ``nested:<key>`` for ``[nested.price]``."""
+        if pid.startswith("nested:"):
+            if self.nested is None or pid[7:] not in self.nested.prices:
+                raise KeyError(pid)
+            return self.nested.prices[pid[7:]]
+        return self.prices[pid]
+
+    def estimate_roots(self, pid: str) -> tuple[str, ...]:
+        """The estimated prices ``pid`` (a price id as in :meth:`price_entry`) rests on: itself
+        when its basis is ``estimate``, and every estimate reached through ``depends``
+        (transitively); sorted, empty when it rests on none."""
+        out: set[str] = set()
+        seen: set[str] = set()
+        todo = [pid]
+        while todo:
+            cur = todo.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            p = self.price_entry(cur)
+            if p.basis == "estimate":
+                out.add(cur)
+            todo.extend(p.depends)
+        return tuple(sorted(out))
 
     def citations(self) -> dict[str, str]:
         """Every price key (base and nested) -> its citation text."""
@@ -290,6 +344,27 @@ def _parse_price(ctx: _Ctx, key: str, raw: Any, sources: Mapping[str, str],
     prior = None
     if "prior" in raw:
         prior = _number(ctx, raw["prior"], f"{where}.prior")
+    low = high = None
+    if ("low" in raw) != ("high" in raw):
+        raise ctx.error(f"{where}.{'high' if 'low' in raw else 'low'}",
+                        "missing: an interval needs both low and high")
+    why = _string(ctx, raw, "why", where, required=False)
+    if "low" in raw:
+        low = _number(ctx, raw["low"], f"{where}.low")
+        high = _number(ctx, raw["high"], f"{where}.high")
+        if not low <= cycles <= high:
+            raise ctx.error(where, f"interval {low:g}-{high:g} does not contain cycles "
+                                   f"{cycles:g} (need low <= cycles <= high)")
+        if not why:
+            raise ctx.error(f"{where}.why", "missing: say what sizes the interval "
+                                            "(required with low/high)")
+    elif why:
+        raise ctx.error(f"{where}.why", "given without an interval (low, high)")
+    deps = raw.get("depends", [])
+    if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+        raise ctx.error(f"{where}.depends", "must be a list of price keys")
+    for d in deps:
+        _check_key(ctx, d, f"{where}.depends")
     return Price(
         key=key,
         cycles=cycles,
@@ -300,7 +375,42 @@ def _parse_price(ctx: _Ctx, key: str, raw: Any, sources: Mapping[str, str],
         exact=_bool(ctx, raw, "exact", where),
         note=_string(ctx, raw, "note", where, required=False),
         prior=prior,
+        low=low,
+        high=high,
+        why=why,
+        depends=tuple(dict.fromkeys(deps)),
     )
+
+
+def _check_depends(ctx: _Ctx, prices: Mapping[str, Price], nested: Nested | None) -> None:
+    """Every ``depends`` names a known price key, and the dependencies form no cycle."""
+    graph: dict[str, tuple[str, ...]] = {}
+    tables = [("price", "", prices)]
+    if nested is not None:
+        tables.append(("nested.price", "nested:", nested.prices))
+    for table, prefix, entries in tables:
+        for key, p in entries.items():
+            for d in p.depends:
+                if d not in prices:
+                    raise ctx.error(f"{_fmt_key(table, key)}.depends",
+                                    f"{d!r} is not a key of [price]")
+            graph[prefix + key] = p.depends
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for d in graph.get(node, ()):
+            if state.get(d) == 1:
+                loop = path[path.index(d):] + [d] if d in path else [node, d]
+                raise ctx.error(f"{_fmt_key('price', d)}.depends",
+                                "dependency cycle: " + " -> ".join(loop))
+            if d not in state:
+                visit(d, path + [d])
+        state[node] = 2
+
+    for node in graph:
+        if node not in state:
+            visit(node, [node])
 
 
 def _parse_free(ctx: _Ctx, key: str, raw: Any) -> Free:
@@ -452,6 +562,8 @@ def parse_profile(text: str, origin: str = "<string>") -> Profile:
     nested_default = _bool(ctx, head, "nested", "profile")
     if nested_default and nested is None:
         raise ctx.error("profile.nested", "is true but the profile has no [nested] table")
+
+    _check_depends(ctx, prices, nested)
 
     fit = None
     if "fit" in doc:

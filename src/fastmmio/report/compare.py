@@ -32,7 +32,10 @@ from fastmmio.outputs import open_text, write_text
 from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spread_text
 from fastmmio.report.plots import plot_breakdown, plot_sweep
 from fastmmio.result import RunResult
-from fastmmio.verdict import LABELS, doorbell_route
+from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
+
+# The verdict table's colour of each class the judgement gives a doorbell.
+CLASS_STYLE = {AS_FAST: "green", SLOWER: "yellow", INCORRECT: "bold red", NA: "dim"}
 
 COMPONENT_HEADERS = {"exit": "exit", "walk": "walk", "handler": "hndlr", "bus": "bus",
                      "eventfd": "efd", "emulation": "emul", "skip": "skip",
@@ -150,17 +153,16 @@ def verdict_table(run: CompareRun) -> Table | None:
             if p.status == NA or math.isnan(p.cycles):
                 row.append(Text("n/a", style="dim"))
                 continue
-            ratio = "" if s.key == "pio" or p.ratio is None else f" ({p.ratio:.2f}x)"
-            style = ""
-            if s.key != "pio" and p.ratio is not None:
-                style = "green" if p.ratio <= 1 + v.tolerance else "yellow"
+            ratio = "" if s.is_pio or p.ratio is None else f" ({p.ratio:.2f}x)"
+            style = CLASS_STYLE.get(p.judged, "")
             txt = Text(f"{p.cycles:,.0f}{ratio}\n{_per(p.walk_refs)} refs", style=style)
             if p.status != OK:
                 txt.append(" FAIL", style="bold red")
             row.append(txt)
         table.add_row(*row)
-    table.caption = (f"green: within {v.tolerance:.0%} of the PIO ioeventfd under the same "
-                     "setting (as fast as port I/O); yellow: slower")
+    table.caption = (f"{CLASS_STYLE[AS_FAST]}: within {v.tolerance:.0%} of the PIO ioeventfd "
+                     f"under the same setting (as fast as port I/O); {CLASS_STYLE[SLOWER]}: "
+                     f"slower; {CLASS_STYLE[INCORRECT]}: the doorbell's checks fail there")
     return table
 
 
@@ -264,20 +266,8 @@ def render(console: Console, run: CompareRun, *, verdict_text: bool = True) -> N
 
 
 def all_cells(run: CompareRun) -> list[Cell]:
-    """Every priced cell the run computed (main matrix, verdict scenarios, calibration)."""
-    out, seen = list(run.cells()), {(c.route, id(c.run)) for c in run.cells()}
-    v = run.verdict
-    extra: list[Cell] = []
-    if v is not None:
-        for s in v.subjects:
-            for sc in v.scenarios:
-                extra.append(run.comparison.cell(s.route, sc.options(s.variant), sc.key))
-                extra.append(run.comparison.cell(PIO_REFERENCE, sc.options(s.variant), sc.key))
-    for c in extra:
-        if (c.route, id(c.run)) not in seen:
-            seen.add((c.route, id(c.run)))
-            out.append(c)
-    return out
+    """Every priced cell the run computed (main matrix, then the verdict's judged cells)."""
+    return run.all_cells()
 
 
 def _r(x: float | None, digits: int) -> float | None:
@@ -343,6 +333,14 @@ def kvm_spread_fields(r: RunResult) -> dict[str, Any]:
             "kvm_median_ci_rel": _r(s.ci_rel, 4), "kvm_stable": int(s.stable)}
 
 
+def _record(run: CompareRun, c: Cell) -> dict[str, Any]:
+    rec = c.to_result(run.comparison.ratio_to_pio(c)).to_json()
+    u = run.verdict.judgement.uncertainty if run.verdict is not None else None
+    if u is not None:
+        rec["extra"]["uncertainty"] = u.stats(c)
+    return rec
+
+
 def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
     p = run.profile
     return _clean({
@@ -351,7 +349,7 @@ def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
         "profile": {"name": p.name, "origin": p.origin, "description": p.description,
                     "cpu": p.cpu},
         "host": run.kvm.to_json(),
-        "simulated": [c.to_result(run.comparison.ratio_to_pio(c)).to_json() for c in cells],
+        "simulated": [_record(run, c) for c in cells],
         "kvm": [r.to_json() for r in run.kvm.results],
         "calibration": [r.__dict__ for r in run.calibration or []],
         "verdict": run.verdict.to_json() if run.verdict else None,
