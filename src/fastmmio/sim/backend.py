@@ -30,6 +30,7 @@ from fastmmio.result import BatchResult, ExitRecord
 from fastmmio.sim.cpu import CpuEngine, GuestCpu
 from fastmmio.sim.kvm.variants import VARIANTS
 from fastmmio.sim.kvm.vm import KvmVm
+from fastmmio.sim.nested import NESTED_OFF, NestedL0, nested_setting
 from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.sim.vmx.memory import PAGE_SIZE, HostMemory
 from fastmmio.sim.vmx.processor import Processor
@@ -52,8 +53,10 @@ class SimOptions:
 
     ``variant``: the KVM variant (:data:`fastmmio.sim.kvm.variants.VARIANTS`). ``caches``: the
     processor's translation-cache configuration (``sdm-max``, ``none``, ``skylake-sp``, ...).
-    ``vpid``: KVM's "enable VPID" (on by default upstream). ``nested``: KVM runs as a guest
-    itself (skips EPT misconfigurations by decoding; the cost profile prices its exits).
+    ``vpid``: KVM's "enable VPID" (on by default upstream). ``nested``: ``off``, or the L0
+    hypervisor KVM runs under (:data:`fastmmio.sim.nested.L0_MODELS`: ``kvm``, ``hyperv``; a
+    bool is accepted, True meaning the default L0): the guest becomes L2, the processor walks
+    L0's shadow EPT, and every exit goes through L0 (:mod:`fastmmio.sim.nested`).
     ``mmio_caching``: ``kvm.mmio_caching``. ``ept_ad``: ``kvm_intel.eptad``.
     ``extra_ioeventfds``: wildcard ioeventfds added to each bus besides the route's own.
     ``timeout_s``: the watchdog: host seconds a batch may run before it is stopped.
@@ -67,7 +70,7 @@ class SimOptions:
     variant: str = "upstream"
     caches: str = "sdm-max"
     vpid: bool = True
-    nested: bool = False
+    nested: str = NESTED_OFF
     mmio_caching: bool = True
     ept_ad: bool = True
     extra_ioeventfds: int = 0
@@ -75,6 +78,7 @@ class SimOptions:
     fast_exits: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "nested", nested_setting(self.nested))
         if self.variant not in VARIANTS:
             raise UsageError(f"unknown KVM variant {self.variant!r}"
                              f"{did_you_mean(self.variant, VARIANTS)}; "
@@ -90,13 +94,18 @@ class SimOptions:
 
     def describe(self) -> str:
         parts = [self.variant, f"caches={self.caches}", f"vpid={'on' if self.vpid else 'off'}"]
-        if self.nested:
-            parts.append("nested")
+        if self.is_nested:
+            parts.append(f"nested={self.nested}")
         if not self.mmio_caching:
             parts.append("mmio_caching=N")
         if self.extra_ioeventfds:
             parts.append(f"+{self.extra_ioeventfds} ioeventfds")
         return " ".join(parts)
+
+    @property
+    def is_nested(self) -> bool:
+        """KVM runs as a guest (under some L0)."""
+        return self.nested != NESTED_OFF
 
 
 class SimBackend:
@@ -238,17 +247,26 @@ class SimSession:
         self.vm = KvmVm.from_spec(spec, machine.image, memory=self.memory, events=self.events,
                                   variant=options.variant, mmio_caching=options.mmio_caching,
                                   ad_enabled=options.ept_ad)
-        self.vcpu = self.vm.create_vcpu(self.processor, nested=options.nested,
+        # nested: L0 sits between the processor and KVM (L1), which sees the processor through
+        # L0 (its EPTP and INVEPT go to L0, which owns the EPT the processor walks)
+        self.l0 = (NestedL0(options.nested, self.processor, self.memory, self.events)
+                   if options.is_nested else None)
+        self.vcpu = self.vm.create_vcpu(self.l0.l1_processor if self.l0 else self.processor,
+                                        nested=options.is_nested,
                                         irqchip_in_kernel=spec.irqchip,
                                         userspace=self._userspace, cpuid=DEFAULT_CPUID)
-        self.processor.set_eptp(self.vm.mmu.eptp)
+        if self.l0 is not None:
+            self.l0.attach(self.vcpu)
+            self.l0.l1_set_eptp(self.vm.mmu.eptp)
+        else:
+            self.processor.set_eptp(self.vm.mmu.eptp)
         self.processor.load_guest_state(cr0=boot.cr0, cr3=boot.cr3, cr4=boot.cr4,
                                         efer=boot.efer, cpl=boot.cpl)
         self._ranges = self.vm.backing_ranges()
         if idle is not None and idle.ranges != self._ranges:  # pragma: no cover - see shape
             raise AssertionError(f"machine shape {self._shape} backed at {self._ranges}, "
                                  f"its pooled engine at {idle.ranges}")
-        self.cpu = GuestCpu(self.memory, self.processor, boot, self.vcpu,
+        self.cpu = GuestCpu(self.memory, self.processor, boot, self.l0 or self.vcpu,
                             engine=idle.engine if idle is not None else None,
                             fast_exits=options.fast_exits)
         if idle is None:
@@ -344,7 +362,8 @@ class SimSession:
             # KVM_RUN after the done port's KVM_EXIT_IO: KVM first completes that OUT
             # (complete_fast_pio_out). unicorn has executed the OUT already, so only the
             # model's state is completed; the CPU's registers are not written back.
-            self.vcpu.complete_userspace_io(0)
+            if self.vcpu.complete_userspace_io(0) and self.l0 is not None:
+                self.l0.resume_l2()  # L1's next KVM_RUN: VMRESUME, trapped by L0
             self._stopped_at_done = False
         fds_before = self.vm.eventfd_counts()
         stats_before = self.vcpu.kvm_stats()

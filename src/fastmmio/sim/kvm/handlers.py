@@ -106,8 +106,10 @@ class _PendingPio:
 class KvmVcpu:
     """One vCPU of a :class:`~fastmmio.sim.kvm.vm.KvmVm` on a processor model.
 
-    ``nested``: KVM itself runs as a guest (``X86_FEATURE_HYPERVISOR``), so EPT
-    misconfigurations are skipped by decoding. ``irqchip_in_kernel``: HLT blocks in the kernel
+    ``nested``: KVM itself runs as a guest (``X86_FEATURE_HYPERVISOR``), so the exits its
+    variant does not trust the VM-exit instruction length for (EPT misconfigurations upstream,
+    d391f1207067; see :meth:`~fastmmio.sim.kvm.variants.Variant.decodes_when_nested`) are
+    skipped by decoding. ``irqchip_in_kernel``: HLT blocks in the kernel
     instead of exiting. ``cpuid``: the guest CPUID table (``KVM_SET_CPUID2``) as
     ``{(leaf, subleaf): (eax, ebx, ecx, edx)}``; missing leaves read as zeros.
     """
@@ -203,7 +205,7 @@ class KvmVcpu:
 
     def skip_emulated_instruction(self, info: ExitInfo | None) -> bool:
         """``kvm_skip_emulated_instruction`` -> vmx ``skip_emulated_instruction``."""
-        if info is not None and self.nested and info.reason == EXIT_EPT_MISCONFIG:
+        if info is not None and self.nested and self.vm.variant.decodes_when_nested(info):
             r = self.emulator.skip_instruction()
             self.step("skip:decode")
             if r.outcome is EmulationOutcome.CONTINUE:

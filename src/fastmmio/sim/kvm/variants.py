@@ -56,10 +56,17 @@ translated the operand: its per-vCPU MMIO gva cache is filled with gva 0 under T
 guest's tables are walked in software. ``upstream-2013`` and the four 2015 variants (written
 against Linux 4.2, Aug 2015) therefore walk; only ``upstream`` (today) uses the GPA.
 
-The skips of the RFC-style variants happen on EPT-violation exits, where
-``skip_emulated_instruction`` uses the VM-exit instruction length even when KVM runs nested
-(only EPT misconfigurations are skipped by decoding there): a processor that leaves the length
-undefined makes such a skip impossible, and the model reports it as an internal error.
+Skipping when KVM runs nested (:meth:`Variant.decodes_when_nested`): today's
+``skip_emulated_instruction`` skips an EPT misconfiguration by decoding when
+``X86_FEATURE_HYPERVISOR`` is set (d391f1207067: "Intel's SDM doesn't mandate the VMCS field
+be set" for that exit; Hyper-V as L0 leaves it unset) and uses the VM-exit instruction length
+everywhere else. The skips of the RFC-style variants happen on EPT-*violation* exits, for which
+SDM 27.2.4 leaves the length just as undefined. ``rfc-2015-posted`` is the RFC exactly as
+posted: it keeps the length there, so under an L0 that does not fill it (``hyperv``) the skip
+is impossible and the model reports an internal error (the review flags it, SDM 27.2.4). The
+other 2015 variants carry the rule merging them would have required: d391f1207067's reasoning
+applied to every exit whose length SDM 27.2.4 leaves undefined (skip by decoding when nested),
+so under every L0 they skip by the same rule as upstream.
 """
 
 from __future__ import annotations
@@ -68,7 +75,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fastmmio.errors import UsageError, did_you_mean
 from fastmmio.sim.kvm.iobus import KvmBus
-from fastmmio.sim.vmx.exits import ExitInfo
+from fastmmio.sim.vmx.exits import EXIT_EPT_MISCONFIG, ExitInfo
 from fastmmio.sim.vmx.layouts import QUAL_WRITE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -110,13 +117,34 @@ class Variant:
                        "EINVAL; a length-0 MMIO ioeventfd on KVM_MMIO_BUS and "
                        "KVM_FAST_MMIO_BUS, a length-0 PIO one on KVM_PIO_BUS only")
 
+    #: which exits are skipped by decoding when KVM runs as a guest: "upstream" (EPT
+    #: misconfigurations only, d391f1207067) or "merged" (every exit whose VM-exit instruction
+    #: length SDM 27.2.4 leaves undefined)
+    nested_skip_rule = "upstream"
+
+    def decodes_when_nested(self, info: ExitInfo) -> bool:
+        """Whether ``skip_emulated_instruction`` decodes instead of using the VM-exit
+        instruction length for ``info`` when ``X86_FEATURE_HYPERVISOR`` is set."""
+        if self.nested_skip_rule == "merged":
+            return not info.instruction_length_defined
+        return info.reason == EXIT_EPT_MISCONFIG
+
+    def nested_skip_text(self) -> str:
+        """The rule in words, for reports."""
+        if self.nested_skip_rule == "merged":
+            return ("nested skip: decode every exit whose length SDM 27.2.4 leaves undefined "
+                    "(d391f1207067 applied to EPT violations: the merged rule)")
+        return ("nested skip: decode EPT misconfigurations (d391f1207067); the VM-exit "
+                "instruction length elsewhere" + (", EPT violations included (as posted)"
+                                                   if self.ioeventfd_pf_cap else ""))
+
     def rules(self) -> str:
         """One line for reports: the kernel modelled, its ioeventfd rules, its emulator's
         operand address."""
         operand = ("the faulting GPA" if self.emulator_gpa_available
                    else "a software walk of the guest's tables (no gpa_available)")
         return (f"KVM model {self.name}: {self.kernel}; ioeventfd rules: {self.ioeventfd_rules}; "
-                f"emulator operand address: {operand}")
+                f"emulator operand address: {operand}; {self.nested_skip_text()}")
 
     def configure(self, vm: "VariantVm") -> None:
         """Install MMU hooks on a new VM."""
@@ -152,6 +180,7 @@ class Variant2015(Variant):
     ioeventfd_pf_cap = True
     # virt/kvm/eventfd.c from f848a5a8 (2014) to Linux 4.3: length 0 refused with PIO as with DATAMATCH
     ioeventfd_pio_no_length = False
+    nested_skip_rule = "merged"
     ioeventfd_rules = ("Linux 4.2 (f848a5a8 to 4.3): lengths 0, 1, 2, 4, 8; length 0 with "
                        "DATAMATCH or with PIO EINVAL; a length-0 MMIO ioeventfd is one device "
                        "on KVM_MMIO_BUS and KVM_FAST_MMIO_BUS (today: two devices, the same "
@@ -170,6 +199,16 @@ class Rfc2015(Variant2015):
             vcpu.events[PRELUDE_EVENT] += 1
             return vcpu.skip_emulated_instruction(info)
         return None
+
+
+class Rfc2015Posted(Rfc2015):
+    """The RFC exactly as posted: its EPT-violation skip uses the VM-exit instruction length
+    also when KVM runs nested (only misconfigurations are decoded, as upstream)."""
+
+    name = "rfc-2015-posted"
+    summary = ("RFC 1/3 as posted, skip rule included: the VM-exit instruction length on EPT "
+               "violations, even nested")
+    nested_skip_rule = "upstream"
 
 
 class Rfc2015Fixed(Variant2015):
@@ -222,7 +261,8 @@ class ReservedWriteMostly(Variant2015):
 
 
 VARIANTS: dict[str, type[Variant]] = {
-    v.name: v for v in (Upstream2013, Variant, Rfc2015, Rfc2015Fixed, BadPage, ReservedWriteMostly)
+    v.name: v for v in (Upstream2013, Variant, Rfc2015, Rfc2015Posted, Rfc2015Fixed, BadPage,
+                        ReservedWriteMostly)
 }
 
 
