@@ -76,3 +76,14 @@ def on_off(text: str) -> bool:
 
 def csv_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def nested_l0(text: str) -> str:
+    """``--nested`` value: ``off`` or an L0 model name (:data:`fastmmio.sim.nested.L0_MODELS`)."""
+    from fastmmio.errors import UsageError
+    from fastmmio.sim.nested import nested_setting
+
+    try:
+        return nested_setting(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

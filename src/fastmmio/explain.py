@@ -489,7 +489,7 @@ def explain(route: Route | str, options: ExplainOptions = ExplainOptions()) -> E
     if route.variant is not None and route.variant != options.sim.variant:
         raise UsageError(f"route {route.name} needs the KVM variant {route.variant!r}; "
                          f"use --variant {route.variant}")
-    model = CostModel(options.profile, nested=options.sim.nested)
+    model = CostModel(options.profile, nested=options.sim.is_nested)
     machine = build_machine(route, options.cpl)
     try:
         # the reference path: explain logs guest.insn per instruction beside its own hooks

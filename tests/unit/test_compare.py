@@ -149,7 +149,7 @@ BAD_COMPARE = [
     (["--vpid", "maybe"], "expected on or off"),
     (["--tolerance", "150"], "between 0 and 100"),
     (["--iterations", "0"], "between 1 and"),
-    (["--nested", "--profile", "pci-testdev-2013"], "no [nested] table"),
+    (["--nested", "vmware"], "unknown nested setting"),
     (["--uncertainty", "0"], "between 1 and"),
     (["--uncertainty", "many"], "many"),
     (["--seed", "-1"], "between 0 and"),

@@ -253,7 +253,7 @@ def test_cli_json_to_a_file(tmp_path, capsys):
     (["explain", "pio-user", "--profile", "/nonexistent/p.toml"], "cannot read profile"),
     (["explain", "pio-user", "--caches", "no-such"], "unknown cache configuration"),
     (["explain", "mmio-eventfd-len0", "--variant", "upstream-2013"], "cannot run under"),
-    (["explain", "pio-user", "--nested", "--profile", "pci-testdev-2013"], "nested"),
+    (["explain", "pio-user", "--nested", "vmware"], "unknown nested setting"),
     (["explain", "pio-user", "--json", "/nonexistent/dir/x.json"], "not a directory"),
     (["explain", "pio-user", "--cpl", "1"], "invalid choice"),
     (["explain", "pio-user", "--warmup", "0"], "at least 1"),

@@ -170,7 +170,10 @@ def test_not_applicable_is_not_a_failure(verdict):
 
 
 def test_a_profile_without_nested_prices_leaves_the_nested_scenario_out():
-    c = Comparison("pci-testdev-2013")
+    from dataclasses import replace as _replace
+
+    from fastmmio.costs import load_profile
+    c = Comparison(_replace(load_profile("pci-testdev-2013"), nested=None))
     assert "nested" not in {s.key for s in scenarios_for(c)}
     assert BASE in scenarios_for(c)
 

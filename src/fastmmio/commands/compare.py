@@ -25,7 +25,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from fastmmio.argtypes import cpu_number, csv_list, int_in_range, on_off, positive_int, positive_seconds
+from fastmmio.sim.nested import NESTED_DEFAULT
+from fastmmio.argtypes import nested_l0, cpu_number, csv_list, int_in_range, on_off, positive_int, positive_seconds
 from fastmmio.argtypes import percent as percent_arg
 from fastmmio.compare.core import DEFAULT_ITERATIONS, MAX_ITERATIONS
 from fastmmio.compare.run import (
@@ -67,8 +68,11 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str) -> N
                    f"choose from {', '.join(CONFIGS)})")
     p.add_argument("--vpid", type=on_off, default=True, metavar="on|off",
                    help="KVM's 'enable VPID' (default on)")
-    p.add_argument("--nested", action="store_true",
-                   help="KVM runs as a guest itself (priced with the profile's [nested] table)")
+    p.add_argument("--nested", nargs="?", type=nested_l0, const=NESTED_DEFAULT, default="off",
+                   metavar="L0",
+                   help="KVM runs as a guest of an L0 hypervisor: kvm (shadow EPT, shadow "
+                   "VMCS; the default of a bare --nested) or hyperv (Enlightened VMCS, VM-exit "
+                   "instruction length undefined on EPT exits); off (default)")
     p.add_argument("--iterations", "-n", type=iterations_arg, default=DEFAULT_ITERATIONS,
                    metavar="N", help=f"simulated steady-state batch (default "
                    f"{DEFAULT_ITERATIONS}, after a warm-up batch)")

@@ -18,7 +18,8 @@ from rich.text import Text
 from fastmmio.costs import COMPONENTS, check_prices
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.explain import DEFAULT_CPL, DEFAULT_PROFILE, DEFAULT_WARMUP, ExplainOptions, Explanation, explain
-from fastmmio.argtypes import positive_int
+from fastmmio.sim.nested import NESTED_DEFAULT
+from fastmmio.argtypes import nested_l0, positive_int
 from fastmmio.routes import get_route
 from fastmmio.sim.backend import SimOptions
 
@@ -41,9 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="processor translation-cache configuration (default sdm-max)")
     p.add_argument("--vpid", choices=("on", "off"), default="on",
                    help="KVM's 'enable VPID' (default on, as upstream)")
-    p.add_argument("--nested", action="store_true",
-                   help="KVM runs as a guest itself: EPT misconfigurations are skipped by "
-                   "decoding and the profile's nested prices apply")
+    p.add_argument("--nested", nargs="?", type=nested_l0, const=NESTED_DEFAULT, default="off",
+                   metavar="L0",
+                   help="KVM runs as a guest of an L0 hypervisor: kvm (shadow EPT, shadow "
+                   "VMCS; the default of a bare --nested) or hyperv (Enlightened VMCS, VM-exit "
+                   "instruction length undefined on EPT exits); off (default)")
     p.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
                    help=f"CPU cost profile: a bundled name or a .toml file (default {DEFAULT_PROFILE})")
     p.add_argument("--cpl", type=int, choices=(0, 3), default=DEFAULT_CPL,

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Simulate routes under KVM variants while one or two parameters vary: "
         "tlb-size (combined TLB entries), psc-levels (paging-structure-cache levels, 0-3), "
         "memory-latency (cycles of a walk reference served by memory), ioeventfds (extra "
-        "ioeventfds on each bus), vpid (on/off), nested (on/off), caches (named "
+        "ioeventfds on each bus), vpid (on/off), nested (off or an L0: kvm, hyperv; on = kvm), caches (named "
         "configurations). Example: fastmmio sweep --param tlb-size --values 0,1,2,4,64 "
         "--param vpid --values on,off",
     )

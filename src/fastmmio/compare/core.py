@@ -371,7 +371,7 @@ class Comparison:
             return cell
         t0 = time.perf_counter()
         try:
-            model = self.model(options.nested)
+            model = self.model(options.is_nested)
         except FastmmioError as exc:
             cell.price_error = str(exc)
             return cell
@@ -401,7 +401,7 @@ def ratio(cell: Cell, pio: Cell) -> float | None:
 
 
 def sim_options(variant: str, caches: str | TranslationCacheConfig = "sdm-max", vpid: bool = True,
-                nested: bool = False, extra_ioeventfds: int = 0) -> SimOptions:
+                nested: str | bool = "off", extra_ioeventfds: int = 0) -> SimOptions:
     """SimOptions with compare's defaults (watchdog: 30 s a batch)."""
     return SimOptions(variant=variant, caches=caches, vpid=vpid, nested=nested,
                       extra_ioeventfds=extra_ioeventfds)

@@ -36,6 +36,7 @@ from fastmmio.errors import HostError, UsageError
 from fastmmio.result import HostInfo, RunResult
 from fastmmio.routes import Route, get_route, load_catalogue
 from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.nested import nested_setting
 from fastmmio.verdict import DEFAULT_TOLERANCE, Verdict, build_verdict, required
 
 DEFAULT_PROFILE = "skylake-sp"  # the current Intel server profile
@@ -67,7 +68,7 @@ class CompareOptions:
     profile: str = DEFAULT_PROFILE
     caches: str = DEFAULT_CACHES
     vpid: bool = True
-    nested: bool = False
+    nested: str | bool = "off"  # or an L0 model (fastmmio.sim.nested.L0_MODELS)
     iterations: int = DEFAULT_ITERATIONS
     kvm: bool = True
     device: str = "/dev/kvm"
@@ -84,6 +85,7 @@ class CompareOptions:
     sampling: str = "uniform"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "nested", nested_setting(self.nested))
         object.__setattr__(self, "variants", check_variants(tuple(self.variants)))
         check_caches(self.caches)
         for name in self.routes:
@@ -102,6 +104,10 @@ class CompareOptions:
         if self.uncertainty and not self.verdict:
             raise UsageError("--uncertainty needs the verdict (drop --no-verdict)")
         self.kvm_bench()  # the measuring rule's bounds, the CPU to pin to
+
+    @property
+    def is_nested(self) -> bool:
+        return self.nested != "off"
 
     def kvm_bench(self) -> BenchOptions:
         """How the KVM column is measured (UsageError for a bad bound or CPU)."""
@@ -274,7 +280,7 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
     t_start = time.perf_counter()
     timings = Timings()
     prof = profile if profile is not None else load_profile(options.profile)
-    if options.nested and prof.nested is None:
+    if options.is_nested and prof.nested is None:
         raise UsageError(f"profile {prof.name} has no [nested] table: it cannot price "
                          "--nested (use a profile that has one, e.g. skylake-sp)")
     comparison = Comparison(prof, iterations=options.iterations, timings=timings)
@@ -287,7 +293,7 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
     for route, opts, scenario in tasks:
         if progress is not None:
             progress(f"{route.name} [{opts.variant}, {caches_name(opts.caches)}"
-                     f"{', vpid off' if not opts.vpid else ''}{', nested' if opts.nested else ''}]",
+                     f"{', vpid off' if not opts.vpid else ''}{f', nested under {opts.nested}' if opts.is_nested else ''}]",
                      done, total)
         comparison.simulate(route, opts)
         done += 1

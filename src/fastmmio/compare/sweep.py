@@ -47,6 +47,7 @@ from fastmmio.compare.core import (
 from fastmmio.costs import Profile, load_profile
 from fastmmio.errors import UsageError, did_you_mean
 from fastmmio.routes import get_route
+from fastmmio.sim.nested import nested_setting
 from fastmmio.sim.vmx.caches import (
     CONFIGS,
     PAGE_SHIFTS,
@@ -97,7 +98,9 @@ def parse_values(param: str, texts: Sequence[str]) -> list[Any]:
             if not (math.isfinite(v) and v >= 0):
                 raise UsageError(f"--param {param}: {t!r} must be a finite number >= 0")
             out.append(v)
-        elif param in ("vpid", "nested"):
+        elif param == "nested":
+            out.append(nested_setting(t))  # off, on (the default L0) or an L0 model
+        elif param == "vpid":
             low = t.lower()
             if low not in ("on", "off"):
                 raise UsageError(f"--param {param}: values are on or off, not {t!r}")
@@ -152,7 +155,7 @@ class Base:
 
     caches: str = "sdm-max"
     vpid: bool = True
-    nested: bool = False
+    nested: str = "off"  # or an L0 model (fastmmio.sim.nested.L0_MODELS)
     extra_ioeventfds: int = 0
 
 
@@ -197,7 +200,9 @@ class SweepResult:
 
 
 def fmt_value(param: str, v: Any) -> str:
-    if param in ("vpid", "nested"):
+    if param == "nested":
+        return nested_setting(v)
+    if param == "vpid":
         return "on" if v else "off"
     if isinstance(v, float):
         return f"{v:g}"
@@ -230,7 +235,7 @@ def run_sweep(params: Sequence[tuple[str, Sequence[Any]]], *, routes: Sequence[s
     total = len(combos) * len(variants) * len(routes)
     if total > MAX_POINTS:
         raise UsageError(f"the sweep asks for {total} simulations; at most {MAX_POINTS}")
-    if any(n == "nested" for n in names) or base.nested:
+    if any(n == "nested" for n in names) or nested_setting(base.nested) != "off":
         if prof.nested is None:
             raise UsageError(f"profile {prof.name} has no [nested] table: it cannot price nested")
     timings = Timings()

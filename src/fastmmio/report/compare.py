@@ -63,7 +63,7 @@ def _per(x: float) -> str:
 def setting_line(run: CompareRun) -> str:
     o = run.options
     return (f"profile {run.profile.name}, caches {o.caches}, VPID {'on' if o.vpid else 'off'}, "
-            f"{'KVM nested' if o.nested else 'bare metal'}, guest CPL{run.comparison.cpl}, "
+            f"{f'KVM nested under {o.nested}' if o.is_nested else 'bare metal'}, guest CPL{run.comparison.cpl}, "
             f"N={run.comparison.iterations} after a warm-up batch")
 
 
@@ -279,7 +279,7 @@ def cell_fields(c: Cell, ratio: float | None) -> dict[str, Any]:
     o = c.run.options
     row: dict[str, Any] = {
         "variant": o.variant, "route": c.route, "caches": caches_name(o.caches),
-        "vpid": int(o.vpid), "nested": int(o.nested), "extra_ioeventfds": o.extra_ioeventfds,
+        "vpid": int(o.vpid), "nested": o.nested, "extra_ioeventfds": o.extra_ioeventfds,
         "status": c.status, "correct": int(c.correct), "cycles": _r(c.cycles, 2)}
     for comp in COMPONENTS:
         row[f"cycles_{comp}"] = _r(c.breakdown.get(comp), 2)
