@@ -22,6 +22,12 @@ KVM variant's behaviour either has or lacks, measured by running guest code on t
     after the write.
 ``writes-signal-once`` (correctness)
     Each doorbell write signals the ioeventfd exactly once and never exits to userspace.
+``nested-skip-defined`` (correctness when KVM runs nested)
+    Under an L0 that leaves the VM-exit instruction length undefined where SDM 27.2.4 does
+    (:data:`fastmmio.sim.nested.L0_MODELS`: ``hyperv``), the variant's doorbell writes
+    (routes ``ro-write-eventfd`` and ``mmio-eventfd-len0``) still complete: no skip relies on
+    the length of an EPT violation or misconfiguration. A variant that skips by it there is
+    incorrect (KVM_RUN fails with an internal error in the model), not fast.
 
 Objection 3 (the patch bypasses KVM's read-only-memslot handling) shows through the first
 two: reads are not served by the read-only mapping, and no SPTE is ever installed.
@@ -36,6 +42,8 @@ from fastmmio import layout
 from fastmmio.errors import GuestError, IoEventFdError
 from fastmmio.routes import build_machine, get_route
 from fastmmio.sim.backend import SimBackend, SimOptions
+from fastmmio.sim.kvm.variants import get_variant
+from fastmmio.sim.nested import L0_MODELS
 
 STEADY_N = 16
 TOUCH_N = 64
@@ -157,8 +165,62 @@ def check_demand_faults(runs: _Runs) -> ReviewCheck:
                         "bus_lookups_per_fault": per_fault})
 
 
+#: the doorbell routes the nested skip check runs: the RFC's (an EPT violation) and upstream's
+#: (an EPT misconfiguration)
+NESTED_SKIP_ROUTES = ("ro-write-eventfd", "mmio-eventfd-len0")
+
+
+def check_nested_skip_defined(runs: _Runs) -> ReviewCheck:
+    """Run the doorbell routes under every L0 model that does not fill the VM-exit
+    instruction length on EPT exits (SDM 27.2.4 leaves it undefined there)."""
+    options, cpl = runs.options, runs.cpl
+    undefined = [m for m in L0_MODELS.values() if not m.fills_length_on_ept]
+    failures: list[str] = []
+    skips: dict[str, float] = {}
+    ran = 0
+    for l0 in undefined:
+        for route in NESTED_SKIP_ROUTES:
+            try:
+                with _session(route, replace(options, nested=l0.name), cpl) as s:
+                    s.run_batch(4)
+                    b = s.run_batch(STEADY_N)
+            except IoEventFdError:
+                continue  # the variant cannot set the route up (upstream-2013, length 0)
+            except GuestError as exc:
+                ran += 1
+                failures.append(f"{route} under L0 {l0.name}: {exc}")
+                continue
+            ran += 1
+            for k, v in b.events.items():
+                if k.startswith("kvm.skip."):
+                    skips[f"{route}:{k}"] = v / STEADY_N
+    if not ran:
+        return ReviewCheck("nested-skip-defined", "SDM 27.2.4; d391f1207067",
+                           "no skip relies on an undefined VM-exit instruction length", None,
+                           "the variant runs none of the doorbell routes")
+    names = ", ".join(m.name for m in undefined)
+    if failures:
+        detail = ("incorrect under an L0 that leaves the VM-exit instruction length undefined "
+                  f"({names}; SDM 27.2.4: not defined for EPT violations or misconfigurations): "
+                  "the doorbell write is skipped by that length, so KVM_RUN fails: "
+                  + "; ".join(failures))
+    else:
+        rule = get_variant(options.variant).nested_skip_text()
+        detail = (f"under L0 {names} (length undefined on EPT exits, SDM 27.2.4) every doorbell "
+                  f"write completes; {rule}")
+    return ReviewCheck("nested-skip-defined", "SDM 27.2.4; d391f1207067",
+                       "no skip relies on a VM-exit instruction length SDM 27.2.4 leaves "
+                       "undefined (an L0 need not fill it)", not failures, detail,
+                       {**skips, "failed_routes": float(len(failures))})
+
+
+def nested_skip_defined(options: SimOptions, cpl: int = 3) -> ReviewCheck:
+    """The ``nested-skip-defined`` check alone (for callers that need only it)."""
+    return check_nested_skip_defined(_Runs(options, cpl))
+
+
 CHECKS = (check_read_not_skipped, check_doorbell_spte_present, check_demand_faults,
-          check_write_translation_cached, check_writes_signal_once)
+          check_write_translation_cached, check_writes_signal_once, check_nested_skip_defined)
 
 
 def review_checks(options: SimOptions, cpl: int = 3) -> list[ReviewCheck]:

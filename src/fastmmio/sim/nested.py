@@ -205,6 +205,7 @@ class NestedL0:
         self.eptp02: int | None = None
         self.steps: list[str] = []  # what L0 did at the last exit (for explain)
         self.last_reflected: ExitInfo | None = None
+        self.last_ept_reflected: ExitInfo | None = None  # the last synthesized EPT exit
 
     def attach(self, l1: Any) -> None:
         self.l1 = l1
@@ -276,6 +277,7 @@ class NestedL0:
             if w.outcome == "permission":
                 qual |= (w.rwx & 7) << 3
             synth = ExitInfo(EXIT_EPT_VIOLATION, qual, gpa, info.guest_linear_address, length)
+        self.last_ept_reflected = synth
         return self._reflect(synth, regs, lambda: self.l1.ept_exit(synth, regs))
 
     def io_exit(self, info: ExitInfo, regs: dict[str, int], port: int, size: int,
