@@ -20,7 +20,13 @@ What is recorded, in the order it happens:
   length: SDM 27.2.1);
 * each step of KVM's handling (``KvmVcpu.steps``: ``fast_mmio_bus``, ``mmu:...``,
   ``emulate:...``, ``skip:...``);
-* each guest instruction executed natively, disassembled.
+* each guest instruction executed natively, disassembled;
+* nested (``--nested L0``): L0's steps (:mod:`fastmmio.sim.nested`) and the exit L0
+  synthesizes for KVM in L1, with the VMCS12 fields it fills (an instruction length SDM 27.2.4
+  leaves undefined and the L0 does not fill shows as "undefined (SDM 27.2.4)").
+  :func:`l0_steps` groups the rows into L0's stages, in order: the L2 exit, L0's EPT12 walk,
+  the synthesized exit, L1's handler, the VMRESUME trap, the entry to L2 (and the guest's own
+  part), adding up to the same total.
 
 Every event row is priced with the cost profile (:class:`~fastmmio.costs.CostModel`): count
 times the unit price of the most specific profile key. The rows add up to the cost model's
@@ -45,12 +51,14 @@ from fastmmio.errors import FastmmioError, IoEventFdError, UsageError
 from fastmmio.routes import Route, build_machine, get_route
 from fastmmio.sim.backend import SimBackend, SimOptions, SimSession
 from fastmmio.sim.kvm.variants import get_variant
+from fastmmio.sim.nested import get_l0
 from fastmmio.sim.vmx.exits import EXIT_EPT_MISCONFIG, EXIT_EPT_VIOLATION, ExitInfo
 
 DEFAULT_PROFILE = "skylake-sp"
 DEFAULT_CPL = 0  # the simulator models VMX, where kvm-unit-tests runs its loop at CPL0
 DEFAULT_WARMUP = 8
 TRACED_BATCH = 3  # the recorded notification is the middle one of these
+LENGTH_UNDEFINED = "undefined (SDM 27.2.4)"
 
 
 class ExplainError(FastmmioError):
@@ -183,8 +191,18 @@ _TEXT = {
     "kvm.mmu.mmio_info_hit": "MMU: answered from the vCPU's MMIO info",
     "kvm.mmu.spte_walk": "MMU: lockless SPTE walk",
     "kvm.mmu.spurious": "MMU: spurious fault (SPTE already allows it)",
+    "nested.ept12.ref": "L0: software walk of EPT12, one entry read (FNAME(walk_addr_generic))",
+    "nested.ept02.fix": "L0: EPT02 entry installed from EPT12 (FNAME(fetch)); L2 resumes",
+    "nested.invept": "L0: L1's INVEPT trapped, EPT02 dropped",
     "kvm.mmu.retry": "MMU: no MMIO SPTE: retry",
     "guest.insn": "guest instruction",
+}
+
+
+_NESTED_STEP = {
+    "reflect": "exit synthesized for L1 (nested_vmx_vmexit: prepare_vmcs12, enter L1)",
+    "vmresume": "L1's VMRESUME trapped (handle_vmresume -> nested_vmx_run)",
+    "enter_l2": "L2 entered again (prepare_vmcs02)",
 }
 
 
@@ -216,6 +234,8 @@ def describe_event(name: str) -> str:
         return f"invalidation: {parts[1].replace('_', ' ')}"
     if head == "exit" and len(parts) == 2:
         return f"VM exit: {parts[1]}"
+    if head == "nested" and len(parts) == 3 and parts[1] in _NESTED_STEP:
+        return f"L0 ({parts[2]}): {_NESTED_STEP[parts[1]]}"
     if name.startswith("kvm.handler.") and len(parts) == 3:
         return f"KVM: {_HANDLER.get(parts[2], parts[2])}"
     if name.startswith("kvm.bus.lookup.") and len(parts) == 4:
@@ -238,6 +258,8 @@ def describe_exit(info: ExitInfo) -> str:
     if info.instruction_length is not None:
         parts.append(f"len {info.instruction_length}"
                      + ("" if info.instruction_length_defined else " (architecturally undefined)"))
+    elif not info.instruction_length_defined:
+        parts.append(f"len {LENGTH_UNDEFINED}")
     return ", ".join(parts)
 
 
@@ -276,7 +298,10 @@ class Explanation:
     steps: list[Step]
     events: dict[str, int]  # the notification's event vector
     pricing: Pricing
+    l1_exits: list = field(default_factory=list)  # exits KVM (L1) handled, as it saw them
     kvm_rules: str = ""  # the variant's kernel, ioeventfd rules and emulator operand address
+    l0: str = "off"  # the L0 model (nested) or "off"
+    l0_rules: str = ""  # what that L0 fills (the instruction length rule)
 
     @property
     def total_cycles(self) -> float:
@@ -300,6 +325,18 @@ class Explanation:
             "events": dict(self.events),
             "steps": [asdict(s) for s in self.steps],
             "kvm_rules": self.kvm_rules,
+            "l0": self.l0,
+            "l0_rules": self.l0_rules,
+            "l0_steps": [{"stage": n, "cycles": c, "events": ev} for n, c, ev in l0_steps(self)]
+            if self.l0 != "off" else [],
+            "l1_exits": [{"reason": x.name, "qualification": x.qualification,
+                          "guest_physical_address": x.guest_physical_address,
+                          "instruction_length": (x.instruction_length
+                                                 if x.instruction_length is not None
+                                                 else (None if x.instruction_length_defined
+                                                       else LENGTH_UNDEFINED)),
+                          "instruction_length_defined": x.instruction_length_defined}
+                         for x in self.l1_exits],
         }
 
 
@@ -366,8 +403,23 @@ class _Recorder:
         proc.translate = traced_translate
         proc.ref_log = _RefLog(self.log)
 
-        for name in ("ept_exit", "io_exit", "cpuid_exit"):
-            setattr(vcpu, name, self._exit_wrapper(getattr(vcpu, name)))
+        self.l1_exits: list[ExitInfo] = []
+        l0 = session.l0
+        for name in ("ept_exit", "io_exit", "cpuid_exit", "vmcall_exit"):
+            if l0 is None:
+                setattr(vcpu, name, self._exit_wrapper(getattr(vcpu, name)))
+            else:  # the hardware exit reaches L0; L1 gets the one L0 synthesizes
+                setattr(l0, name, self._exit_wrapper(getattr(l0, name)))
+                setattr(vcpu, name, self._exit_wrapper(getattr(vcpu, name), "l1exit"))
+        if l0 is not None:
+            l0_step = l0.step
+
+            def traced_l0_step(what: str) -> None:
+                l0_step(what)
+                if self.counter.log is not None:
+                    self.log.append(("l0", what))
+
+            l0.step = traced_l0_step
         step = vcpu.step
 
         def traced_step(what: str) -> None:
@@ -384,10 +436,12 @@ class _Recorder:
                                 session.machine.image.code_gpa + session.machine.image.code_size - 1)
         self._code = code_bytes(session)
 
-    def _exit_wrapper(self, handler):
+    def _exit_wrapper(self, handler, kind: str = "exit"):
         def wrapped(info: ExitInfo, regs: dict[str, int], *rest: Any) -> bool:
             if self.counter.log is not None:
-                self.log.append(("exit", info))
+                self.log.append((kind, info))
+                if kind == "l1exit" or self.session.l0 is None:
+                    self.l1_exits.append(info)
             return handler(info, regs, *rest)
         return wrapped
 
@@ -476,8 +530,15 @@ def _rows(log: Iterable[tuple], model: CostModel, recorder: _Recorder) -> list[S
             _, structure, level, hpa, served = entry
             if last_ref_row is not None and not last_ref_row["detail"]:
                 last_ref_row["detail"] = f"HPA {hpa:#x}"
-        elif kind == "kvm":
-            rows.append({"what": f"KVM step: {entry[1]}", "event": None, "count": 0,
+        elif kind == "l1exit":
+            info = entry[1]
+            target = next((r for r in reversed(rows)
+                           if r["event"] and r["event"].startswith("nested.reflect.")), None)
+            if target is not None and not target["detail"]:
+                target["detail"] = f"VMCS12 for L1: {info.name}, " + describe_exit(info)
+        elif kind in ("kvm", "l0"):
+            who = "KVM step" if kind == "kvm" else "L0 step"
+            rows.append({"what": f"{who}: {entry[1]}", "event": None, "count": 0,
                          "unit_cycles": 0.0, "cycles": 0.0, "component": None, "detail": ""})
     return [Step(index=i + 1, **row) for i, row in enumerate(rows)]
 
@@ -526,5 +587,46 @@ def explain(route: Route | str, options: ExplainOptions = ExplainOptions()) -> E
         steps=steps,
         events=dict(events),
         pricing=pricing,
+        l1_exits=list(rec.l1_exits),
         kvm_rules=get_variant(options.sim.variant).rules(),
+        l0=options.sim.nested,
+        l0_rules=get_l0(options.sim.nested).length_rule() if options.sim.is_nested else "",
     )
+
+
+#: the stages of a nested notification, in order (see :func:`l0_steps`)
+L0_STAGES = ("L2 guest", "L2 exit to L0", "L0's EPT12 walk", "exit synthesized for L1",
+             "L1's handler (KVM)", "L1's VMRESUME trapped by L0", "entry to L2")
+
+
+def l0_steps(e: Explanation) -> list[tuple[str, float, dict[str, int]]]:
+    """The priced rows of a nested notification grouped by stage (:data:`L0_STAGES`), in the
+    order the stages happen: the L2 exit (``exit.*``), L0's software walk of EPT12
+    (``nested.ept12.*``), the exit L0 synthesizes (``nested.reflect.*``), everything KVM (L1)
+    does until its VMRESUME (``nested.vmresume.*``), and L0's entry into L2
+    (``nested.enter_l2.*``, ``vmentry``); the rest (the guest's instructions and its
+    translations) is the L2 guest. The stages add up to the notification's total."""
+    out: dict[str, tuple[float, Counter]] = {s: (0.0, Counter()) for s in L0_STAGES}
+    in_l1 = False
+    for st in e.steps:
+        if st.event is None:
+            continue
+        ev = st.event
+        if ev.startswith("exit."):
+            stage = "L2 exit to L0"
+        elif ev.startswith("nested.ept12.") or ev.startswith("nested.ept02."):
+            stage = "L0's EPT12 walk"
+        elif ev.startswith("nested.reflect."):
+            stage, in_l1 = "exit synthesized for L1", True
+        elif ev.startswith("nested.vmresume."):
+            stage, in_l1 = "L1's VMRESUME trapped by L0", False
+        elif ev.startswith("nested.enter_l2.") or ev == "vmentry":
+            stage = "entry to L2"
+        elif in_l1:
+            stage = "L1's handler (KVM)"
+        else:
+            stage = "L2 guest"
+        cyc, cnt = out[stage]
+        cnt[ev] += st.count
+        out[stage] = (cyc + st.cycles, cnt)
+    return [(s, out[s][0], dict(out[s][1])) for s in L0_STAGES]

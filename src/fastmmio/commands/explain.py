@@ -17,7 +17,15 @@ from rich.text import Text
 
 from fastmmio.costs import COMPONENTS, check_prices
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
-from fastmmio.explain import DEFAULT_CPL, DEFAULT_PROFILE, DEFAULT_WARMUP, ExplainOptions, Explanation, explain
+from fastmmio.explain import (
+    DEFAULT_CPL,
+    DEFAULT_PROFILE,
+    DEFAULT_WARMUP,
+    ExplainOptions,
+    Explanation,
+    explain,
+    l0_steps,
+)
 from fastmmio.sim.nested import NESTED_DEFAULT
 from fastmmio.argtypes import nested_l0, positive_int
 from fastmmio.routes import get_route
@@ -83,6 +91,21 @@ def explanation_table(e: Explanation) -> Table:
     return table
 
 
+def l0_table(e: Explanation) -> Table:
+    """The nested notification by L0 stage, in order, adding up to the total."""
+    table = Table(title=f"L0 {e.l0}: the notification stage by stage")
+    table.add_column("#", justify="right")
+    table.add_column("stage")
+    table.add_column("cycles", justify="right")
+    table.add_column("events", overflow="fold")
+    for i, (stage, cycles, events) in enumerate(l0_steps(e), 1):
+        evs = ", ".join(f"{k}" + (f" x{v}" if v != 1 else "") for k, v in sorted(events.items()))
+        table.add_row(str(i), stage, f"{cycles:,.1f}", evs)
+    table.add_section()
+    table.add_row("", "[bold]total[/bold]", f"[bold]{e.total_cycles:,.1f}[/bold]", "")
+    return table
+
+
 def breakdown_line(e: Explanation) -> str:
     parts = [f"{c} {e.pricing.breakdown[c]:,.1f}" for c in COMPONENTS if e.pricing.breakdown[c]]
     return "by component: " + ", ".join(parts)
@@ -110,5 +133,8 @@ def run(args: argparse.Namespace) -> int:
     out = term if term.is_terminal else Console(width=160)
     out.print(explanation_table(e))
     out.print(breakdown_line(e))
+    if e.l0 != "off":
+        out.print(l0_table(e))
+        out.print(f"L0 {e.l0}: {e.l0_rules}")
     out.print(e.kvm_rules)
     return 0
