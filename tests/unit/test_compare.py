@@ -258,6 +258,7 @@ BAD_SWEEP = [
     (["--param", "memory-latency", "--values", "-5"], ">= 0"),
     (["--param", "caches", "--values", "sdm-max,huge"], "unknown cache configuration"),
     (["--param", "vpid", "--values", "sometimes"], "on or off"),
+    (["--param", "nested", "--values", "off,vmware"], "unknown nested setting"),
     (["--param", "tlb-size", "--values", "1", "--param", "vpid"], "--values"),
     (["--param", "warp", "--values", "1"], "invalid choice"),
     (["--param", "ioeventfds", "--values", "1", "--variants", "nope"], "unknown KVM variant"),

@@ -196,3 +196,73 @@ def test_nested_mmio_doorbell_prices_the_l0_steps():
                                + m.unit("nested.vmresume.kvm") + m.unit("nested.enter_l2.kvm"))
     assert math.isclose(total - l0, m.cost({k: v for k, v in ev.items()
                                             if not k.startswith("nested.")}).cycles)
+
+
+# -- explain --nested L0, sweep --param nested ---------------------------------------------------
+
+
+def _explain(route: str, nested: str, variant: str = "upstream"):
+    from fastmmio.explain import ExplainOptions, explain
+
+    return explain(route, ExplainOptions(sim=SimOptions(variant=variant, nested=nested)))
+
+
+@pytest.mark.parametrize("l0", ["kvm", "hyperv"])
+def test_explain_lists_the_l0_steps_in_order_adding_up(l0):
+    from fastmmio.explain import L0_STAGES, l0_steps
+
+    e = _explain("mmio-eventfd-len0", l0)
+    stages = l0_steps(e)
+    assert [s for s, _, _ in stages] == list(L0_STAGES)
+    assert math.fsum(c for _, c, _ in stages) == pytest.approx(e.total_cycles, rel=1e-12)
+    by = {s: ev for s, _, ev in stages}
+    assert by["L2 exit to L0"] == {"exit.EPT_VIOLATION": 1}
+    assert by["L0's EPT12 walk"] == {"nested.ept12.ref": 4}
+    assert by["exit synthesized for L1"] == {f"nested.reflect.{l0}": 1}
+    assert "kvm.handler.ept_misconfig" in by["L1's handler (KVM)"]
+    assert by["L1's VMRESUME trapped by L0"] == {f"nested.vmresume.{l0}": 1}
+    assert by["entry to L2"] == {f"nested.enter_l2.{l0}": 1, "vmentry": 1}
+    # the rows: the L2 exit, then L0's walk, the reflection, L1's handler, VMRESUME, entry
+    names = e.event_names
+    order = [names.index(n) for n in ("exit.EPT_VIOLATION", "nested.ept12.ref",
+                                      f"nested.reflect.{l0}", "kvm.handler.ept_misconfig",
+                                      f"nested.vmresume.{l0}", f"nested.enter_l2.{l0}")]
+    assert order == sorted(order)
+
+
+def test_explain_says_the_length_is_undefined_under_hyperv():
+    """Hyper-V leaves VMCS12's instruction length unset for the EPT misconfiguration: the
+    reflected exit's row and the JSON say "undefined (SDM 27.2.4)"; KVM as L0 copies it."""
+    e = _explain("mmio-eventfd-len0", "hyperv")
+    row = next(s for s in e.steps if s.event == "nested.reflect.hyperv")
+    assert "EPT_MISCONFIG" in row.detail and "undefined (SDM 27.2.4)" in row.detail
+    doc = e.to_json()
+    assert doc["l0"] == "hyperv" and "SDM 27.2.4" in doc["l0_rules"]
+    x = doc["l1_exits"][0]
+    assert x["reason"] == "EPT_MISCONFIG" and x["instruction_length"] == "undefined (SDM 27.2.4)"
+    k = _explain("mmio-eventfd-len0", "kvm").to_json()["l1_exits"][0]
+    assert isinstance(k["instruction_length"], int) and not k["instruction_length_defined"]
+
+
+def test_explain_cli_nested_prints_the_l0_table(capsys):
+    from fastmmio.cli import main
+
+    assert main(["explain", "pio-eventfd-len1", "--nested", "hyperv"]) == 0
+    out = capsys.readouterr().out
+    assert "L0 hyperv: the notification stage by stage" in out and "undefined (SDM 27.2.4)" in out
+
+
+def test_sweep_over_the_l0_models(tmp_path, capsys):
+    import json
+
+    from fastmmio.cli import main
+
+    code = main(["sweep", "--param", "nested", "--values", "off,kvm,hyperv", "--routes",
+                 "pio-eventfd-len1,mmio-eventfd-len0", "--variants", "upstream", "--out",
+                 str(tmp_path)])
+    assert code == 0
+    for ext in ("png", "svg", "csv", "json"):
+        assert (tmp_path / f"sweep-nested.{ext}").stat().st_size > 0
+    doc = json.loads((tmp_path / "sweep-nested.json").read_text())
+    assert len(doc["points"]) == 3 * 2
+    assert "fastmmio sweep" in capsys.readouterr().out
