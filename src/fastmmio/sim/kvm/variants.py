@@ -19,6 +19,10 @@ Each variant changes KVM in one or two places; everything else is the model of u
     skip the instruction and return, so no SPTE is ever installed for that page (objections 1,
     2 and 4); userspace may put the ioeventfd over a read-only memslot (patch 3/3 only
     advertises it: ``KVM_CAP_IOEVENTFD_PF``).
+``rfc-2015-posted``
+    ``rfc-2015`` with the RFC's skip exactly as posted: by the VM-exit instruction length on
+    its EPT violations even when KVM runs nested (see "Skipping when KVM runs nested" below);
+    ``rfc-2015`` itself carries the merged rule. The two differ only nested.
 ``rfc-2015-fixed``
     The RFC with objections 1 and 4 answered: the bus write is made for write accesses only,
     and the page is first mapped as a read fault would map it (read-only SPTE for a read-only
