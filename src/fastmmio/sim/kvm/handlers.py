@@ -331,7 +331,9 @@ class KvmVcpu:
         ``pf_spurious``, ``pf_fast``, ``pf_mmio_spte_created``."""
         ev = self.events
         out = {
-            "exits": sum(v for k, v in ev.items() if k.startswith("exit.")),
+            # nested: exits L0 resolved itself (EPT02 fixes) never reach KVM
+            "exits": sum(v for k, v in ev.items() if k.startswith("exit."))
+            - ev["nested.ept02.fix"],
             "io_exits": ev["kvm.handler.io"],
             "mmio_exits": ev["kvm.user_exit.mmio"],
             "halt_exits": ev["kvm.handler.hlt"],
