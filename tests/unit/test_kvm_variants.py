@@ -36,7 +36,8 @@ def pattern(width):
 
 def test_variant_names():
     """Variants are selected by name; an unknown name is a UsageError naming the choices."""
-    assert set(VARIANTS) == {"upstream-2013", "upstream", "rfc-2015", "rfc-2015-fixed", "bad-page",
+    assert set(VARIANTS) == {"upstream-2013", "upstream", "rfc-2015", "rfc-2015-posted",
+                             "rfc-2015-fixed", "bad-page",
                              "reserved-write-mostly"}
     with pytest.raises(UsageError, match="rfc-2015-fixed"):
         get_variant("rfc-2016")
