@@ -412,22 +412,8 @@ class _Recorder:
                 setattr(l0, name, self._exit_wrapper(getattr(l0, name)))
                 setattr(vcpu, name, self._exit_wrapper(getattr(vcpu, name), "l1exit"))
         if l0 is not None:
-            l0_step = l0.step
-
-            def traced_l0_step(what: str) -> None:
-                l0_step(what)
-                if self.counter.log is not None:
-                    self.log.append(("l0", what))
-
-            l0.step = traced_l0_step
-        step = vcpu.step
-
-        def traced_step(what: str) -> None:
-            step(what)
-            if self.counter.log is not None:
-                self.log.append(("kvm", what))
-
-        vcpu.step = traced_step
+            self._trace_steps(l0, "l0")
+        self._trace_steps(vcpu, "kvm")
         # After SimSession's own code hook (unicorn runs hooks in the order they were added):
         # its guest.insn count for an instruction is logged just before this hook's marker.
         session.cpu.uc.hook_add(UC_HOOK_CODE, self._on_insn, None, self._jnz, self._jnz)
@@ -435,6 +421,17 @@ class _Recorder:
                                 session.machine.image.code_gpa,
                                 session.machine.image.code_gpa + session.machine.image.code_size - 1)
         self._code = code_bytes(session)
+
+    def _trace_steps(self, who: Any, kind: str) -> None:
+        """Log each ``who.step(what)`` (KVM's or L0's) as ``(kind, what)`` while tracing."""
+        step = who.step
+
+        def traced_step(what: str) -> None:
+            step(what)
+            if self.counter.log is not None:
+                self.log.append((kind, what))
+
+        who.step = traced_step
 
     def _exit_wrapper(self, handler, kind: str = "exit"):
         def wrapped(info: ExitInfo, regs: dict[str, int], *rest: Any) -> bool:
