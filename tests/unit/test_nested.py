@@ -266,3 +266,27 @@ def test_sweep_over_the_l0_models(tmp_path, capsys):
     doc = json.loads((tmp_path / "sweep-nested.json").read_text())
     assert len(doc["points"]) == 3 * 2
     assert "fastmmio sweep" in capsys.readouterr().out
+
+
+def test_nested_cpuid_under_hyperv_reproduces_the_evmcs_figure():
+    """The only nested figure retrieved from its primary source: the commit that added
+    arch/x86/kvm/vmx_evmcs.h (Vitaly Kuznetsov, 2018; KVM using the Enlightened VMCS on
+    Hyper-V) measured a tight CPUID loop in KVM's guest at 8304 cycles with it (18890
+    before). The cpuid route simulated under L0 hyperv and priced with skylake-sp lands on it
+    (within 10%; to a few cycles, since the three Hyper-V prices were derived from this
+    figure: a consistency check of the model's event vector, not an independent
+    calibration)."""
+    s = SimBackend(SimOptions(nested="hyperv")).open(build_machine(get_route("cpuid"), 0))
+    with s:
+        s.run_batch(4)
+        b = s.run_batch(N)
+    cycles = CostModel("skylake-sp", nested=True).price(b.events, N).cycles
+    assert abs(cycles - 8304) / 8304 < 0.10
+    assert cycles == pytest.approx(8304, abs=5)  # + the loop's own translations
+    # with every VMREAD/VMWRITE of L1 trapping (no enlightenment) the same loop took 18890:
+    # KVM as L0 (shadow VMCS) is priced between the two
+    k = SimBackend(SimOptions(nested="kvm")).open(build_machine(get_route("cpuid"), 0))
+    with k:
+        k.run_batch(4)
+        kb = k.run_batch(N)
+    assert 8304 < CostModel("skylake-sp", nested=True).price(kb.events, N).cycles < 18890
