@@ -52,7 +52,9 @@ new model event can never silently cost zero.
 VM exits is itself reflected through L0), a price is taken from ``[nested.price]`` when the most
 specific matching key overall is one of those; otherwise the base price is multiplied by
 ``[nested].scale[component]`` (1 when absent). A profile without ``[nested]`` refuses the
-nested setting rather than pretending it costs the same.
+nested setting rather than pretending it costs the same. The bundled profiles override and
+scale nothing: the simulator models the L0 step by step (:mod:`fastmmio.sim.nested`) and
+counts its work as ``nested.*`` events, priced in ``[price]`` like any other.
 
 **Sources.** A ``source`` that is a single word (no white space) must name an entry of
 ``[sources]``; anything longer is the citation itself. ``basis`` says what kind of figure it is:
