@@ -63,8 +63,8 @@ def within(r: float, tolerance: float) -> bool:
 def classify(status: str, r: float | None, tolerance: float) -> str:
     """A doorbell under one setting: ``incorrect`` when its own checks fail there (its cycles
     are not those of a working doorbell), ``n/a`` without a ratio, else by :func:`within`."""
-    if status not in (OK, NA) and r is not None:
-        return INCORRECT
+    if status not in (OK, NA):
+        return INCORRECT  # with a ratio (its checks fail) or without (its run fails)
     if r is None:
         return NA
     return AS_FAST if within(r, tolerance) else SLOWER
@@ -250,7 +250,7 @@ class Rows:
         r = self._rows.get(k)
         if r is None:
             res = cell.run.result
-            coef = self.comparison.model(cell.run.options.nested).coefficients(
+            coef = self.comparison.model(cell.run.options.is_nested).coefficients(
                 res.events, res.iterations)
             r = self._rows[k] = self.space.vector(coef)
         return r

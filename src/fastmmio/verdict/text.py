@@ -21,7 +21,7 @@ from fastmmio.compare.core import NA, OK, PIO_REFERENCE, Cell
 from fastmmio.costs.linear import BreakEven
 from fastmmio.costs.profile import Profile
 from fastmmio.verdict.judge import AS_FAST, INCORRECT, SLOWER, Judgement
-from fastmmio.verdict.scenarios import BASE, Scenario, Subject, label
+from fastmmio.verdict.scenarios import BASE, Scenario, Subject, label, skip_rule
 
 EXIT_NAMES = {  # SDM basic exit reasons, as the text names them
     "EPT_VIOLATION": "EPT violation",
@@ -264,6 +264,8 @@ def as_fast_finding(j: Judgement, sc: Scenario, profile: Profile) -> Finding:
         st = j.statement("as-fast", sc.key, key)
         if st is not None:
             s += f"; {flip_phrase(st.breakeven)}"
+        if sc.nested != "off" and not subs[key].is_pio:
+            s += f"; {skip_rule(subs[key].variant)}"
         return s + ")"
 
     pio = j.point("pio", sc.key)
@@ -274,8 +276,13 @@ def as_fast_finding(j: Judgement, sc: Scenario, profile: Profile) -> Finding:
     if groups[SLOWER]:
         parts.append(f"no for {', '.join(item(k) for k in groups[SLOWER])}")
     if groups[INCORRECT]:
-        parts.append("incorrect (checks fail): " + ", ".join(
-            f"{subs[k].label} ({j.point(k, sc.key).ratio:.2f}x)" for k in groups[INCORRECT]))
+        def bad(k: str) -> str:
+            r = j.point(k, sc.key).ratio
+            what = f"{r:.2f}x" if r is not None else "its run fails"
+            if sc.nested != "off":
+                what += f"; {skip_rule(subs[k].variant)}"
+            return f"{subs[k].label} ({what})"
+        parts.append("incorrect (checks fail): " + ", ".join(bad(k) for k in groups[INCORRECT]))
     if groups[NA]:
         parts.append(f"not applicable: {', '.join(subs[k].label for k in groups[NA])}")
     return Finding("as-fast", head + "; ".join(parts) + ".",
@@ -323,8 +330,12 @@ def _scenario_cause(cells: list[Cell], sc: Scenario, base_cells: list[Cell]) -> 
                       "the instruction (EMULTYPE_SKIP, kvm.skip.decode; the VM-exit "
                       "instruction length is undefined there, d391f1207067) for "
                       + ", ".join(sorted({c.variant for c in decode})))
-    if sc.nested:
-        causes.append("every exit is priced at the profile's nested round trip")
+    if sc.nested != "off":
+        ept12 = max((c.per.get("nested.ept12.ref", 0) for c in cells), default=0)
+        causes.append(f"every exit goes through L0 {sc.nested} (fastmmio.sim.nested): the L2 "
+                      "exit, for EPT exits L0's software walk of KVM's EPT12 (up to "
+                      f"{_n(ept12)} references), the exit L0 synthesizes for KVM, KVM's "
+                      "VMRESUME trapped and L2 entered again, each priced as nested.*")
     if sc.caches != BASE.caches:
         more = [c.walk_refs - b.walk_refs for c, b in zip(cells, base_cells)
                 if c.pricing and b.pricing]
