@@ -290,3 +290,23 @@ def test_nested_cpuid_under_hyperv_reproduces_the_evmcs_figure():
         k.run_batch(4)
         kb = k.run_batch(N)
     assert 8304 < CostModel("skylake-sp", nested=True).price(kb.events, N).cycles < 18890
+
+
+def test_the_verdict_nested_column_compares_like_with_like():
+    """The verdict's nested scenario runs under Hyper-V as L0 (length undefined on EPT exits):
+    every row says its skip rule; the RFC as posted (length on EPT violations) is incorrect
+    there, the merged-rule RFC is priced with decoding as upstream is."""
+    from fastmmio.compare.core import Comparison
+    from fastmmio.verdict import SCENARIOS, build_verdict
+    from fastmmio.verdict.scenarios import skip_rule
+
+    nested = next(s for s in SCENARIOS if s.key == "nested")
+    assert nested.nested == "hyperv" and "SDM 27.2.4" in nested.label
+    c = Comparison("skylake-sp")
+    variants = ["upstream", "rfc-2015", "rfc-2015-posted"]
+    v = build_verdict(c, variants, [], review=False)
+    f = next(f for f in v.findings if f.topic == "as-fast" and f.values["scenario"] == "nested")
+    assert "RFC as posted, length skip when nested" in " ".join(f.values["incorrect"])
+    assert f.text.count("merged rule") == 1 and "d391f1207067" in f.text
+    assert "(as posted)" in f.text
+    assert skip_rule("upstream-2013").startswith("no skip")

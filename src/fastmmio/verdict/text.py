@@ -464,8 +464,9 @@ def bottom_line(j: Judgement, rv) -> Finding:
     if groups["fast_base_only"]:
         descs = []
         for k in groups["fast_base_only"]:
-            where = [f"{j.point(k, sc.key).ratio:.2f}x {sc.key}" for sc in j.scenarios
-                     if j.judged(k, sc.key) != AS_FAST and j.point(k, sc.key).ratio is not None]
+            where = [(f"{j.point(k, sc.key).ratio:.2f}x" if j.point(k, sc.key).ratio is not None
+                      else "incorrect") + f" {sc.key}" for sc in j.scenarios
+                     if j.judged(k, sc.key) not in (AS_FAST, NA)]
             descs.append(f"{subs[k].label} (but {', '.join(where)})")
         parts.append(f"as fast under {BASE.label}, not under every setting: " + ", ".join(descs))
     if groups["slow"]:
