@@ -259,7 +259,8 @@ class NestedL0:
         q = info.qualification
         access = 1 if q & L.QUAL_WRITE else 2 if q & L.QUAL_FETCH else 0
         assert self.eptp12 is not None, "L1 has not loaded an EPTP"
-        w = walk_ept12(self.memory, self.eptp12, gpa, access)
+        w = walk_ept12(self.memory, self.eptp12, gpa, access,
+                       execute_only=getattr(self.processor, "execute_only", True))
         self.events["nested.ept12.ref"] += w.refs
         self.step(f"l0:ept12_walk:{w.refs}:{w.outcome}")
         if w.outcome == "present":
