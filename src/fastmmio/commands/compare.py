@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         kvm_tolerance=args.kvm_tolerance, kvm_cpu=args.cpu, tolerance=args.tolerance,
         verdict=not args.no_verdict, review=not args.no_review, uncertainty=args.uncertainty,
         seed=args.seed, sampling=args.sampling)
-    check_prices(profile, nested=args.nested)
+    check_prices(profile, nested=args.nested != "off")
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
         result = with_progress("compare", lambda on_step: run_compare(options, on_step,
                                                                       profile=profile))

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         cpl=args.cpl,
         warmup=args.warmup,
     )
-    check_prices(args.profile, nested=args.nested)  # before simulating
+    check_prices(args.profile, nested=args.nested != "off")  # before simulating
     e = explain(route, options)
     if args.json is not None:
         text = json.dumps(e.to_json(), indent=2) + "\n"

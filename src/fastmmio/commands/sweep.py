@@ -58,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("sweep at most two parameters at once")
     params = [(name, parse_values(name, vals)) for name, vals in zip(args.param, args.values)]
     profile = load_profile(args.profile)
-    check_prices(profile, nested=args.nested or any(
-        name == "nested" and True in values for name, values in params))
+    check_prices(profile, nested=args.nested != "off" or any(
+        name == "nested" and any(v != "off" for v in values) for name, values in params))
     base = Base(caches=args.caches, vpid=args.vpid, nested=args.nested)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
         result = with_progress("sweep", lambda on_step: run_sweep(

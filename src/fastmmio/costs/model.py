@@ -271,6 +271,8 @@ def price(events: Mapping[str, float], iterations: int = 1, profile: Profile | s
 
 
 def check_prices(profile: Profile | str | Path, *, nested: bool = False) -> None:
+    # (``nested``: whether KVM runs under an L0; the nested.* events are in the vocabulary
+    # either way, so a profile must price them to pass)
     """Refuse, before any simulation, a profile that lacks a price for an event the models
     can count (:func:`fastmmio.sim.events.vocabulary`): the :class:`UnpricedEventError` it
     would otherwise raise at the first run that counts it, perhaps after minutes of work."""

@@ -82,6 +82,15 @@ KVM (sim/kvm):
     kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio, internal_error, hlt, shutdown
     kvm.coalesced.append        an access appended to the coalesced MMIO/PIO ring (no exit)
 
+L0 under a nested KVM (sim/nested; KVM is L1, the guest L2):
+    nested.ept12.ref            one EPT12 entry read by L0's software walk (FNAME(walk_addr_generic))
+    nested.ept02.fix            an EPT02 entry installed from EPT12 without involving L1
+    nested.invept               L1's INVEPT trapped by L0 (EPT02 dropped)
+    nested.reflect.<l0>         an exit synthesized for L1 (nested_vmx_vmexit, prepare_vmcs12)
+    nested.vmresume.<l0>        L1's VMRESUME trapped by L0 (nested_vmx_run)
+    nested.enter_l2.<l0>        L0 entering L2 again (prepare_vmcs02)
+                                <l0> an L0 model: kvm, hyperv
+
 Guest (sim/cpu):
     guest.insn                  guest instructions executed natively (between exits)
 """
@@ -126,6 +135,7 @@ def vocabulary() -> frozenset[str]:
     in a run, so a command checks it before simulating (:func:`fastmmio.costs.model.
     check_prices`); ``tests/unit/test_events_vocabulary.py`` holds the models to it."""
     from fastmmio.sim.kvm.iobus import KvmBus
+    from fastmmio.sim.nested import L0_MODELS
     from fastmmio.sim.svm import caches as svm_caches
     from fastmmio.sim.svm.layouts import EXIT_CODES, TLB_CONTROL_NAMES
     from fastmmio.sim.vmx.caches import CONFIGS
@@ -148,4 +158,7 @@ def vocabulary() -> frozenset[str]:
     names |= {f"inv.tlb_control.{n}" for n in TLB_CONTROL_NAMES.values()}
     names |= {f"kvm.bus.lookup.{b.name}" for b in KvmBus}
     names |= {f"kvm.user_exit.{k}" for k in USER_EXIT_KINDS}
+    names |= {"nested.ept12.ref", "nested.ept02.fix", "nested.invept"}
+    names |= {f"nested.{step}.{l0}" for step in ("reflect", "vmresume", "enter_l2")
+              for l0 in L0_MODELS}
     return frozenset(names)
