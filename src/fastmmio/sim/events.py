@@ -86,10 +86,10 @@ L0 under a nested KVM (sim/nested; KVM is L1, the guest L2):
     nested.ept12.ref            one EPT12 entry read by L0's software walk (FNAME(walk_addr_generic))
     nested.ept02.fix            an EPT02 entry installed from EPT12 without involving L1
     nested.invept               L1's INVEPT trapped by L0 (EPT02 dropped)
-    nested.reflect.<l0>         an exit synthesized for L1 (nested_vmx_vmexit, prepare_vmcs12)
-    nested.vmresume.<l0>        L1's VMRESUME trapped by L0 (nested_vmx_run)
-    nested.enter_l2.<l0>        L0 entering L2 again (prepare_vmcs02)
-                                <l0> an L0 model: kvm, hyperv
+    nested.reflect.kvm / .hyperv    an exit synthesized for L1 (nested_vmx_vmexit,
+                                prepare_vmcs12), per L0 model
+    nested.vmresume.kvm / .hyperv   L1's VMRESUME trapped by L0 (nested_vmx_run)
+    nested.enter_l2.kvm / .hyperv   L0 entering L2 again (prepare_vmcs02)
 
 Guest (sim/cpu):
     guest.insn                  guest instructions executed natively (between exits)
