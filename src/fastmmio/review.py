@@ -1,7 +1,7 @@
 """The 2015 thread's review, as checks computed on the simulator.
 
 Xiao Guangrong's objections to "[PATCH RFC 1/3] vmx: allow ioeventfd for EPT violations"
-(FACTS.md section 1, the seed thread) and the cover letter's claim become properties that a
+(kvm list, 30-31 Aug 2015, the thread of the RFC series) and the cover letter's claim become properties that a
 KVM variant's behaviour either has or lacks, measured by running guest code on the models:
 
 ``read-not-skipped`` (objection 1)

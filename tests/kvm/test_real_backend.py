@@ -123,7 +123,7 @@ def test_stats_deltas_show_the_exits(kvm_device, guest_cpl):
 
 def test_stats_descriptors(kvm_device):
     """The binary stats header and descriptors parse: VM id 'kvm-<pid>', vCPU 'kvm-<pid>/vcpu-0',
-    the names FACTS.md §6 lists, cumulative values that only grow."""
+    the names kvm_vcpu_stats_desc declares, cumulative values that only grow."""
     with O.Kvm(kvm_device) as kvm, kvm.create_vm() as vm:
         vcpu = vm.create_vcpu(0)
         vstats, cstats = vm.stats(), vcpu.stats()
@@ -212,7 +212,7 @@ def test_watchdog_from_a_non_main_thread(kvm_device, guest_cpl):
 
 
 def test_vmcall_in_emulated_mode_is_stopped_by_the_watchdog(kvm_device, open_fds):
-    """FACTS.md §6: under PVM, VMCALL in code KVM emulates (CPL0) never returns from KVM_RUN;
+    """Measured here: under PVM, VMCALL in code KVM emulates (CPL0) never returns from KVM_RUN;
     the watchdog signal stops it."""
     if detect_host(kvm_device).kvm_kind != "pvm":
         pytest.skip("PVM-specific behaviour (VMX/SVM handle VMCALL as a hypercall)")
@@ -257,7 +257,7 @@ STUB_CODE = bytes([0xE6, layout.DONE_PORT, 0xEB, 0xFE])
 
 
 def test_set_regs_after_mmio_read_exit_is_overwritten_without_completion(kvm_device, guest_cpl):
-    """FACTS.md §6 pitfall: after a KVM_EXIT_MMIO read, the emulator's completion
+    """A pitfall measured here: after a KVM_EXIT_MMIO read, the emulator's completion
     (complete_emulated_mmio -> x86_emulate_insn writeback) runs at the next KVM_RUN and
     overwrites a RIP set with KVM_SET_REGS in between: the guest goes on where it was."""
     with RealBackend(kvm_device).open(machine("mmio-read-user", guest_cpl)) as s:

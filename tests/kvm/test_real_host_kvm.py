@@ -22,7 +22,7 @@ def test_nested_follows_the_hypervisor_flag(kvm_device):
 
 
 def test_pvm_host_is_detected_as_nested_pvm_at_cpl3(kvm_device):
-    """On this project's machines (FACTS.md §6): /dev/kvm is kvm_pvm, nested, guests at CPL3."""
+    """On this project's machines (measured): /dev/kvm is kvm_pvm, nested, guests at CPL3."""
     if not Path("/sys/module/kvm_pvm").exists():
         pytest.skip("not a PVM host")
     info = detect_host(kvm_device)

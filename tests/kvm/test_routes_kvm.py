@@ -5,7 +5,7 @@ The behaviours asserted come from the kernel: ioeventfd_write()/ioeventfd_in_ran
 (virt/kvm/eventfd.c) signal on a matching write and swallow it; a DATAMATCH that does not
 match leaves the write to userspace (KVM_EXIT_IO / KVM_EXIT_MMIO); a write to a
 KVM_MEM_READONLY slot is emulated and completed by userspace as KVM_EXIT_MMIO
-(FACTS.md §7), the slot's memory unchanged; a read of it is ordinary memory.
+(handle_ept_violation -> emulation -> vcpu_mmio_write), the slot's memory unchanged; a read of it is ordinary memory.
 """
 
 from __future__ import annotations

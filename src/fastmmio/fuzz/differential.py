@@ -85,7 +85,7 @@ def host_mmio_caching(param: Path = MMIO_CACHING_PARAM) -> bool:
     ``KVM_FAST_MMIO_BUS`` is never consulted: every MMIO access is emulated and a read at a
     length-0 ioeventfd exits to userspace. With it on (VMX), such a read is taken by
     ``handle_ept_misconfig``'s fast path, which signals the eventfd and skips the load without
-    decoding it (68c3b4d1). PVM here has it off (FACTS.md 6); found by this fuzzer when the
+    decoding it (68c3b4d1). PVM here has it off (measured: no fast MMIO path); found by this fuzzer when the
     simulator ran with caching on."""
     try:
         text = param.read_text().strip()

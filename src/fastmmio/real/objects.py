@@ -517,7 +517,7 @@ class Vcpu:
         return B.get_regs(self.fd)
 
     def set_regs(self, regs: B.kvm_regs) -> None:
-        """KVM_SET_REGS, after completing a pending I/O or MMIO exit (FACTS.md §6: otherwise the
+        """KVM_SET_REGS, after completing a pending I/O or MMIO exit (otherwise the
         completion, run at the next KVM_RUN, overwrites the registers just set)."""
         if self.pending_completion:
             self.complete_pending()

@@ -1,6 +1,6 @@
 """KVM's TDP MMU on EPT: the SPTEs written here *are* the EPT the processor model walks.
 
-Models arch/x86/kvm/mmu/{mmu.c, tdp_mmu.c, spte.c, spte.h} (Linux 6.16, FACTS.md 2 and 7):
+Models arch/x86/kvm/mmu/{mmu.c, tdp_mmu.c, spte.c, spte.h} (Linux 6.16; 68c3b4d1 for the fast MMIO bus):
 
 SPTE encoding on EPT (``kvm_mmu_set_ept_masks``, ``make_spte``, ``make_nonleaf_spte``,
 ``make_mmio_spte``):

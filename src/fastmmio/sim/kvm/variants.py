@@ -1,7 +1,7 @@
 """The KVM variants from the 2015 thread, as small strategies selected by name.
 
 Each variant changes KVM in one or two places; everything else is the model of upstream KVM
-(FACTS.md sections 1 and 2):
+(the RFC series of Aug 2015 and its review on the kvm list; 68c3b4d1, f848a5a8):
 
 ``upstream-2013``
     KVM before 68c3b4d1 and f848a5a8 (2014): no ``KVM_FAST_MMIO_BUS``, so

@@ -346,7 +346,7 @@ CONFIGS: dict[str, TranslationCacheConfig] = {
         combined_tlb=(
             TlbStructure((SHIFT_4K, SHIFT_2M), CacheSpec(
                 1536, 12, source="STLB 1536 entries 12-way, 4 KiB and 2 MiB pages (Intel "
-                "Optimization Reference Manual Table 2-15, FACTS.md section 3)")),
+                "Optimization Reference Manual Table 2-15)")),
             TlbStructure((SHIFT_1G,), CacheSpec(
                 4, 4, source="1 GiB: 4 entries 4-way (CPUID leaf 2 descriptor 63H as "
                 "reported on a Skylake-SP; Intel community thread 1371605)")),
@@ -362,9 +362,9 @@ CONFIGS: dict[str, TranslationCacheConfig] = {
         "paging-structure caches",
         combined_tlb=(
             TlbStructure((SHIFT_4K, SHIFT_2M), CacheSpec(
-                2048, 16, source="STLB 2048 entries 16-way (FACTS.md section 3)")),
+                2048, 16, source="STLB 2048 entries 16-way (Intel Optimization Reference Manual, Golden Cove)")),
             TlbStructure((SHIFT_1G,), CacheSpec(
-                8, None, source="1 GiB: the DTLB's 8 entries (FACTS.md section 3); the "
+                8, None, source="1 GiB: the DTLB's 8 entries (Intel Optimization Reference Manual, Golden Cove); the "
                 "STLB's 1 GiB capacity is not in our sources")),
         ),
         guest_physical_tlb=(TlbStructure(PAGE_SHIFTS, CacheSpec(64, 4, source=_ASSUMED_GPA)),),

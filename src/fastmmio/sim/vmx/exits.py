@@ -6,7 +6,7 @@ fault-like exits caused by executing the instructions listed there (CPUID, HLT, 
 VMCALL, MOV CR, RDMSR/WRMSR, INVEPT, ...), for software exceptions, and in a few conditional
 cases (task switches by instruction, some APIC accesses, failed VMFUNC). "All VM exits other
 than those listed ... leave this field undefined": EPT violations and EPT misconfigurations
-among them. Bare-metal processors fill it anyway (FACTS.md section 2), so :class:`ExitInfo`
+among them. Bare-metal processors fill it anyway (which KVM relies on outside nesting; d391f1207067), so :class:`ExitInfo`
 carries both what the processor wrote and whether the architecture promises it.
 """
 
