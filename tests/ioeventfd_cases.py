@@ -5,8 +5,8 @@ One table, two backends: every case here must give the same answer from ``/dev/k
 (the real backend to name the rule the kernel applied, the model to apply it), so this table
 holds that one module to the kernel. The rules come from virt/kvm/eventfd.c
 (``kvm_assign_ioeventfd``, ``ioeventfd_check_collision``, ``kvm_deassign_ioeventfd_idx``,
-``ioeventfd_in_range``) and virt/kvm/kvm_main.c (``kvm_io_bus_cmp``); FACTS.md section 6 lists
-what was measured on this project's host.
+``ioeventfd_in_range``) and virt/kvm/kvm_main.c (``kvm_io_bus_cmp``); the real-KVM tests check
+them on this project's host.
 
 REGISTRATION_CASES: a sequence of ``KVM_IOEVENTFD`` calls on a fresh VM; each call says the
 errno name the kernel answers (``None`` = success). ``fd`` is an index: calls with the same

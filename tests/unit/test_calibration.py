@@ -1,5 +1,5 @@
 """Calibration: the simulated upstream-2013 routes, priced with profile pci-testdev-2013, give
-each kvm-unit-tests pci-testdev figure of QEMU commit 22773d60 (FACTS.md section 5) within
+each kvm-unit-tests pci-testdev figure of QEMU commit 22773d60 (commit message) within
 10%; the profile's fit was made with the simulator's own event vectors."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def rows():
 
 
 def test_the_six_published_figures_are_the_facts_table():
-    """FACTS.md section 5 (QEMU 22773d60): the six kvm-unit-tests figures and the routes that
+    """QEMU 22773d60 commit message: the six kvm-unit-tests figures and the routes that
     make the same access (wildcard MMIO was a length-1 ioeventfd in 2013)."""
     got = {f.kut: (f.route, f.cycles) for f in PCI_TESTDEV_2013.figures}
     assert got == {

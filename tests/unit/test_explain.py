@@ -178,7 +178,7 @@ def test_nested_kvm_skips_the_misconfiguration_by_decoding():
 
 
 def test_without_caches_the_doorbell_write_walks_24_references():
-    """SDM 28.2.3 / FACTS.md §3: a cold two-dimensional walk with 4-level guest tables and
+    """SDM 28.2.3 (and Bhargava et al., ASPLOS 2008): a cold two-dimensional walk with 4-level guest tables and
     4-level EPT makes (4+1)(4+1)-1 = 24 references; with no translation caches and VPID off
     every doorbell write walks them all before the EPT misconfiguration, in order: for each
     guest level the 4 EPT references of its GPA then the guest entry, then the EPT walk of the

@@ -177,7 +177,7 @@ def test_emultype_pf_uses_exit_gpa_without_walk():
 
 def test_write_to_readonly_memslot_is_mmio():
     """emulator_write_phys fails on a KVM_MEM_READONLY slot (KVM_HVA_ERR_RO_BAD), so the write
-    goes to vcpu_mmio_write: an ioeventfd there fires (FACTS 7), memory is unchanged."""
+    goes to vcpu_mmio_write: an ioeventfd there fires (vcpu_mmio_write -> KVM_MMIO_BUS), memory is unchanged."""
     e = Env()
     fd = EventFd()
     e.ioeventfds.assign(fd, layout.RO_BASE, 0)

@@ -32,7 +32,7 @@ DATA = layout.DATA_GPA
 @pytest.mark.parametrize("gen", [0, 2, 0xFE, 0x100, 0x12345, MMIO_SPTE_GEN_MASK, MMIO_SPTE_GEN_MASK + 2])
 def test_mmio_spte_encoding(gen):
     """make_mmio_spte on EPT: W|X with R clear (EPT misconfiguration, SDM 28.2.3.1), gfn in
-    51:12, generation low 8 bits in 10:3 and next 11 bits in 62:52 (FACTS 7)."""
+    51:12, generation low 8 bits in 10:3 and next 11 bits in 62:52 (spte.h, the MMIO SPTE generation layout)."""
     spte = make_mmio_spte(DB >> 12, gen)
     assert spte & 7 == 0b110 and ept_bits20_misconfigured(spte, execute_only=True)
     assert not spte & SPTE_MMU_PRESENT_MASK
@@ -108,7 +108,7 @@ def test_memslot_created_over_mmio_spte_gets_mapped():
 
 def test_mmio_caching_off_never_installs_spte():
     """kvm.mmio_caching=N: kvm_handle_noslot_fault emulates at once; every access is an EPT
-    violation through the page-fault path (FACTS 2)."""
+    violation through the page-fault path (kvm.mmio_caching=N)."""
     e = MmuEnv(mmio_caching=False)
     final, pfs = e.access(DB, WRITE)
     assert pfs[-1].ret == RetPf.EMULATE and pfs[-1].path == "noslot_no_caching"
@@ -119,7 +119,7 @@ def test_mmio_caching_off_never_installs_spte():
 
 
 def test_readonly_memslot_read_maps_readonly_write_emulates():
-    """FACTS 7: a read of a KVM_MEM_READONLY slot maps the page read-only; a write then takes
+    """mmu.c (kvm_faultin_pfn, RO memslot): a read of a KVM_MEM_READONLY slot maps the page read-only; a write then takes
     an EPT violation (present), fast_page_fault cannot fix it (not MMU-writable), the slow
     path gets KVM_PFN_ERR_RO_FAULT and returns emulate without an MMIO SPTE."""
     e = MmuEnv()
