@@ -37,6 +37,7 @@ from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
 # The verdict table's colour of each class the judgement gives a doorbell.
 CLASS_STYLE = {AS_FAST: "green", SLOWER: "yellow", INCORRECT: "bold red", NA: "dim"}
 from fastmmio.sim.kvm.variants import SVM_VARIANTS
+from fastmmio.verdict_svm import LABELS as SVM_LABELS
 from fastmmio.verdict_svm import doorbell_route as svm_doorbell_route
 
 COMPONENT_HEADERS = {"exit": "exit", "walk": "walk", "handler": "hndlr", "bus": "bus",
@@ -74,7 +75,7 @@ def variant_table(run: CompareRun, variant: str) -> Table:
     with_kvm = variant == "upstream" and run.kvm.status == "measured"
     kvm = run.kvm.by_route() if with_kvm else {}
     table = Table(
-        title=f"{variant}: {LABELS.get(variant, variant)}",
+        title=f"{variant}: {LABELS.get(variant) or SVM_LABELS.get(variant, variant)}",
         title_justify="left", caption_justify="left", show_lines=False, pad_edge=False)
     table.add_column("route", no_wrap=True)
     table.add_column("cycles", justify="right", no_wrap=True)
