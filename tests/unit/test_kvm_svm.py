@@ -289,3 +289,50 @@ def test_vmx_and_svm_machines_agree_on_guest_visible_state(name):
     signals, exits to userspace and the coalesced ring agree route by route (upstream on VMX
     against svm on SVM: both have a fast MMIO path)."""
     assert _guest_visible("vmx", "upstream", name) == _guest_visible("svm", "svm", name)
+
+
+# ------------------------------------------------------------------------------------------
+# compare --arch svm, and an SVM host
+# ------------------------------------------------------------------------------------------
+
+
+def test_compare_arch_svm_answers_the_question_on_amd(tmp_path, capsys):
+    """The SVM variants' tables and the verdict on AMD, from the run's own numbers: before
+    01cde4eaaeca the length-0 doorbell is emulated (not as fast as port I/O); with it and next
+    RIP it takes the fast bus; without next RIP it falls back; RFC 2/3 fails 1/3's review."""
+    out = tmp_path / "out"
+    status = main(["compare", "--arch", "svm", "--no-kvm", "--out", str(out),
+                   "pio-eventfd-len1", "mmio-eventfd-len0"])
+    text = capsys.readouterr().out
+    assert status == 0
+    assert "svm-pre-7.0: KVM on SVM before 7.0" in text and "Verdict on AMD" in text
+    data = json.loads((out / "results.json").read_text())
+    v = data["svm_verdict"]
+    points = {(p["scenario"], p["variant"]): p for p in v["points"]}
+    assert points[("apm-max", "svm-pre-7.0")]["ratio"] > points[("apm-max", "svm")]["ratio"]
+    assert points[("no-nrip", "svm")]["ratio"] == pytest.approx(points[("apm-max", "svm-pre-7.0")]["ratio"])
+    assert points[("apm-max", "svm")]["entry"] == "reserved"
+    assert points[("apm-max", "rfc-2015-svm")]["entry"] == "not present"
+    assert all(p["profile"] == "zen4" for p in v["points"])
+    assert any("Is MMIO as fast as port I/O on AMD?" in line for line in v["lines"])
+    assert any("objection 1" in line and "fails" in line for line in v["lines"])
+    assert any("was not recovered" in line for line in v["lines"])
+
+
+@pytest.mark.parametrize("argv", [["--arch", "arm"], ["--arch", "vmx", "--variants", "svm"]])
+def test_compare_arch_bad_input_is_one_line_exit_2(argv, capsys):
+    try:
+        status = main(["compare", "--no-kvm", *argv, "empty"])
+    except SystemExit as exc:
+        status = exc.code
+    assert status == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_an_svm_host_is_described_as_one():
+    from fastmmio.compare.run import KvmSide
+    from fastmmio.result import HostInfo
+
+    host = HostInfo("AMD EPYC 9654", 2_400_000, "7.0", "svm", False, 0, "SVM runs CPL0")
+    note = KvmSide("measured", host=host).comparable()
+    assert note.startswith("SVM host (AMD)") and "--arch svm" in note and "01cde4eaaeca" in note
