@@ -35,6 +35,21 @@ Each variant changes KVM in one or two places; everything else is the model of u
     model shows: a read of the doorbell address also hits the fast bus (signal + skip), and
     other reads of the page are emulated as MMIO (the per-vCPU MMIO info names the gfn).
 
+KVM on SVM (``arch = "svm"``; the handlers are :class:`fastmmio.sim.kvm.svm.SvmVcpu`'s, the
+variants :data:`SVM_VARIANTS`):
+
+``svm-pre-7.0``
+    Released kernels before Linux 7.0: every reserved-bit #NPF (an MMIO SPTE) goes to
+    ``kvm_mmu_page_fault`` and the emulator (with the VMCB's instruction bytes), so even a
+    length-0 doorbell is decoded and emulated; the emulator finds it on ``KVM_MMIO_BUS``.
+``svm``
+    With 01cde4eaaeca (Linux 7.0): ``npf_interception`` first writes length 0 on
+    ``KVM_FAST_MMIO_BUS`` for a reserved-bit fault outside guest mode when ``nrips`` and the
+    VMCB's next RIP is non-zero, and skips by next RIP on a hit.
+``rfc-2015-svm``
+    [PATCH RFC 2/3] "svm: allow ioeventfd for NPT page faults": its body was not recovered;
+    modelled as the exact analogue of 1/3, a fast-bus write at the top of every #NPF.
+
 ioeventfd registration (:attr:`Variant.ioeventfd_rules`) follows the kernel each variant is
 modelled on: ``upstream-2013`` has no length 0 at all; the 2015 variants have Linux 4.2's
 ``kvm_assign_ioeventfd``, where length 0 was refused for PIO as for DATAMATCH (the any-length
