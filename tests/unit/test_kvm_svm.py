@@ -336,3 +336,16 @@ def test_an_svm_host_is_described_as_one():
     host = HostInfo("AMD EPYC 9654", 2_400_000, "7.0", "svm", False, 0, "SVM runs CPL0")
     note = KvmSide("measured", host=host).comparable()
     assert note.startswith("SVM host (AMD)") and "--arch svm" in note and "01cde4eaaeca" in note
+
+
+def test_without_decode_assists_the_emulator_fetches():
+    """npf_interception passes the VMCB's bytes only with DecodeAssists (``static_cpu_has(
+    X86_FEATURE_DECODEASSISTS)``); without them (or with none recorded, APM 15.8.4) the
+    emulator fetches the instruction through the guest's tables itself."""
+    o = SimOptions(variant="svm-pre-7.0", arch="svm")
+    with SimBackend(o).open(build_machine(get_route("mmio-eventfd-len0"), 0)) as s:
+        s.processor.proc.decode_assists = False
+        s.run_batch(2)
+        b = s.run_batch(4)
+    assert b.events["kvm.emulate.fetch"] == 4 and "kvm.emulate.insn_bytes" not in b.events
+    assert b.eventfd_signals["doorbell"] == 4
