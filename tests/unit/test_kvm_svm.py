@@ -166,6 +166,11 @@ def test_sim_options_per_arch():
         SimOptions(arch="svm", variant="svm", caches="skylake-sp")
     with pytest.raises(UsageError):
         SimOptions(arch="svm", variant="svm", next_rip_on_npf="maybe")
+    with pytest.raises(UsageError):
+        SimOptions(arch="svm", variant="svm", vpid=False)
+    with pytest.raises(UsageError):
+        SimOptions(variant="svm", ept_ad=False)
+    assert SimOptions(variant="svm-pre-7.0").arch == "svm"  # the variant's own architecture
 
 
 # ------------------------------------------------------------------------------------------

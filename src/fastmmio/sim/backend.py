@@ -69,7 +69,7 @@ class SimOptions:
     that architecture's). On SVM,
     ``caches`` names an SVM configuration (``apm-max``, ``none``, ``zen4``; the default
     ``sdm-max`` becomes ``apm-max``, the architecture's maximum), ASIDs are always on
-    (``vpid`` is not used), ``ept_ad`` does not apply (nested paging keeps A/D bits), and
+    (``vpid`` off is refused), ``ept_ad`` off is refused (nested paging keeps A/D bits), and
     ``next_rip_on_npf`` says whether the processor fills next RIP on #NPF (``yes``, which
     01cde4eaaeca's fast path needs; ``no`` as APM 15.7.1 reads).
     """
@@ -102,6 +102,9 @@ class SimOptions:
         if self.next_rip_on_npf not in ("yes", "no"):
             raise UsageError(f"next RIP on #NPF must be yes or no, got {self.next_rip_on_npf!r}")
         configs = CONFIGS
+        if self.arch == "svm" and not (self.vpid and self.ept_ad):
+            raise UsageError("on svm ASIDs are always on and nested paging always keeps A/D "
+                             "bits: VPID off and EPT A/D off are VMX settings")
         if self.arch == "svm":
             from fastmmio.sim.svm.caches import CONFIGS as configs
             if self.caches == "sdm-max":
