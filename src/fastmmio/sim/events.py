@@ -122,6 +122,8 @@ KVM_EVENTS = (
     "kvm.emulate", "kvm.emulate.fetch", "kvm.emulate.decode", "kvm.emulate.walk",
     "kvm.emulate.walk.ref", "kvm.emulate.failure", "kvm.emulate.exception",
     "kvm.skip.vmcs_length", "kvm.skip.decode", "kvm.coalesced.append",
+    # KVM on SVM (sim/kvm/svm.py)
+    "kvm.handler.npf", "kvm.handler.npf.prelude", "kvm.skip.next_rip", "kvm.emulate.insn_bytes",
 )
 
 
