@@ -58,7 +58,7 @@ def within(module: str, *prefixes: str) -> bool:
 
 MACHINE_LAYERS = ("fastmmio.x86", "fastmmio.sim.vmx", "fastmmio.sim.svm", "fastmmio.sim.kvm", "fastmmio.real",
                   "fastmmio.kvmabi", "fastmmio.image", "fastmmio.machine", "fastmmio.deadline")
-UPPER_LAYERS = ("fastmmio.compare", "fastmmio.verdict", "fastmmio.verdict_svm", "fastmmio.review", "fastmmio.explain",
+UPPER_LAYERS = ("fastmmio.compare", "fastmmio.verdict", "fastmmio.review", "fastmmio.explain",
                 "fastmmio.report", "fastmmio.commands", "fastmmio.cli", "fastmmio.fuzz.cli",
                 "fastmmio.__main__")
 

@@ -36,8 +36,8 @@ from fastmmio.errors import HostError, UsageError
 from fastmmio.result import HostInfo, RunResult
 from fastmmio.routes import Route, get_route, load_catalogue
 from fastmmio.sim.kvm.variants import ALL_VARIANTS, SVM_VARIANTS, VARIANTS, variants_for
-from fastmmio.verdict_svm import SvmVerdict, build_svm_verdict
-from fastmmio.verdict_svm import required as svm_required
+from fastmmio.verdict.svm import SvmVerdict, build_svm_verdict
+from fastmmio.verdict.svm import required as svm_required
 
 SVM_PROFILE = "zen4"  # what SVM simulations are priced with unless told otherwise
 from fastmmio.verdict import DEFAULT_TOLERANCE, Verdict, build_verdict, required
@@ -244,7 +244,7 @@ def plan(options: CompareOptions, comparison: Comparison) -> list[tuple[Route, A
         for r in routes:
             add(r, opts, "main")
         add(pio, opts, "main")
-    if options.verdict:
+    if options.verdict and _vmx(options.variants):
         for name, opts, sc in required(_vmx(options.variants), comparison):
             add(get_route(name), opts, sc)
         for name, opts, sc in svm_required(_svm(options.variants)):

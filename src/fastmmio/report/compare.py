@@ -37,8 +37,8 @@ from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
 # The verdict table's colour of each class the judgement gives a doorbell.
 CLASS_STYLE = {AS_FAST: "green", SLOWER: "yellow", INCORRECT: "bold red", NA: "dim"}
 from fastmmio.sim.kvm.variants import SVM_VARIANTS
-from fastmmio.verdict_svm import LABELS as SVM_LABELS
-from fastmmio.verdict_svm import doorbell_route as svm_doorbell_route
+from fastmmio.verdict.svm import LABELS as SVM_LABELS
+from fastmmio.verdict.svm import doorbell_route as svm_doorbell_route
 
 COMPONENT_HEADERS = {"exit": "exit", "walk": "walk", "handler": "hndlr", "bus": "bus",
                      "eventfd": "efd", "emulation": "emul", "skip": "skip",

@@ -1,4 +1,5 @@
-"""The thread's question on AMD: "Is MMIO as fast as port I/O?" under KVM on SVM, before and
+"""The thread's question on AMD (part of the verdict package; its tolerance rule and ratio are
+the package's own: :func:`fastmmio.verdict.judge.classify`, :func:`fastmmio.compare.core.ratio`): "Is MMIO as fast as port I/O?" under KVM on SVM, before and
 after 01cde4eaaeca and under the RFC's 2/3, from the numbers of the same compare run.
 
 For each SVM variant its MMIO doorbell (the length-0 ``KVM_FAST_MMIO_BUS`` ioeventfd for
@@ -26,9 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastmmio.compare.core import PIO_REFERENCE, Cell, Comparison, sim_options
+from fastmmio.compare.core import PIO_REFERENCE, Cell, Comparison, ratio, sim_options
 from fastmmio.sim.backend import SimOptions
 from fastmmio.sim.kvm.variants import SVM_VARIANTS
+from fastmmio.verdict.build import review_findings
+from fastmmio.verdict.judge import AS_FAST, INCORRECT, classify
 
 LABELS = {
     "svm-pre-7.0": "KVM on SVM before 7.0 (no fast MMIO on SVM)",
@@ -141,13 +144,15 @@ def build_svm_verdict(comparison: Comparison, variants: list[str],
                 no.append(f"{LABELS[v]} (not run: {door.reason or pio.reason or door.price_error})")
                 continue
             pio_cycles = pio.cycles
-            ratio = door.cycles / pio.cycles
-            fast = ratio <= 1 + tolerance and door.correct
-            (yes if fast else no).append(f"{LABELS[v]} ({ratio:.2f}x)")
+            r = ratio(door, pio)
+            judged = classify(door.status, r, tolerance)  # the one tolerance rule
+            fast = judged == AS_FAST
+            (yes if fast else no).append(f"{LABELS[v]} ({r:.2f}x"
+                                          + (", its checks fail)" if judged == INCORRECT else ")"))
             share, est_keys = _estimated_share(door, pio)
             point = {"scenario": sc.key, "variant": v, "route": door.route,
-                     "cycles": door.cycles, "pio_cycles": pio.cycles, "ratio": ratio,
-                     "as_fast": fast, "exits": door.exits, "walk_refs": door.walk_refs,
+                     "cycles": door.cycles, "pio_cycles": pio.cycles, "ratio": r,
+                     "judged": judged, "as_fast": fast, "exits": door.exits, "walk_refs": door.walk_refs,
                      "entry": door.run.ept_entry, "correct": door.correct,
                      "estimated_share": share, "profile": prof}
             v_out.points.append(point)
@@ -156,7 +161,7 @@ def build_svm_verdict(comparison: Comparison, variants: list[str],
                                     for k, n in door.exit_reasons().items()) or "no exit"
                 steps = _path(door)
                 text = (f"- {LABELS[v]} ({door.route}, variant {v}; {sc.label}): "
-                        f"{door.cycles:,.0f} cycles per doorbell, {ratio:.2f}x the PIO "
+                        f"{door.cycles:,.0f} cycles per doorbell, {r:.2f}x the PIO "
                         f"ioeventfd ({pio.cycles:,.0f}), {door.cycles - pio.cycles:+,.0f} "
                         f"cycles ({_components(door, pio)}); {share:.0%} of the difference "
                         f"rests on estimated prices"
@@ -203,11 +208,13 @@ def _path(door: Cell) -> str:
 
 
 def _rfc_review() -> list[str]:
-    """:mod:`fastmmio.review`'s checks of 1/3, made of RFC 2/3 on the SVM machine."""
-    from fastmmio.review import review_checks
-
+    """:mod:`fastmmio.review`'s checks of 1/3, made of RFC 2/3 on the SVM machine (through
+    the verdict's own :func:`~fastmmio.verdict.build.review_findings`)."""
+    found, note = review_findings(["rfc-2015-svm"], SVM_SCENARIOS[0].options)
     out = []
-    for c in review_checks(SVM_SCENARIOS[0].options("rfc-2015-svm"), cpl=0):
+    for c in found:
         verdict = {True: "holds", False: "fails", None: "not applicable"}[c.passed]
         out.append(f"- RFC 2/3 on AMD, {c.source}: '{c.claim}' {verdict}: {c.detail}.")
+    if note:
+        out.append(f"- RFC 2/3 on AMD: {note}.")
     return out
