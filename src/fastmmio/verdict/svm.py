@@ -163,9 +163,10 @@ def build_svm_verdict(comparison: Comparison, variants: list[str],
                 text = (f"- {LABELS[v]} ({door.route}, variant {v}; {sc.label}): "
                         f"{door.cycles:,.0f} cycles per doorbell, {r:.2f}x the PIO "
                         f"ioeventfd ({pio.cycles:,.0f}), {door.cycles - pio.cycles:+,.0f} "
-                        f"cycles ({_components(door, pio)}); {share:.0%} of the difference "
-                        f"rests on estimated prices"
-                        + (f" ({', '.join(est_keys)})" if est_keys else "")
+                        f"cycles ({_components(door, pio)})"
+                        + ((f"; {share:.0%} of the difference rests on estimated prices"
+                            + (f" ({', '.join(est_keys)})" if est_keys else ""))
+                           if door.cycles > pio.cycles else "")
                         + f". Per write: {reasons}, {door.walk_refs:g} walk references; "
                         f"{steps}; " + ENTRY_CLAUSE.get(door.run.ept_entry or "",
                                                         f"its NPT entry is {door.run.ept_entry}")
