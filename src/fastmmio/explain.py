@@ -52,9 +52,12 @@ from fastmmio.routes import Route, build_machine, get_route
 from fastmmio.sim.backend import SimBackend, SimOptions, SimSession
 from fastmmio.sim.kvm.variants import get_variant
 from fastmmio.sim.nested import get_l0
+from fastmmio.sim.svm.exits import SvmExit
 from fastmmio.sim.vmx.exits import EXIT_EPT_MISCONFIG, EXIT_EPT_VIOLATION, ExitInfo
 
 DEFAULT_PROFILE = "skylake-sp"
+#: the profile each architecture is priced with unless one is given
+ARCH_PROFILES = {"vmx": DEFAULT_PROFILE, "svm": "zen4"}
 DEFAULT_CPL = 0  # the simulator models VMX, where kvm-unit-tests runs its loop at CPL0
 DEFAULT_WARMUP = 8
 TRACED_BATCH = 3  # the recorded notification is the middle one of these
@@ -163,11 +166,15 @@ class _RefLog(list):
 _LEVEL = {"pml4e": "PML4E", "pdpte": "PDPTE", "pde": "PDE", "pte": "PTE"}
 _SERVED = {"l1": "L1D", "l2": "L2", "llc": "LLC", "mem": "memory"}
 _HANDLER = {"ept_misconfig": "handle_ept_misconfig", "ept_violation": "handle_ept_violation",
+            "npf": "npf_interception",
             "io": "handle_io (kvm_fast_pio)", "cpuid": "handle_cpuid (kvm_emulate_cpuid)",
             "hlt": "handle_halt", "vmcall": "kvm_emulate_hypercall"}
 _TEXT = {
     "vmentry": "VM entry: back into the guest",
     "kvm.handler.ept_violation.prelude": "KVM: handle_ept_violation up to the RFC's early return",
+    "kvm.handler.npf.prelude": "KVM: npf_interception up to the RFC 2/3 early return",
+    "kvm.skip.next_rip": "skip: RIP = the VMCB's next RIP",
+    "kvm.emulate.insn_bytes": "x86 emulator: instruction bytes from the VMCB (decode assists), no fetch",
     "kvm.bus.probe": "  bus: one bsearch step or device tried",
     "kvm.eventfd.signal": "ioeventfd matched: eventfd_signal",
     "kvm.emulate": "x86 emulator: x86_emulate_insn executes it",
@@ -213,7 +220,7 @@ def describe_event(name: str) -> str:
     parts = name.split(".")
     head = parts[0]
     if head == "walk" and len(parts) == 4 and parts[1] == "ref":
-        what = "guest" if parts[2] == "guest" else "EPT"
+        what = {"guest": "guest", "nested": "nested"}.get(parts[2], "EPT")
         return f"walk: {what} {_LEVEL.get(parts[3], parts[3])} read"
     if head == "walk" and len(parts) == 3 and parts[1] == "served":
         return f"  found in {_SERVED.get(parts[2], parts[2])}"
@@ -246,8 +253,11 @@ def describe_event(name: str) -> str:
     return name
 
 
-def describe_exit(info: ExitInfo) -> str:
-    """Exit information as KVM's tracepoint would show it (SDM 27.2.1)."""
+def describe_exit(info: ExitInfo | SvmExit) -> str:
+    """Exit information as KVM's tracepoint would show it (SDM 27.2.1; an SVM #VMEXIT's
+    EXITCODE, EXITINFO1/2, next RIP and instruction bytes, APM 15.6-15.8)."""
+    if isinstance(info, SvmExit):
+        return info.describe()
     parts = [f"reason {info.reason}"]
     if info.reason in (EXIT_EPT_VIOLATION, EXIT_EPT_MISCONFIG) or info.qualification:
         parts.append(f"qual {info.qualification:#x}")
@@ -434,11 +444,14 @@ class _Recorder:
         who.step = traced_step
 
     def _exit_wrapper(self, handler, kind: str = "exit"):
+        svm_exit = getattr(self.session.vcpu, "_svm_exit", None)
+
         def wrapped(info: ExitInfo, regs: dict[str, int], *rest: Any) -> bool:
             if self.counter.log is not None:
-                self.log.append((kind, info))
-                if kind == "l1exit" or self.session.l0 is None:
-                    self.l1_exits.append(info)
+                # (on SVM the #VMEXIT the handler reads, not the CPU's VMX-shaped record)
+                self.log.append((kind, svm_exit(info) if svm_exit is not None else info))
+                if svm_exit is None and (kind == "l1exit" or self.session.l0 is None):
+                    self.l1_exits.append(info)  # VMX exits as KVM saw them (VMCS fields)
             return handler(info, regs, *rest)
         return wrapped
 

@@ -34,6 +34,7 @@ from fastmmio.compare.run import (
     DEFAULT_DEVICE,
     DEFAULT_PROFILE,
     KVM_MAX_TARGET_TICKS,
+    SVM_PROFILE,
     KVM_RUNS,
     KVM_SECONDS,
     KVM_TARGET_TICKS,
@@ -46,7 +47,7 @@ from fastmmio.compare.run import (
 from fastmmio.costs import check_prices, list_profiles, load_profile
 from fastmmio.costs.linear import SAMPLING
 from fastmmio.outputs import OutputFolder
-from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.kvm.variants import ALL_VARIANTS, ARCHES, VARIANTS
 from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.verdict import DEFAULT_TOLERANCE
 
@@ -55,11 +56,23 @@ T = TypeVar("T")
 iterations_arg = int_in_range(1, MAX_ITERATIONS)
 
 
-def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str) -> None:
-    """Options shared by compare and sweep: the simulated machine and the profile."""
-    p.add_argument("--variants", type=csv_list, default=csv_list(default_variants),
-                   metavar="V1,V2", help=f"KVM variants (default {default_variants}; "
-                   f"choose from {', '.join(VARIANTS)})")
+def arch_list(text: str) -> tuple[str, ...]:
+    """``vmx``, ``svm`` or both, comma-separated."""
+    names = tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [a for a in names if a not in ARCHES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"architectures: choose from {', '.join(ARCHES)}")
+    return names
+
+
+def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str | None) -> None:
+    """Options shared by compare and sweep: the simulated machine and the profile
+    (``default_variants`` None: every variant of the chosen architectures)."""
+    p.add_argument("--variants", type=csv_list,
+                   default=csv_list(default_variants) if default_variants else None,
+                   metavar="V1,V2", help=f"KVM variants (default "
+                   f"{default_variants or 'every variant of --arch'}; choose from "
+                   f"{', '.join(ALL_VARIANTS if default_variants is None else VARIANTS)})")
     p.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE.toml",
                    help=f"CPU cost profile (default {DEFAULT_PROFILE}; bundled: "
                    f"{', '.join(list_profiles())}; or a .toml path)")
@@ -93,7 +106,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("routes", nargs="*", metavar="ROUTE",
                    help="routes (default: the whole catalogue; see fastmmio bench --list)")
-    add_sim_arguments(p, default_variants=",".join(VARIANTS))
+    add_sim_arguments(p, default_variants=None)
+    p.add_argument("--arch", type=arch_list, default=("vmx",), metavar="vmx,svm",
+                   help="simulated processors: vmx (Intel VMX/EPT), svm (AMD SVM with nested "
+                   "paging, KVM's SVM handlers), or both (default vmx)")
+    p.add_argument("--svm-profile", default=SVM_PROFILE, metavar="NAME|FILE.toml",
+                   help=f"CPU cost profile for the SVM simulations (default {SVM_PROFILE}; "
+                   "--profile prices them when --arch is svm alone)")
     p.add_argument("--no-kvm", action="store_true", help="do not measure on this host's KVM")
     p.add_argument("--device", default=None, metavar="PATH",
                    help="KVM device (default /dev/kvm when it is usable; a device named here "
@@ -170,16 +189,25 @@ def check_device(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    svm_only = tuple(args.arch) == ("svm",)
+    if svm_only and args.profile == DEFAULT_PROFILE:
+        args.profile = args.svm_profile  # an Intel profile cannot price SVM runs
     profile = load_profile(args.profile)  # ProfileError: one line, exit 2
+    if "svm" in args.arch and not svm_only:
+        load_profile(args.svm_profile)
     options = CompareOptions(
-        routes=tuple(args.routes), variants=tuple(args.variants), profile=args.profile,
+        routes=tuple(args.routes),
+        variants=tuple(args.variants) if args.variants is not None else None,
+        profile=args.profile,
         caches=args.caches, vpid=args.vpid, nested=args.nested, iterations=args.iterations,
         kvm=not args.no_kvm, device=check_device(args), kvm_runs=args.kvm_runs,
         kvm_target_ticks=args.kvm_target_ticks, kvm_seconds=args.kvm_seconds,
         kvm_tolerance=args.kvm_tolerance, kvm_cpu=args.cpu, tolerance=args.tolerance,
         verdict=not args.no_verdict, review=not args.no_review, uncertainty=args.uncertainty,
-        seed=args.seed, sampling=args.sampling)
+        seed=args.seed, sampling=args.sampling, arches=args.arch, svm_profile=args.svm_profile)
     check_prices(profile, nested=args.nested != "off")
+    if "svm" in args.arch and not svm_only:
+        check_prices(args.svm_profile)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
         result = with_progress("compare", lambda on_step: run_compare(options, on_step,
                                                                       profile=profile))

@@ -18,14 +18,15 @@ from rich.text import Text
 from fastmmio.costs import COMPONENTS, check_prices
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.explain import (
+    ARCH_PROFILES,
     DEFAULT_CPL,
-    DEFAULT_PROFILE,
     DEFAULT_WARMUP,
     ExplainOptions,
     Explanation,
     explain,
     l0_steps,
 )
+from fastmmio.sim.kvm.variants import ARCHES
 from fastmmio.sim.nested import NESTED_DEFAULT
 from fastmmio.argtypes import nested_l0, positive_int
 from fastmmio.routes import get_route
@@ -43,11 +44,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "priced with a CPU cost profile; the rows add up to the cost model's total.",
     )
     p.add_argument("route", metavar="ROUTE", help="route name (fastmmio bench --list names them)")
-    p.add_argument("--variant", default="upstream",
-                   help="KVM variant (upstream, upstream-2013, rfc-2015, rfc-2015-fixed, "
-                   "bad-page, reserved-write-mostly; default upstream)")
+    p.add_argument("--arch", choices=ARCHES, default="vmx",
+                   help="the simulated processor: vmx (Intel VMX/EPT, default) or svm (AMD SVM "
+                   "with nested paging, under KVM's SVM handlers)")
+    p.add_argument("--variant", default=None,
+                   help="KVM variant (vmx: upstream, upstream-2013, rfc-2015, rfc-2015-fixed, "
+                   "bad-page, reserved-write-mostly; default upstream. svm: svm, svm-pre-7.0, "
+                   "rfc-2015-svm; default svm)")
     p.add_argument("--caches", default="sdm-max",
-                   help="processor translation-cache configuration (default sdm-max)")
+                   help="processor translation-cache configuration (default sdm-max; on svm "
+                   "apm-max, none, zen4, sdm-max meaning apm-max)")
+    p.add_argument("--next-rip-on-npf", choices=("yes", "no"), default="yes",
+                   help="svm: whether the processor fills next RIP on #NPF (default yes; APM "
+                   "15.7.1 lists #NPF among the intercepts that reset it to zero)")
     p.add_argument("--vpid", choices=("on", "off"), default="on",
                    help="KVM's 'enable VPID' (default on, as upstream)")
     p.add_argument("--nested", nargs="?", type=nested_l0, const=NESTED_DEFAULT, default="off",
@@ -55,8 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="KVM runs as a guest of an L0 hypervisor: kvm (shadow EPT, shadow "
                    "VMCS; the default of a bare --nested) or hyperv (Enlightened VMCS, VM-exit "
                    "instruction length undefined on EPT exits); off (default)")
-    p.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE",
-                   help=f"CPU cost profile: a bundled name or a .toml file (default {DEFAULT_PROFILE})")
+    p.add_argument("--profile", default=None, metavar="NAME|FILE",
+                   help=f"CPU cost profile: a bundled name or a .toml file (default "
+                   f"{ARCH_PROFILES['vmx']} on vmx, {ARCH_PROFILES['svm']} on svm)")
     p.add_argument("--cpl", type=int, choices=(0, 3), default=DEFAULT_CPL,
                    help=f"guest privilege level (default {DEFAULT_CPL}, as kvm-unit-tests on VMX)")
     p.add_argument("--warmup", type=positive_int, default=DEFAULT_WARMUP, metavar="N",
@@ -115,14 +125,15 @@ def run(args: argparse.Namespace) -> int:
     route = get_route(args.route)  # UsageError listing the routes
     if args.json is not None:
         check_writable_file(Path(args.json))
+    variant = args.variant or ("svm" if args.arch == "svm" else "upstream")
     options = ExplainOptions(
-        sim=SimOptions(variant=args.variant, caches=args.caches, vpid=args.vpid == "on",
-                       nested=args.nested),
-        profile=args.profile,
+        sim=SimOptions(variant=variant, caches=args.caches, vpid=args.vpid == "on",
+                       nested=args.nested, arch=args.arch, next_rip_on_npf=args.next_rip_on_npf),
+        profile=args.profile or ARCH_PROFILES[args.arch],
         cpl=args.cpl,
         warmup=args.warmup,
     )
-    check_prices(args.profile, nested=args.nested != "off")  # before simulating
+    check_prices(options.profile, nested=args.nested != "off")  # before simulating
     e = explain(route, options)
     if args.json is not None:
         text = json.dumps(e.to_json(), indent=2) + "\n"

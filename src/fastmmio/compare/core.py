@@ -24,7 +24,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from fastmmio.bench import BenchOptions, failed_result, measure_route
 from fastmmio.costs import CostModel, Pricing, Profile, load_profile
@@ -38,7 +38,8 @@ from fastmmio.errors import (
 from fastmmio.result import RunResult
 from fastmmio.routes import Route, get_route
 from fastmmio.sim.backend import EnginePool, SimBackend, SimOptions
-from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.kvm.spte import SpteFormat
+from fastmmio.sim.kvm.variants import ALL_VARIANTS
 from fastmmio.sim.vmx.caches import CONFIGS, TranslationCacheConfig
 from fastmmio.sim.vmx.layouts import EPT_R, EPT_W, EPT_X
 
@@ -61,10 +62,11 @@ def caches_name(caches: str | TranslationCacheConfig) -> str:
 
 
 def check_variants(names: "list[str] | tuple[str, ...]") -> tuple[str, ...]:
-    """The variant names, each checked (a :class:`UsageError` naming the choices)."""
-    bad = [v for v in names if v not in VARIANTS]
+    """The variant names, each checked (a :class:`UsageError` naming the choices); VMX and
+    SVM variants alike (each names its own architecture)."""
+    bad = [v for v in names if v not in ALL_VARIANTS]
     if bad:
-        raise UsageError(f"unknown KVM variant {bad[0]!r}{did_you_mean(bad[0], VARIANTS)}; choose from {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown KVM variant {bad[0]!r}{did_you_mean(bad[0], ALL_VARIANTS)}; choose from {', '.join(ALL_VARIANTS)}")
     if not names:
         raise UsageError("no KVM variant chosen")
     return tuple(dict.fromkeys(names))
@@ -80,13 +82,23 @@ def check_caches(name: str) -> str:
 def sim_key(route: str, options: SimOptions) -> tuple:
     """What makes two simulations the same (the watchdog timeout does not)."""
     return (route, options.variant, caches_name(options.caches), options.vpid, options.nested,
-            options.mmio_caching, options.ept_ad, options.extra_ioeventfds)
+            options.mmio_caching, options.ept_ad, options.extra_ioeventfds, options.arch,
+            options.next_rip_on_npf)
 
 
-def ept_entry_state(spte: int) -> str:
+def ept_entry_state(spte: int, fmt: SpteFormat | None = None) -> str:
     """How the processor sees an EPT entry, by its bits 2:0 (SDM 28.2.2 / 28.2.3.1):
     ``not present`` (000b), ``misconfigured`` (write without read: KVM's MMIO SPTE is W|X),
-    ``read-only``, ``read/write`` (execute not shown: a doorbell is never fetched)."""
+    ``read-only``, ``read/write`` (execute not shown: a doorbell is never fetched). For an
+    NPT entry (``fmt`` NPT) by P, the MMIO mask and W (APM 15.25.6): ``not present``,
+    ``reserved`` (KVM's MMIO SPTE: a reserved bit set, so every access is a #NPF with RSV),
+    ``read-only``, ``read/write``."""
+    if fmt is not None and fmt.name == "npt":
+        if not spte & 1:
+            return "not present"
+        if fmt.mmio_mask and spte & fmt.mmio_mask == fmt.mmio_value:
+            return "reserved"
+        return "read/write" if spte & 2 else "read-only"
     rwx = spte & (EPT_R | EPT_W | EPT_X)
     if rwx == 0:
         return "not present"
@@ -293,7 +305,9 @@ class Comparison:
         self.on_simulate = on_simulate
         self.timings = timings if timings is not None else Timings()
         self._runs: dict[tuple, SimRun] = {}
-        self._models: dict[bool, CostModel] = {}
+        self._models: dict[tuple, CostModel] = {}
+        #: a profile per architecture other than :attr:`profile`'s (``{"svm": zen4}``)
+        self.arch_profiles: dict[str, Profile] = {}
         self._engines = EnginePool()  # unicorn engines set up once for all the simulations
 
     def with_profile(self, profile: Profile) -> "Comparison":
@@ -303,16 +317,24 @@ class Comparison:
                            on_simulate=self.on_simulate, timings=self.timings)
         other._runs = self._runs
         other._engines = self._engines
+        other.arch_profiles = dict(self.arch_profiles)
         return other
 
     # -- pricing ----------------------------------------------------------------------------
 
-    def model(self, nested: bool) -> CostModel:
-        """The cost model (ProfileError when the profile cannot price nested)."""
-        m = self._models.get(nested)
+    def model(self, nested: bool, arch: str | None = None) -> CostModel:
+        """The cost model (ProfileError when the profile cannot price nested). ``arch``: a
+        simulation's architecture, priced with its own profile when one was given
+        (:attr:`arch_profiles`, e.g. SVM runs with zen4 beside VMX runs with skylake-sp)."""
+        profile = self.arch_profiles.get(arch or "", self.profile)
+        m = self._models.get((nested, profile.name))
         if m is None:
-            m = self._models[nested] = CostModel(self.profile, nested=nested)
+            m = self._models[(nested, profile.name)] = CostModel(profile, nested=nested)
         return m
+
+    def profile_for(self, arch: str | None) -> Profile:
+        """The profile a simulation of ``arch`` is priced with."""
+        return self.arch_profiles.get(arch or "", self.profile)
 
     def can_price_nested(self) -> bool:
         return self.profile.nested is not None
@@ -356,7 +378,8 @@ class Comparison:
         entry = None
         session = backend.session
         if route.access.is_memory and session is not None:
-            entry = ept_entry_state(session.vm.mmu.get_spte(route.access.target))
+            mmu = session.vm.mmu
+            entry = ept_entry_state(mmu.get_spte(route.access.target), mmu.fmt)
         status = OK if result.correct else FAIL
         reason = "" if result.correct else "; ".join(
             c.removeprefix("FAIL: ") for c in result.checks if c.startswith("FAIL"))
@@ -371,7 +394,7 @@ class Comparison:
             return cell
         t0 = time.perf_counter()
         try:
-            model = self.model(options.is_nested)
+            model = self.model(options.is_nested, options.arch)
         except FastmmioError as exc:
             cell.price_error = str(exc)
             return cell
@@ -401,10 +424,11 @@ def ratio(cell: Cell, pio: Cell) -> float | None:
 
 
 def sim_options(variant: str, caches: str | TranslationCacheConfig = "sdm-max", vpid: bool = True,
-                nested: str | bool = "off", extra_ioeventfds: int = 0) -> SimOptions:
-    """SimOptions with compare's defaults (watchdog: 30 s a batch)."""
+                nested: str | bool = "off", extra_ioeventfds: int = 0, **kw: Any) -> SimOptions:
+    """SimOptions with compare's defaults (watchdog: 30 s a batch); the architecture is the
+    variant's (``kw``: other :class:`SimOptions` fields, e.g. ``next_rip_on_npf``)."""
     return SimOptions(variant=variant, caches=caches, vpid=vpid, nested=nested,
-                      extra_ioeventfds=extra_ioeventfds)
+                      extra_ioeventfds=extra_ioeventfds, **kw)
 
 
 @dataclass

@@ -35,9 +35,13 @@ from fastmmio.costs.linear import SAMPLING
 from fastmmio.errors import HostError, UsageError
 from fastmmio.result import HostInfo, RunResult
 from fastmmio.routes import Route, get_route, load_catalogue
-from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.kvm.variants import ALL_VARIANTS, SVM_VARIANTS, VARIANTS, variants_for
 from fastmmio.sim.nested import nested_setting
 from fastmmio.verdict import DEFAULT_TOLERANCE, Verdict, build_verdict, required
+from fastmmio.verdict.svm import SvmVerdict, build_svm_verdict
+from fastmmio.verdict.svm import required as svm_required
+
+SVM_PROFILE = "zen4"  # what SVM simulations are priced with unless told otherwise
 
 DEFAULT_PROFILE = "skylake-sp"  # the current Intel server profile
 DEFAULT_CACHES = "sdm-max"
@@ -64,7 +68,7 @@ class CompareOptions:
     """What ``fastmmio compare`` runs (see ``fastmmio compare --help``)."""
 
     routes: tuple[str, ...] = ()  # empty: the whole catalogue
-    variants: tuple[str, ...] = tuple(VARIANTS)
+    variants: tuple[str, ...] | None = None  # None: every variant of ``arches``
     profile: str = DEFAULT_PROFILE
     caches: str = DEFAULT_CACHES
     vpid: bool = True
@@ -83,10 +87,25 @@ class CompareOptions:
     uncertainty: int = 0  # sampled price sets (0: off)
     seed: int = 0
     sampling: str = "uniform"
+    #: the simulated processors (``vmx``, ``svm``); SVM runs are priced with ``svm_profile``
+    arches: tuple[str, ...] = ("vmx",)
+    svm_profile: str = SVM_PROFILE
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nested", nested_setting(self.nested))
+        arches = tuple(dict.fromkeys(self.arches))
+        for a in arches:
+            variants_for(a)  # UsageError for an unknown architecture
+        if not arches:
+            raise UsageError("no architecture chosen")
+        object.__setattr__(self, "arches", arches)
+        if self.variants is None:
+            object.__setattr__(self, "variants", tuple(v for a in arches for v in variants_for(a)))
         object.__setattr__(self, "variants", check_variants(tuple(self.variants)))
+        for v in self.variants:
+            if ALL_VARIANTS[v].arch not in arches:
+                raise UsageError(f"variant {v} is for --arch {ALL_VARIANTS[v].arch}, not "
+                                 f"{','.join(arches)}")
         check_caches(self.caches)
         for name in self.routes:
             get_route(name)  # UsageError listing the valid names
@@ -146,7 +165,12 @@ class KvmSide:
         if self.host is None:
             return ""
         h = self.host
-        if h.kvm_kind != "vmx":
+        if h.kvm_kind == "svm":
+            note = ("SVM host (AMD): its MMIO doorbells take #NPF exits; whether "
+                    "KVM_FAST_MMIO_BUS is used depends on its kernel (Linux 7.0, 01cde4eaaeca) "
+                    "and on the CPU filling next RIP on #NPF; its cycles compare with the "
+                    "simulated SVM machine (--arch svm), not the VMX one")
+        elif h.kvm_kind != "vmx":
             note = (f"this host's KVM is {h.kvm_kind} (no VMX/EPT): it has no EPT "
                     "misconfiguration fast path and its cycles are not the simulated "
                     "machine's; compare ratios to PIO, not cycles")
@@ -174,6 +198,7 @@ class CompareRun:
     calibration: list[CalibrationRow] | None
     timings: Timings
     wall_s: float = 0.0
+    svm_verdict: SvmVerdict | None = None
 
     def cells(self) -> list[Cell]:
         return list(self.matrix.cells.values())
@@ -194,7 +219,8 @@ class CompareRun:
         """Failures that are tool or host problems, not findings: upstream KVM (simulated
         or real) failing a route's checks."""
         out = [f"{c.route} [sim:{c.variant}]: {c.reason}" for c in self.cells()
-               if c.variant in ("upstream", "upstream-2013") and c.status == "fail"]
+               if c.variant in ("upstream", "upstream-2013", "svm", "svm-pre-7.0")
+               and c.status == "fail"]
         out += [f"{r.route} [kvm]: " + "; ".join(x for x in r.checks if x.startswith("FAIL"))
                 for r in self.kvm.results if not r.correct]
         return out
@@ -224,8 +250,10 @@ def plan(options: CompareOptions, comparison: Comparison) -> list[tuple[Route, A
         for r in routes:
             add(r, opts, "main")
         add(pio, opts, "main")
-    if options.verdict:
-        for name, opts, sc in required(options.variants, comparison):
+    if options.verdict and _vmx(options.variants):
+        for name, opts, sc in required(_vmx(options.variants), comparison):
+            add(get_route(name), opts, sc)
+        for name, opts, sc in svm_required(_svm(options.variants)):
             add(get_route(name), opts, sc)
     cal = CALIBRATIONS.get(comparison.profile.name)
     if cal is not None:
@@ -283,11 +311,16 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
     if options.is_nested and prof.nested is None:
         raise UsageError(f"profile {prof.name} has no [nested] table: it cannot price "
                          "--nested (use a profile that has one, e.g. skylake-sp)")
+    if options.arches == ("svm",) and profile is None and options.profile == DEFAULT_PROFILE:
+        prof = load_profile(options.svm_profile)
     comparison = Comparison(prof, iterations=options.iterations, timings=timings)
+    if "svm" in options.arches:
+        comparison.arch_profiles["svm"] = (prof if options.arches == ("svm",)
+                                           else load_profile(options.svm_profile))
     routes = _select_routes(options.routes)
     kvm_routes = tuple(r for r in routes if r.upstream) if options.kvm else ()
     tasks = plan(options, comparison)
-    n_review = len(options.variants) if options.verdict and options.review else 0
+    n_review = len(_vmx(options.variants)) if options.verdict and options.review else 0
     total = len(tasks) + n_review + len(kvm_routes)
     done = 0
     for route, opts, scenario in tasks:
@@ -311,7 +344,11 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
     done += len(kvm_routes)
 
     verdict = None
-    if options.verdict:
+    svm_verdict = None
+    if options.verdict and _svm(options.variants):
+        svm_verdict = build_svm_verdict(comparison, list(_svm(options.variants)),
+                                        options.tolerance)
+    if options.verdict and _vmx(options.variants):
         t0 = time.perf_counter()
         step = [done]
 
@@ -320,15 +357,25 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
                 progress(f"review checks [{variant}]", step[0], total)
             step[0] += 1
 
-        verdict = build_verdict(comparison, options.variants, matrix.cells.values(),
+        verdict = build_verdict(comparison, _vmx(options.variants),
+                                [c for c in matrix.cells.values() if c.variant in VARIANTS],
                                 tolerance=options.tolerance, review=options.review,
                                 on_review=on_review, samples=options.uncertainty,
                                 seed=options.seed, sampling=options.sampling)
         timings.add("verdict", time.perf_counter() - t0)
     cal = calibration_rows(comparison)
-    run = CompareRun(options, prof, comparison, matrix, kvm, verdict, cal, timings)
+    run = CompareRun(options, prof, comparison, matrix, kvm, verdict, cal, timings,
+                     svm_verdict=svm_verdict)
     run.wall_s = time.perf_counter() - t_start
     return run
+
+
+def _vmx(variants: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v for v in variants if v in VARIANTS)
+
+
+def _svm(variants: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v for v in variants if v in SVM_VARIANTS)
 
 
 def default_out() -> Path:

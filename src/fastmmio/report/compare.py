@@ -36,6 +36,9 @@ from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
 
 # The verdict table's colour of each class the judgement gives a doorbell.
 CLASS_STYLE = {AS_FAST: "green", SLOWER: "yellow", INCORRECT: "bold red", NA: "dim"}
+from fastmmio.sim.kvm.variants import SVM_VARIANTS
+from fastmmio.verdict.svm import LABELS as SVM_LABELS
+from fastmmio.verdict.svm import doorbell_route as svm_doorbell_route
 
 COMPONENT_HEADERS = {"exit": "exit", "walk": "walk", "handler": "hndlr", "bus": "bus",
                      "eventfd": "efd", "emulation": "emul", "skip": "skip",
@@ -72,7 +75,7 @@ def variant_table(run: CompareRun, variant: str) -> Table:
     with_kvm = variant == "upstream" and run.kvm.status == "measured"
     kvm = run.kvm.by_route() if with_kvm else {}
     table = Table(
-        title=f"{variant}: {LABELS.get(variant, variant)}",
+        title=f"{variant}: {LABELS.get(variant) or SVM_LABELS.get(variant, variant)}",
         title_justify="left", caption_justify="left", show_lines=False, pad_edge=False)
     table.add_column("route", no_wrap=True)
     table.add_column("cycles", justify="right", no_wrap=True)
@@ -258,6 +261,10 @@ def render(console: Console, run: CompareRun, *, verdict_text: bool = True) -> N
             console.print(Text("- " + f.text))
         if run.verdict.review_note:
             console.print(Text("- " + run.verdict.review_note, style="dim"))
+    if run.svm_verdict is not None and run.svm_verdict.lines and verdict_text:
+        console.print(Text("Verdict on AMD (KVM on SVM)", style="bold"))
+        for line in run.svm_verdict.lines:
+            console.print(Text(line))
 
 
 # ------------------------------------------------------------------------------------------
@@ -353,6 +360,7 @@ def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
         "kvm": [r.to_json() for r in run.kvm.results],
         "calibration": [r.__dict__ for r in run.calibration or []],
         "verdict": run.verdict.to_json() if run.verdict else None,
+        "svm_verdict": run.svm_verdict.to_json() if run.svm_verdict else None,
         "timings_s": run.timings.to_json(),
         "wall_s": run.wall_s,
     })
@@ -366,7 +374,7 @@ def plot_cells(run: CompareRun) -> list[Cell]:
     out, drawn = [], set()
     for v in run.options.variants:
         names = list(wanted)
-        door = doorbell_route(v)
+        door = svm_doorbell_route(v) if v in SVM_VARIANTS else doorbell_route(v)
         if door not in names and door in run.matrix.routes:
             names.append(door)
         for name in names:

@@ -1,5 +1,8 @@
 """The simulator backend: the same :class:`~fastmmio.machine.Machine` the real backend runs,
-on unicorn + the VMX/EPT processor model + the KVM model.
+on unicorn + a processor model + the KVM model. ``SimOptions(arch="vmx")`` (default) is the
+Intel VMX/EPT processor under KVM's VMX handlers; ``arch="svm"`` the AMD SVM processor with
+nested paging under KVM's SVM handlers (:mod:`fastmmio.sim.svm_glue`), with the same guest
+image, memslots, buses, ioeventfds and emulator.
 
 A :class:`SimSession` answers the same :class:`~fastmmio.backend.Session` calls as the real
 one and fills the same :class:`~fastmmio.result.BatchResult` fields, plus ``events``: every
@@ -27,13 +30,13 @@ from fastmmio import layout
 from fastmmio.errors import GuestError, UsageError, did_you_mean
 from fastmmio.machine import IoEventFdSpec, Machine, MachineSpec
 from fastmmio.result import BatchResult, ExitRecord
+from fastmmio.sim.arch import get_arch
 from fastmmio.sim.cpu import CpuEngine, GuestCpu
-from fastmmio.sim.kvm.variants import VARIANTS
+from fastmmio.sim.kvm.variants import ARCHES, variants_for
 from fastmmio.sim.kvm.vm import KvmVm
 from fastmmio.sim.nested import NESTED_OFF, NestedL0, nested_setting
 from fastmmio.sim.vmx.caches import CONFIGS
 from fastmmio.sim.vmx.memory import PAGE_SIZE, HostMemory
-from fastmmio.sim.vmx.processor import Processor
 
 # The guest CPUID table (KVM_SET_CPUID2) the simulated vCPU gets unless a caller passes one:
 # leaf 0 names the vendor and caps the basic leaves at 0, so every other leaf reads zeros.
@@ -65,6 +68,13 @@ class SimOptions:
     False keeps the reference path (stop, handle, restart). Both count the same events
     (tests/unit/test_sim_fast_exits.py); it changes how fast the simulator runs, not what
     the simulated machine is.
+    ``arch``: ``vmx`` or ``svm`` (default: the variant's own; the variant must be one of
+    that architecture's). On SVM,
+    ``caches`` names an SVM configuration (``apm-max``, ``none``, ``zen4``; the default
+    ``sdm-max`` becomes ``apm-max``, the architecture's maximum), ASIDs are always on
+    (``vpid`` off is refused), ``ept_ad`` off is refused (nested paging keeps A/D bits), and
+    ``next_rip_on_npf`` says whether the processor fills next RIP on #NPF (``yes``, which
+    01cde4eaaeca's fast path needs; ``no`` as APM 15.7.1 reads).
     """
 
     variant: str = "upstream"
@@ -76,17 +86,40 @@ class SimOptions:
     extra_ioeventfds: int = 0
     timeout_s: float = 30.0
     fast_exits: bool = True
+    arch: str | None = None
+    next_rip_on_npf: str = "yes"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nested", nested_setting(self.nested))
-        if self.variant not in VARIANTS:
-            raise UsageError(f"unknown KVM variant {self.variant!r}"
-                             f"{did_you_mean(self.variant, VARIANTS)}; "
-                             f"choose from {', '.join(VARIANTS)}")
-        if isinstance(self.caches, str) and self.caches not in CONFIGS:
+        if self.arch is None:
+            from fastmmio.sim.kvm.variants import ALL_VARIANTS
+
+            cls = ALL_VARIANTS.get(self.variant)
+            object.__setattr__(self, "arch", cls.arch if cls is not None else "vmx")
+        if self.arch not in ARCHES:
+            raise UsageError(f"unknown architecture {self.arch!r}; choose from {', '.join(ARCHES)}")
+        variants = variants_for(self.arch)
+        if self.variant not in variants:
+            raise UsageError(f"unknown KVM variant {self.variant!r} on {self.arch}"
+                             f"{did_you_mean(self.variant, variants)}; "
+                             f"choose from {', '.join(variants)}")
+        if self.next_rip_on_npf not in ("yes", "no"):
+            raise UsageError(f"next RIP on #NPF must be yes or no, got {self.next_rip_on_npf!r}")
+        configs = CONFIGS
+        if self.arch == "svm" and self.nested != NESTED_OFF:
+            raise UsageError("nested is modelled on vmx only (an L0 under KVM on VMX); "
+                             "choose --arch vmx or leave --nested off")
+        if self.arch == "svm" and not (self.vpid and self.ept_ad):
+            raise UsageError("on svm ASIDs are always on and nested paging always keeps A/D "
+                             "bits: VPID off and EPT A/D off are VMX settings")
+        if self.arch == "svm":
+            from fastmmio.sim.svm.caches import CONFIGS as configs
+            if self.caches == "sdm-max":
+                object.__setattr__(self, "caches", "apm-max")
+        if isinstance(self.caches, str) and self.caches not in configs:
             raise UsageError(f"unknown cache configuration {self.caches!r}"
-                             f"{did_you_mean(self.caches, CONFIGS)}; "
-                             f"choose from {', '.join(CONFIGS)}")
+                             f"{did_you_mean(self.caches, configs)}; "
+                             f"choose from {', '.join(configs)}")
         if not 0 <= self.extra_ioeventfds <= 1024:
             raise UsageError("extra ioeventfds must be between 0 and 1024")
         if self.timeout_s <= 0:
@@ -94,6 +127,8 @@ class SimOptions:
 
     def describe(self) -> str:
         parts = [self.variant, f"caches={self.caches}", f"vpid={'on' if self.vpid else 'off'}"]
+        if self.arch == "svm":
+            parts[2] = f"next_rip_on_npf={self.next_rip_on_npf}"
         if self.is_nested:
             parts.append(f"nested={self.nested}")
         if not self.mmio_caching:
@@ -241,8 +276,8 @@ class SimSession:
             for page in idle.pages.values():
                 page[:] = _ZERO_PAGE
             self.memory.pages.update(idle.pages)
-        self.processor = Processor(self.memory, options.caches, vpid_enabled=options.vpid,
-                                   vpid=1 if options.vpid else 0)
+        arch = get_arch(options.arch)
+        self.processor = arch.make_processor(self.memory, options)
         self.events: Counter[str] = self.processor.events  # one counter for the machine
         self.vm = KvmVm.from_spec(spec, machine.image, memory=self.memory, events=self.events,
                                   variant=options.variant, mmio_caching=options.mmio_caching,
@@ -259,7 +294,7 @@ class SimSession:
             self.l0.attach(self.vcpu)
             self.l0.l1_set_eptp(self.vm.mmu.eptp)
         else:
-            self.processor.set_eptp(self.vm.mmu.eptp)
+            arch.load_root(self.processor, self.vm.mmu)
         self.processor.load_guest_state(cr0=boot.cr0, cr3=boot.cr3, cr4=boot.cr4,
                                         efer=boot.efer, cpl=boot.cpl)
         self._ranges = self.vm.backing_ranges()
@@ -272,6 +307,7 @@ class SimSession:
         if idle is None:
             for hpa, size in self._ranges:
                 self.cpu.map_host_range(hpa, size)
+        arch.bind(self.processor, self.cpu, self.vcpu)
         timed = _timed_region(machine)
         self._whole_batch = timed is None
         self._t0_ip, self._t1_ip = timed if timed is not None else (-1, -1)

@@ -737,10 +737,10 @@ class GuestCpu:
                 gpa = (gpa & ~0xFFF) | (exact & 0xFFF)
             return Fault(fault.kind, exact, gpa, fault.error_code, fault.qualification,
                          fault.structure, fault.level)
-        if fault.kind == "ept_misconfig":
+        if fault.kind in ("ept_misconfig", "npf"):  # (an SVM #NPF: EXITINFO2, APM 15.25.6)
             with self.processor.uncounted():
                 again = self.processor.translate(exact, self._pending_access)
-            if isinstance(again, Fault) and again.kind == "ept_misconfig":
+            if isinstance(again, Fault) and again.kind == fault.kind:
                 return again
         return fault
 

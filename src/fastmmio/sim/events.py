@@ -52,6 +52,9 @@ KVM (sim/kvm):
                                 vmcall
     kvm.handler.ept_violation.prelude   handle_ept_violation returned from a variant's prelude
                                 (the RFC's fast-bus hit) before its error code and MMU work
+    kvm.handler.npf             SVM: npf_interception (a #NPF)
+    kvm.handler.npf.prelude     SVM: npf_interception returned from a variant's prelude
+                                (RFC 2/3's fast-bus hit) before the MMU
     kvm.mmu.page_fault          kvm_mmu_page_fault entered
     kvm.mmu.fast_page_fault     fast_page_fault attempted; .fixed when it resolved the fault
     kvm.mmu.slow_path           the slow path ran (memslot look-up, pfn, map)
@@ -79,6 +82,9 @@ KVM (sim/kvm):
     kvm.emulate.exception       the emulator queued an exception for the guest (#PF, #GP, #UD)
     kvm.skip.vmcs_length        RIP advanced by the VM-exit instruction length
     kvm.skip.decode             RIP advanced by decoding (EMULTYPE_SKIP, when the length is undefined)
+    kvm.skip.next_rip           SVM: RIP set to the VMCB's next RIP (or svm->next_rip)
+    kvm.emulate.insn_bytes      SVM: the emulator decoded the VMCB's instruction bytes (decode
+                                assists) instead of fetching them
     kvm.user_exit.<kind>        KVM_RUN returned to userspace: io, mmio, internal_error, hlt, shutdown
     kvm.coalesced.append        an access appended to the coalesced MMIO/PIO ring (no exit)
 
@@ -125,6 +131,8 @@ KVM_EVENTS = (
     "kvm.emulate", "kvm.emulate.fetch", "kvm.emulate.decode", "kvm.emulate.walk",
     "kvm.emulate.walk.ref", "kvm.emulate.failure", "kvm.emulate.exception",
     "kvm.skip.vmcs_length", "kvm.skip.decode", "kvm.coalesced.append",
+    # KVM on SVM (sim/kvm/svm.py)
+    "kvm.handler.npf", "kvm.handler.npf.prelude", "kvm.skip.next_rip", "kvm.emulate.insn_bytes",
 )
 
 

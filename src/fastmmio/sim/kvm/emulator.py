@@ -8,6 +8,11 @@ is made of:
   page tables with KVM's software walk, first up to 15 bytes or to the end of the page, then
   the rest from the next page only if the decoder needs it; each fetch counts
   ``kvm.emulate.fetch``. A fetch that faults injects the #PF into the guest.
+* **instruction bytes given** (``x86_decode_insn`` with ``insn_len > 0``): on SVM with
+  DecodeAssists ``npf_interception`` hands ``kvm_mmu_page_fault`` the bytes the processor
+  recorded in the VMCB (APM 15.8.4), which go to the decoder as they are: nothing is fetched
+  or walked (``kvm.emulate.insn_bytes`` instead of ``kvm.emulate.fetch``); none recorded
+  (count 0) means KVM fetches as above.
 * **decode** with iced-x86 (``kvm.emulate.decode``); 64-bit mode only.
 * **execute**: ``MOV`` stores from a register or an immediate and loads into a register,
   ``MOVZX``/``MOVSX``/``MOVSXD`` loads and ``MOVNTI`` stores, widths 1/2/4/8. The operand's
@@ -245,14 +250,16 @@ class X86Emulator:
         return None
 
     def x86_emulate_instruction(self, emulation_type: int = 0,
-                                cr2_or_gpa: int | None = None) -> EmulationResult:
+                                cr2_or_gpa: int | None = None,
+                                insn: bytes | None = None) -> EmulationResult:
         """Emulate the instruction at RIP. With ``EMULTYPE_PF``, ``cr2_or_gpa`` is the faulting
-        GPA (TDP); with ``EMULTYPE_SKIP`` only decode and advance RIP."""
+        GPA (TDP); with ``EMULTYPE_SKIP`` only decode and advance RIP. ``insn``: instruction
+        bytes the processor supplied (SVM decode assists), decoded without a fetch."""
         if self._pending is not None:
             return self._failure(0, emulation_type,
                                  "emulation requested while a userspace MMIO read is pending "
                                  "(complete_userspace_io first)")
-        dec = self._fetch_and_decode(emulation_type)
+        dec = self._fetch_and_decode(emulation_type, insn)
         if isinstance(dec, EmulationResult):
             return dec
         if emulation_type & EMULTYPE_SKIP:
@@ -303,17 +310,22 @@ class X86Emulator:
             return self._failure(0, emulation_type, f"instruction bytes at gpa {gpa:#x} are not in guest memory")
         return data
 
-    def _fetch_and_decode(self, emulation_type: int) -> _Decoded | EmulationResult:
+    def _fetch_and_decode(self, emulation_type: int,
+                          insn: bytes | None = None) -> _Decoded | EmulationResult:
         if not emulation_type & EMULTYPE_SKIP:
             self.events["kvm.emulate"] += 1
         if not self._mode_ok():
             return self._failure(0, emulation_type,
                                  "only 64-bit mode with 4-level paging is modelled")
         rip = self.regs["rip"]
-        first = min(MAX_INSN_LEN, PAGE_SIZE - (rip & (PAGE_SIZE - 1)))
-        code = self._fetch(rip, first, emulation_type)
-        if isinstance(code, EmulationResult):
-            return code
+        if insn:
+            self.events["kvm.emulate.insn_bytes"] += 1
+            code = bytes(insn[:MAX_INSN_LEN])
+        else:
+            first = min(MAX_INSN_LEN, PAGE_SIZE - (rip & (PAGE_SIZE - 1)))
+            code = self._fetch(rip, first, emulation_type)
+            if isinstance(code, EmulationResult):
+                return code
         self.events["kvm.emulate.decode"] += 1
         while True:
             decoder = Decoder(64, code, ip=rip)

@@ -244,15 +244,18 @@ class KvmVcpu:
         gpa = info.guest_physical_address or 0
         return self.kvm_mmu_page_fault(gpa, ept_violation_error_code(info.qualification))
 
-    def kvm_mmu_page_fault(self, gpa: int, error_code: int) -> bool:
+    def kvm_mmu_page_fault(self, gpa: int, error_code: int, insn: bytes | None = None) -> bool:
         """``kvm_mmu_page_fault``: the MMU, then ``x86_emulate_instruction`` on EMULATE; any
         other RET_PF_* resumes the guest (a variant hook that took the access has skipped the
-        instruction already, or recorded why it could not)."""
+        instruction already, or recorded why it could not). ``insn``: instruction bytes the
+        processor recorded (SVM decode assists), handed to the emulator."""
         pf = self.vm.mmu.page_fault(gpa, error_code)
         self.step(f"mmu:{pf.path}:{pf.ret.name}")
         if pf.ret != RetPf.EMULATE:
             return not any(s.startswith("internal_error") for s in self.steps)
-        r = self.emulator.x86_emulate_instruction(pf.emulation_type, gpa)
+        if insn:
+            self.step(f"emulate:insn_bytes:{len(insn)}")
+        r = self.emulator.x86_emulate_instruction(pf.emulation_type, gpa, insn)
         return self._emulation_result(r)
 
     def handle_io(self, info: ExitInfo) -> bool:
@@ -262,23 +265,25 @@ class KvmVcpu:
         if q & (1 << 4):  # string instruction
             self.step("io:string:emulate")
             return self._emulation_result(self.emulator.x86_emulate_instruction(0))
-        port = q >> 16
-        size = (q & 7) + 1
-        is_in = bool(q & 8)
+        return self.kvm_fast_pio((q & 7) + 1, q >> 16, bool(q & 8), info)
+
+    def kvm_fast_pio(self, size: int, port: int, is_in: bool, info: Any) -> bool:
+        """``kvm_fast_pio`` (arch/x86/kvm/x86.c), common to VMX and SVM: an OUT offered to
+        ``KVM_PIO_BUS``, an IN read from it; otherwise ``KVM_EXIT_IO``."""
         if not is_in:
             value = self.regs["rax"] & ((1 << (8 * size)) - 1)
             self.step("pio_bus")
             if self.vm.buses.write(KvmBus.KVM_PIO_BUS, port, size, value):
                 self.step("pio_bus:hit")
                 return self.skip_emulated_instruction(info)
-            self._pending_pio = _PendingPio(False, port, size, info.instruction_length)
+            self._pending_pio = _PendingPio(False, port, size, getattr(info, "instruction_length", None))
             return self._user_exit(ExitRecord("io", port, size, True, value))
         v = self.vm.buses.read(KvmBus.KVM_PIO_BUS, port, size)
         self.step("pio_bus")
         if v is not None:
             self._complete_pio_in(size, v)
             return self.skip_emulated_instruction(info)
-        self._pending_pio = _PendingPio(True, port, size, info.instruction_length)
+        self._pending_pio = _PendingPio(True, port, size, getattr(info, "instruction_length", None))
         return self._user_exit(ExitRecord("io", port, size, False, 0))
 
     def handle_cpuid(self, info: ExitInfo) -> bool:

@@ -1,6 +1,13 @@
-"""KVM's TDP MMU on EPT: the SPTEs written here *are* the EPT the processor model walks.
+"""KVM's TDP MMU: the SPTEs written here *are* the EPT or nested page tables the processor
+model walks.
 
-Models arch/x86/kvm/mmu/{mmu.c, tdp_mmu.c, spte.c, spte.h} (Linux 6.16; 68c3b4d1 for the fast MMIO bus):
+Models arch/x86/kvm/mmu/{mmu.c, tdp_mmu.c, spte.c, spte.h} (Linux 6.16; 68c3b4d1 for the fast MMIO bus). The SPTE format is
+data (:class:`fastmmio.sim.kvm.spte.SpteFormat`): the same MMU writes EPT entries under VMX
+and NPT entries under SVM (``make_spte``, ``make_nonleaf_spte`` and ``make_mmio_spte`` build
+from the format's masks, as spte.c does from its ``shadow_*_mask`` variables). On NPT an MMIO
+SPTE is reserved bit 51 plus present (plus W and U), which the processor reports as a #NPF
+with the RSV bit, the same reserved-bit fault KVM sees as an EPT misconfiguration on VMX; at
+MAXPHYADDR 52 there is no MMIO caching (see :mod:`fastmmio.sim.kvm.spte`).
 
 SPTE encoding on EPT (``kvm_mmu_set_ept_masks``, ``make_spte``, ``make_nonleaf_spte``,
 ``make_mmio_spte``):
@@ -64,23 +71,31 @@ from fastmmio.sim.kvm.memslots import (
     KvmMemorySlot,
     KvmMemslots,
 )
-from fastmmio.sim.vmx.layouts import EPT_A, EPT_D, EPT_IPAT, EPT_R, EPT_RWX, EPT_SVE, EPT_W, EPT_X, MT_WB
+from fastmmio.sim.kvm.spte import (
+    ACC_ALL,
+    PT_PRESENT_MASK,
+    PT_WRITABLE_MASK,
+    SHADOW_NONPRESENT_VALUE,
+    SPTE_MMU_PRESENT_MASK,
+    SpteFormat,
+    ept_format,
+)
+from fastmmio.sim.vmx.layouts import EPT_RWX, EPT_SVE, EPT_W, EPT_X
 from fastmmio.sim.vmx.layouts import make_eptp
 from fastmmio.sim.vmx.memory import HostMemory, PageAllocator
 
 PFERR_GUEST_FINAL_MASK = 1 << 32
 PFERR_GUEST_PAGE_MASK = 1 << 33
 
-SHADOW_NONPRESENT_VALUE = EPT_SVE  # bit 63
-SPTE_MMU_PRESENT_MASK = 1 << 11
 SPTE_TDP_AD_SHIFT = 52
 SPTE_TDP_AD_MASK = 3 << SPTE_TDP_AD_SHIFT
 SPTE_TDP_AD_ENABLED = 0
 SPTE_TDP_AD_DISABLED = 1 << SPTE_TDP_AD_SHIFT
-SHADOW_ACC_TRACK_SAVED_BITS_MASK = EPT_R | EPT_X
 SHADOW_ACC_TRACK_SAVED_BITS_SHIFT = 54
-EPT_SPTE_HOST_WRITABLE = 1 << 57
-EPT_SPTE_MMU_WRITABLE = 1 << 58
+_EPT = ept_format()
+SHADOW_ACC_TRACK_SAVED_BITS_MASK = _EPT.acc_track_saved_mask
+EPT_SPTE_HOST_WRITABLE = _EPT.host_writable_mask
+EPT_SPTE_MMU_WRITABLE = _EPT.mmu_writable_mask
 SPTE_BASE_ADDR_MASK = ((1 << 52) - 1) & ~0xFFF
 
 VMX_EPT_MISCONFIG_WX_VALUE = EPT_W | EPT_X
@@ -97,7 +112,6 @@ _GEN_HIGH_MASK = ((1 << MMIO_SPTE_GEN_HIGH_BITS) - 1) << MMIO_SPTE_GEN_HIGH_STAR
 
 ROOT_LEVEL = 4
 PT_ENTRIES = 512
-_EPT_MEMTYPE_WB = MT_WB << 3
 
 
 class RetPf(IntEnum):
@@ -131,13 +145,16 @@ def get_mmio_spte_generation(spte: int) -> int:
     return low | (high << MMIO_SPTE_GEN_LOW_BITS)
 
 
-def make_mmio_spte(gfn: int, generation: int) -> int:
-    """``make_mmio_spte`` on EPT (access bits: ``shadow_mmio_access_mask`` is 0 for EPT)."""
-    return generation_mmio_spte_mask(generation) | SHADOW_MMIO_VALUE | (gfn << 12)
+def make_mmio_spte(gfn: int, generation: int, fmt: SpteFormat = _EPT, access: int = ACC_ALL) -> int:
+    """``make_mmio_spte``: the format's MMIO value, the access bits it keeps
+    (``shadow_mmio_access_mask``: none on EPT, W and U on NPT), the gfn and the generation."""
+    return (generation_mmio_spte_mask(generation) | fmt.mmio_value
+            | (access & fmt.mmio_access_mask) | (gfn << 12))
 
 
-def get_mmio_spte_gfn(spte: int) -> int:
-    return (spte & SPTE_BASE_ADDR_MASK & ~_GEN_HIGH_MASK) >> 12
+def get_mmio_spte_gfn(spte: int, fmt: SpteFormat = _EPT) -> int:
+    """The gfn of an MMIO SPTE (the generation's high bits and the MMIO mask stripped)."""
+    return (spte & SPTE_BASE_ADDR_MASK & ~_GEN_HIGH_MASK & ~fmt.mmio_mask) >> 12
 
 
 def is_shadow_present_pte(spte: int) -> bool:
@@ -148,17 +165,23 @@ def spte_ad_enabled(spte: int) -> bool:
     return (spte & SPTE_TDP_AD_MASK) != SPTE_TDP_AD_DISABLED
 
 
-def is_access_track_spte(spte: int) -> bool:
-    """An access-tracked SPTE: A/D disabled and R/W/X all clear (``shadow_acc_track_mask``)."""
-    return not spte_ad_enabled(spte) and (spte & EPT_RWX) == 0
+def is_access_track_spte(spte: int, fmt: SpteFormat = _EPT) -> bool:
+    """An access-tracked SPTE: A/D disabled and R/W/X all clear (``shadow_acc_track_mask``;
+    only formats whose A/D bits are optional have one)."""
+    return fmt.ad_optional and not spte_ad_enabled(spte) and (spte & EPT_RWX) == 0
 
 
 def is_writable_pte(spte: int) -> bool:
-    return bool(spte & EPT_W)
+    return bool(spte & PT_WRITABLE_MASK)
 
 
-def is_mmu_writable_spte(spte: int) -> bool:
-    return bool(spte & EPT_SPTE_MMU_WRITABLE)
+def is_mmu_writable_spte(spte: int, fmt: SpteFormat = _EPT) -> bool:
+    return bool(spte & fmt.mmu_writable_mask)
+
+
+def is_executable_pte(spte: int, fmt: SpteFormat = _EPT) -> bool:
+    """``is_executable_pte``: the X bit set (EPT) or the NX bit clear (NPT)."""
+    return (spte & (fmt.x_mask | fmt.nx_mask)) == fmt.x_mask
 
 
 def spte_to_pfn(spte: int) -> int:
@@ -184,13 +207,14 @@ class KvmPageFault:
                    bool(error_code & PFERR_RSVD_MASK), gpa >> 12)
 
 
-def is_access_allowed(fault: KvmPageFault, spte: int) -> bool:
-    """``is_access_allowed``: exec needs X, write needs W, read needs R (PT_PRESENT_MASK)."""
+def is_access_allowed(fault: KvmPageFault, spte: int, fmt: SpteFormat = _EPT) -> bool:
+    """``is_access_allowed``: exec needs an executable SPTE, write needs W, read needs bit 0
+    (``PT_PRESENT_MASK``: EPT's R, NPT's P)."""
     if fault.exec:
-        return bool(spte & EPT_X)
+        return is_executable_pte(spte, fmt)
     if fault.write:
-        return bool(spte & EPT_W)
-    return bool(spte & EPT_R)
+        return bool(spte & PT_WRITABLE_MASK)
+    return bool(spte & PT_PRESENT_MASK)
 
 
 @dataclass(frozen=True)
@@ -218,7 +242,10 @@ class TdpMmu:
 
     ``memory``/``alloc``: host memory and the allocator for SPTE tables. ``memslots``: the
     memslot set (its hooks are registered here). Options: ``mmio_caching``
-    (``kvm.mmio_caching``), ``ad_enabled`` (``kvm_intel.eptad``: EPT A/D bits),
+    (``kvm.mmio_caching``; forced off when the format has no MMIO value, as
+    ``kvm_mmu_set_mmio_spte_mask`` does), ``ad_enabled`` (``kvm_intel.eptad``: EPT A/D bits;
+    NPT always has them), ``spte_format``: ``"ept"`` (default) or an
+    :class:`~fastmmio.sim.kvm.spte.SpteFormat` (``npt_format(phys_bits)`` under SVM),
     ``slot_zap_all`` (``KVM_X86_QUIRK_SLOT_ZAP_ALL``), ``maxphyaddr`` (host, for
     ``kvm_mmu_max_gfn``).
 
@@ -235,13 +262,18 @@ class TdpMmu:
     def __init__(self, memory: HostMemory, alloc: PageAllocator, memslots: KvmMemslots,
                  events: Counter | None = None, *, mmio_caching: bool = True,
                  ad_enabled: bool = True, slot_zap_all: bool = True, maxphyaddr: int = 46,
-                 mmio_info: VcpuMmioInfo | None = None):
+                 mmio_info: VcpuMmioInfo | None = None, spte_format: "SpteFormat | str" = "ept"):
         self.memory = memory
         self.alloc = alloc
         self.memslots = memslots
         self.events: Counter = events if events is not None else memslots.events
-        self.mmio_caching = mmio_caching
-        self.ad_enabled = ad_enabled
+        if isinstance(spte_format, str):
+            if spte_format != "ept":
+                raise ValueError(f"spte_format: 'ept' or an SpteFormat, got {spte_format!r}")
+            spte_format = ept_format(ad_enabled)
+        self.fmt: SpteFormat = spte_format
+        self.mmio_caching = mmio_caching and spte_format.mmio_value != 0
+        self.ad_enabled = spte_format.ad_enabled
         self.slot_zap_all = slot_zap_all
         self.maxphyaddr = maxphyaddr
         self.mmio_info = mmio_info if mmio_info is not None else VcpuMmioInfo(lambda: memslots.generation)
@@ -259,6 +291,8 @@ class TdpMmu:
     @property
     def eptp(self) -> int:
         """The EPTP of the current root (``construct_eptp``: WB, 4 levels, A/D if enabled)."""
+        if self.fmt.name != "ept":
+            raise ValueError("an NPT MMU has no EPTP (its root goes to nCR3: root_hpa)")
         return make_eptp(self.root_hpa, ad=self.ad_enabled)
 
     def _alloc_table(self) -> int:
@@ -273,9 +307,12 @@ class TdpMmu:
         return (gfn >> (9 * (level - 1))) & (PT_ENTRIES - 1)
 
     def _nonleaf(self, child: int) -> int:
-        """``make_nonleaf_spte``."""
-        spte = child | SPTE_MMU_PRESENT_MASK | EPT_SVE | EPT_RWX
-        spte |= EPT_A if self.ad_enabled else SPTE_TDP_AD_DISABLED
+        """``make_nonleaf_spte``: present, writable, user and executable (the child's
+        entries decide)."""
+        f = self.fmt
+        spte = (child | SPTE_MMU_PRESENT_MASK | f.present_mask | PT_WRITABLE_MASK | f.user_mask
+                | f.x_mask)
+        spte |= f.accessed_mask if self.ad_enabled else SPTE_TDP_AD_DISABLED
         return spte
 
     def walk(self, gfn: int) -> list[tuple[int, int, int]]:
@@ -300,21 +337,24 @@ class TdpMmu:
 
     def make_spte(self, slot: KvmMemorySlot, gfn: int, old_spte: int, prefetch: bool = False) -> int:
         """``make_spte`` for a 4 KiB leaf with ACC_ALL, host-writable unless the slot is
-        read-only."""
-        spte = SPTE_MMU_PRESENT_MASK | EPT_SVE | EPT_R | EPT_X | _EPT_MEMTYPE_WB | EPT_IPAT
+        read-only: present, executable (``shadow_x_mask``, or no ``shadow_nx_mask``), user,
+        the format's memory type, accessed unless prefetched; W, the MMU-writable bit and
+        dirty for a writable slot."""
+        f = self.fmt
+        spte = SPTE_MMU_PRESENT_MASK | f.present_mask | f.x_mask | f.user_mask | f.memtype_mask
         spte |= SPTE_TDP_AD_ENABLED if self.ad_enabled else SPTE_TDP_AD_DISABLED
         if not prefetch and self.ad_enabled:
-            spte |= EPT_A
+            spte |= f.accessed_mask
         spte |= slot.gfn_to_hpa(gfn)
         if not slot.readonly:
-            spte |= EPT_SPTE_HOST_WRITABLE | EPT_W | EPT_SPTE_MMU_WRITABLE
+            spte |= f.host_writable_mask | PT_WRITABLE_MASK | f.mmu_writable_mask
             if self.ad_enabled:
-                spte |= EPT_D
+                spte |= f.dirty_mask
         return spte
 
     def is_mmio_spte(self, spte: int) -> bool:
         """``is_mmio_spte``: the MMIO value under the MMIO mask, and caching enabled."""
-        return (spte & SHADOW_MMIO_MASK) == SHADOW_MMIO_VALUE and self.mmio_caching
+        return (spte & self.fmt.mmio_mask) == self.fmt.mmio_value and self.mmio_caching
 
     def check_mmio_spte(self, spte: int) -> bool:
         """``check_mmio_spte``: no memslot update in progress and the generations agree."""
@@ -363,7 +403,7 @@ class TdpMmu:
             if not self.check_mmio_spte(spte):
                 self.events["kvm.mmu.mmio_spte_stale"] += 1
                 return RetPf.INVALID, "mmio_spte_stale"
-            self.mmio_info.cache(0, get_mmio_spte_gfn(spte), 0)
+            self.mmio_info.cache(0, get_mmio_spte_gfn(spte, self.fmt), 0)
             return RetPf.EMULATE, "mmio_spte"
         self.events["kvm.mmu.retry"] += 1
         return RetPf.RETRY, "mmio_spte_zapped"
@@ -412,17 +452,18 @@ class TdpMmu:
         level, sptep, spte = self.walk(fault.gfn)[-1]
         if not is_shadow_present_pte(spte) or level != 1:
             return RetPf.INVALID
-        if is_access_allowed(fault, spte):
+        fmt = self.fmt
+        if is_access_allowed(fault, spte, fmt):
             self.events["kvm.mmu.spurious"] += 1
             return RetPf.SPURIOUS
         new = spte
-        if is_access_track_spte(spte):
+        if is_access_track_spte(spte, fmt):
             saved = (spte >> SHADOW_ACC_TRACK_SAVED_BITS_SHIFT) & SHADOW_ACC_TRACK_SAVED_BITS_MASK
             new &= ~(SHADOW_ACC_TRACK_SAVED_BITS_MASK << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
             new |= saved
-        if fault.write and is_mmu_writable_spte(spte):
-            new |= EPT_W
-        if not is_access_allowed(fault, new):
+        if fault.write and is_mmu_writable_spte(spte, fmt):
+            new |= PT_WRITABLE_MASK
+        if not is_access_allowed(fault, new, fmt):
             return RetPf.INVALID
         self.memory.write_u64(sptep, new)
         self.events["kvm.mmu.fast_page_fault.fixed"] += 1
@@ -452,11 +493,11 @@ class TdpMmu:
                 table = spte & SPTE_BASE_ADDR_MASK
         sptep = table + 8 * self._index(fault.gfn, 1)
         old = self.memory.read_u64(sptep)
-        if is_shadow_present_pte(old) and is_access_allowed(fault, old):
+        if is_shadow_present_pte(old) and is_access_allowed(fault, old, self.fmt):
             self.events["kvm.mmu.spurious"] += 1
             return RetPf.SPURIOUS
         if mmio or slot is None:
-            new = make_mmio_spte(fault.gfn, self.memslots.generation)
+            new = make_mmio_spte(fault.gfn, self.memslots.generation, self.fmt)
         else:
             assert slot is not None
             new = self.make_spte(slot, fault.gfn, old)
@@ -466,7 +507,7 @@ class TdpMmu:
         self.memory.write_u64(sptep, new)
         if is_shadow_present_pte(old):
             # a present leaf replaced: only a loss of permissions needs a flush
-            if (old & EPT_W and not new & EPT_W) or spte_to_pfn(old) != spte_to_pfn(new):
+            if (old & PT_WRITABLE_MASK and not new & PT_WRITABLE_MASK) or spte_to_pfn(old) != spte_to_pfn(new):
                 self.requests.add("tlb_flush")
         if self.is_mmio_spte(new):
             self.events["kvm.mmu.spte_install.mmio"] += 1
@@ -546,33 +587,42 @@ class TdpMmu:
         level, sptep, spte = self.walk(gfn)[-1]
         if level != 1 or not is_shadow_present_pte(spte):
             return False
-        if spte_ad_enabled(spte):
-            young = bool(spte & EPT_A)
-            self.memory.write_u64(sptep, spte & ~EPT_A)
+        acc = self.fmt.accessed_mask
+        if spte_ad_enabled(spte) and acc:
+            young = bool(spte & acc)
+            self.memory.write_u64(sptep, spte & ~acc)
             return young
-        if is_access_track_spte(spte):
+        if is_access_track_spte(spte, self.fmt):
             return False
         new = spte | ((spte & SHADOW_ACC_TRACK_SAVED_BITS_MASK) << SHADOW_ACC_TRACK_SAVED_BITS_SHIFT)
-        new &= ~(EPT_RWX | EPT_A)
+        new &= ~EPT_RWX
         self.memory.write_u64(sptep, new)
         self.requests.add("tlb_flush")
         return True
 
     # -- requests ---------------------------------------------------------------------------
 
-    def service_requests(self, processor: Any) -> list[str]:
-        """Perform pending requests on the processor model before VM entry: a reload loads the
-        new root's EPTP and flushes it (``kvm_mmu_load`` -> ``flush_tlb_current`` = INVEPT
-        single-context); a TLB flush is INVEPT single-context on the current EPTP
-        (``vmx_flush_tlb_all`` with EPT). Returns what was done."""
+    def take_requests(self) -> list[str]:
+        """The pending requests, cleared, in the order a vCPU services them before VM entry:
+        ``mmu_reload`` (a new root to load and flush; it subsumes a TLB flush) or
+        ``tlb_flush``. The vendor code applies them (:meth:`service_requests` on VMX; the
+        SVM vCPU loads nCR3 and sets TLB_CONTROL)."""
         done = []
         if "mmu_reload" in self.requests:
-            processor.set_eptp(self.eptp)
-            processor.invept(1, self.eptp)
             done.append("mmu_reload")
-            self.requests.discard("tlb_flush")
-        if "tlb_flush" in self.requests:
-            processor.invept(1, self.eptp)
+        elif "tlb_flush" in self.requests:
             done.append("tlb_flush")
         self.requests.clear()
+        return done
+
+    def service_requests(self, processor: Any) -> list[str]:
+        """Perform pending requests on the VMX processor model before VM entry: a reload
+        loads the new root's EPTP and flushes it (``kvm_mmu_load`` -> ``flush_tlb_current`` =
+        INVEPT single-context); a TLB flush is INVEPT single-context on the current EPTP
+        (``vmx_flush_tlb_all`` with EPT). Returns what was done."""
+        done = self.take_requests()
+        if "mmu_reload" in done:
+            processor.set_eptp(self.eptp)
+        if done:
+            processor.invept(1, self.eptp)
         return done

@@ -39,6 +39,21 @@ Each variant changes KVM in one or two places; everything else is the model of u
     model shows: a read of the doorbell address also hits the fast bus (signal + skip), and
     other reads of the page are emulated as MMIO (the per-vCPU MMIO info names the gfn).
 
+KVM on SVM (``arch = "svm"``; the handlers are :class:`fastmmio.sim.kvm.svm.SvmVcpu`'s, the
+variants :data:`SVM_VARIANTS`):
+
+``svm-pre-7.0``
+    Released kernels before Linux 7.0: every reserved-bit #NPF (an MMIO SPTE) goes to
+    ``kvm_mmu_page_fault`` and the emulator (with the VMCB's instruction bytes), so even a
+    length-0 doorbell is decoded and emulated; the emulator finds it on ``KVM_MMIO_BUS``.
+``svm``
+    With 01cde4eaaeca (Linux 7.0): ``npf_interception`` first writes length 0 on
+    ``KVM_FAST_MMIO_BUS`` for a reserved-bit fault outside guest mode when ``nrips`` and the
+    VMCB's next RIP is non-zero, and skips by next RIP on a hit.
+``rfc-2015-svm``
+    [PATCH RFC 2/3] "svm: allow ioeventfd for NPT page faults": its body was not recovered;
+    modelled as the exact analogue of 1/3, a fast-bus write at the top of every #NPF.
+
 ioeventfd registration (:attr:`Variant.ioeventfd_rules`) follows the kernel each variant is
 modelled on: ``upstream-2013`` has no length 0 at all; the 2015 variants have Linux 4.2's
 ``kvm_assign_ioeventfd``, where length 0 was refused for PIO as for DATAMATCH (the any-length
@@ -108,8 +123,10 @@ class Variant:
     """Upstream KVM; subclasses override the hooks they change."""
 
     name = "upstream"
+    arch = "vmx"  # the processor whose exit handlers the variant changes
     summary = "today's KVM: KVM_FAST_MMIO_BUS on EPT misconfiguration (68c3b4d1)"
     fast_mmio_on_misconfig = True
+    fast_mmio_on_npf = False  # SVM: 01cde4eaaeca's fast path in npf_interception
     ioeventfd_no_length = True  # KVM_CAP_IOEVENTFD_NO_LENGTH (f848a5a8)
     ioeventfd_pf_cap = False  # KVM_CAP_IOEVENTFD_PF (RFC patch 3/3)
     #: the emulator uses the faulting GPA for its operand instead of walking the guest's
@@ -157,6 +174,10 @@ class Variant:
         """Run at the top of ``handle_ept_violation``; a bool ends the handler with that
         result (the hook counts :data:`PRELUDE_EVENT` for the part of the handler that ran),
         None goes on to the whole handler and ``kvm_mmu_page_fault``."""
+        return None
+
+    def npf_prelude(self, vcpu: "KvmVcpu", info: Any) -> bool | None:
+        """SVM: run at the top of ``npf_interception``, as :meth:`ept_violation_prelude`."""
         return None
 
     def __repr__(self) -> str:
@@ -270,11 +291,89 @@ VARIANTS: dict[str, type[Variant]] = {
 }
 
 
+# --------------------------------------------------------------------------------------------
+# KVM on SVM (the handlers are fastmmio.sim.kvm.svm.SvmVcpu's)
+# --------------------------------------------------------------------------------------------
+
+
+class SvmPre70(Variant):
+    """KVM on SVM as released before Linux 7.0: ``npf_interception`` hands every #NPF to
+    ``kvm_mmu_page_fault`` with the VMCB's instruction bytes, so a reserved-bit (MMIO) fault
+    is always decoded and emulated; a length-0 MMIO ioeventfd is found on ``KVM_MMIO_BUS``
+    by the emulator's ``vcpu_mmio_write`` (it is registered on both MMIO buses), so the
+    doorbell stays in the kernel, but decoded and emulated."""
+
+    name = "svm-pre-7.0"
+    arch = "svm"
+    summary = "KVM on SVM before 01cde4eaaeca: every MMIO #NPF decoded and emulated"
+    kernel = "Linux 6.x on SVM, before 7.0 (01cde4eaaeca)"
+    fast_mmio_on_misconfig = False
+    fast_mmio_on_npf = False
+
+
+class Svm(SvmPre70):
+    """KVM on SVM with 01cde4eaaeca "KVM: SVM: Add support for expedited writes to the fast
+    MMIO bus" (Sean Christopherson, posted Nov 2025, Linux 7.0): in ``npf_interception``, a
+    fault with the RSVD error-code bit outside guest mode first passes
+    ``svm_check_emulate_instruction(EMULTYPE_PF | EMULTYPE_NO_DECODE)``; then, if ``nrips``
+    and the VMCB's next RIP is non-zero, a length-0 write on ``KVM_FAST_MMIO_BUS``, and on a
+    hit ``kvm_skip_emulated_instruction`` (by next RIP). Otherwise the old path."""
+
+    name = "svm"
+    summary = "KVM on SVM with 01cde4eaaeca: fast MMIO bus on reserved-bit #NPF when next RIP is known"
+    kernel = "Linux 7.0 on SVM (01cde4eaaeca)"
+    fast_mmio_on_npf = True
+
+
+class Rfc2015Svm(Variant2015):
+    """[PATCH RFC 2/3] "svm: allow ioeventfd for NPT page faults" (Aug 2015). Its body was
+    not recovered (the cover letter calls it untested and it is about five lines of svm.c):
+    it is modelled as the exact analogue of 1/3 (:class:`Rfc2015`): at the top of
+    ``npf_interception``, a length-0 ``KVM_FAST_MMIO_BUS`` write for *every* #NPF, reads
+    included; on a hit skip the instruction (next RIP when the processor saved one, else
+    decode: 4.2's ``skip_emulated_instruction``) and return, so no SPTE is ever installed for
+    the page. Everything else is Linux 4.2 on SVM (no fast path on reserved-bit faults)."""
+
+    name = "rfc-2015-svm"
+    arch = "svm"
+    summary = "RFC 2/3 (body not recovered; modelled as 1/3's analogue): fast-bus write at the top of every #NPF"
+    kernel = "Linux 4.2 (Aug 2015) on SVM, with RFC 2/3 as the analogue of 1/3"
+    fast_mmio_on_misconfig = False
+    fast_mmio_on_npf = False
+
+    def npf_prelude(self, vcpu: "KvmVcpu", info: Any) -> bool | None:
+        gpa = info.exitinfo2
+        vcpu.step("rfc-2015-svm:fast_mmio_bus")
+        if vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            vcpu.events[NPF_PRELUDE_EVENT] += 1
+            return vcpu.skip_emulated_instruction(info)
+        return None
+
+
+#: what ``npf_interception`` runs before the RFC's early return (EXITINFO1/2 read from the
+#: VMCB; no error code handling, no MMU)
+NPF_PRELUDE_EVENT = "kvm.handler.npf.prelude"
+
+SVM_VARIANTS: dict[str, type[Variant]] = {v.name: v for v in (SvmPre70, Svm, Rfc2015Svm)}
+ALL_VARIANTS: dict[str, type[Variant]] = {**VARIANTS, **SVM_VARIANTS}
+ARCHES = ("vmx", "svm")
+
+
+def variants_for(arch: str) -> dict[str, type[Variant]]:
+    """The variants of one processor architecture (``vmx``: the 2015 thread's EPT variants;
+    ``svm``: KVM on SVM before and after 01cde4eaaeca, and the RFC's 2/3)."""
+    if arch == "vmx":
+        return VARIANTS
+    if arch == "svm":
+        return SVM_VARIANTS
+    raise UsageError(f"unknown architecture {arch!r}; choose one of: {', '.join(ARCHES)}")
+
+
 def get_variant(name: "str | Variant") -> Variant:
     """The variant called ``name`` (a :class:`UsageError` naming the choices otherwise)."""
     if isinstance(name, Variant):
         return name
     try:
-        return VARIANTS[name]()
+        return ALL_VARIANTS[name]()
     except KeyError:
-        raise UsageError(f"unknown KVM variant {name!r}{did_you_mean(name, VARIANTS)}; choose one of: {', '.join(VARIANTS)}") from None
+        raise UsageError(f"unknown KVM variant {name!r}{did_you_mean(name, ALL_VARIANTS)}; choose one of: {', '.join(ALL_VARIANTS)}") from None

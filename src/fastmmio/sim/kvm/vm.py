@@ -23,6 +23,7 @@ from fastmmio.sim.kvm.guestmem import MemslotGuestMemory
 from fastmmio.sim.kvm.iobus import KvmIoBuses
 from fastmmio.sim.kvm.memslots import KVM_MEM_READONLY, PAGE_SIZE, KvmMemslots, MemslotError
 from fastmmio.sim.kvm.mmu import TdpMmu
+from fastmmio.sim.kvm.spte import ept_format, npt_format
 from fastmmio.sim.kvm.variants import Variant, get_variant
 from fastmmio.sim.vmx.memory import HostMemory, PageAllocator
 
@@ -34,11 +35,14 @@ class KvmVm:
     ``mmio_caching`` (``kvm.mmio_caching``), ``ad_enabled`` (``kvm_intel.eptad``),
     ``slot_zap_all`` (``KVM_X86_QUIRK_SLOT_ZAP_ALL``). ``events`` is the counter shared with
     the processor model (pass ``processor.events`` to get one counter for the machine).
+    The variant's ``arch`` decides the SPTE format (EPT for ``vmx``; NPT for ``svm``, with
+    the MMIO mask of the host's MAXPHYADDR and ``sme_c_bit``) and the vCPU's exit handlers.
     """
 
     def __init__(self, memory: HostMemory | None = None, alloc: PageAllocator | None = None,
                  events: Counter | None = None, *, variant: "str | Variant" = "upstream",
-                 mmio_caching: bool = True, ad_enabled: bool = True, slot_zap_all: bool = True):
+                 mmio_caching: bool = True, ad_enabled: bool = True, slot_zap_all: bool = True,
+                 sme_c_bit: int | None = None):
         self.events: Counter = events if events is not None else Counter()
         self.memory = memory if memory is not None else HostMemory()
         self.alloc = alloc if alloc is not None else PageAllocator(self.memory)
@@ -52,10 +56,13 @@ class KvmVm:
         self.coalesced_ring = CoalescedRing()
         self.coalesced_zones: list[CoalescedMmioDev] = []
         self.mmio_info = VcpuMmioInfo(lambda: self.memslots.generation)
+        self.arch = self.variant.arch
+        fmt = (npt_format(self.memory.maxphyaddr, sme_c_bit) if self.arch == "svm"
+               else ept_format(ad_enabled))
         self.mmu = TdpMmu(self.memory, self.alloc, self.memslots, self.events,
                           mmio_caching=mmio_caching, ad_enabled=ad_enabled,
                           slot_zap_all=slot_zap_all, maxphyaddr=self.memory.maxphyaddr,
-                          mmio_info=self.mmio_info)
+                          mmio_info=self.mmio_info, spte_format=fmt)
         self.pic: Any = None  # the in-kernel PIC after create_irqchip()
         self.vcpu: Any = None
         self.running_vcpu: Any = None  # the vCPU whose exit is being handled (for MMU hooks)
@@ -146,10 +153,14 @@ class KvmVm:
         return [(s.backing_hpa, s.npages * PAGE_SIZE) for s in self.memslots]
 
     def create_vcpu(self, processor: Any, **kw: Any):
-        """The vCPU (``KVM_CREATE_VCPU``); see :class:`fastmmio.sim.kvm.handlers.KvmVcpu`."""
-        from fastmmio.sim.kvm.handlers import KvmVcpu
+        """The vCPU (``KVM_CREATE_VCPU``); see :class:`fastmmio.sim.kvm.handlers.KvmVcpu`
+        (VMX) and :class:`fastmmio.sim.kvm.svm.SvmVcpu` (SVM)."""
+        if self.arch == "svm":
+            from fastmmio.sim.kvm.svm import SvmVcpu as vcpu_class
+        else:
+            from fastmmio.sim.kvm.handlers import KvmVcpu as vcpu_class
 
-        self.vcpu = KvmVcpu(self, processor, **kw)
+        self.vcpu = vcpu_class(self, processor, **kw)
         return self.vcpu
 
     def eventfd_counts(self) -> dict[str, int]:

@@ -16,7 +16,8 @@ side of the two-dimensional walk with its reference accounting
   #VMEXIT, INVLPGA, #NPF and IOIO exits with next RIP (15.7.1) and decode assists (15.8.4);
 * :mod:`.testbed`: a minimal machine for tests.
 
-What a KVM-on-SVM model calls (the interface; KVM's SVM handlers are not modelled yet):
+What a KVM-on-SVM model calls (the interface :mod:`fastmmio.sim.kvm.svm` and
+:mod:`fastmmio.sim.svm_glue` use):
 
 * set-up: ``SvmProcessor(memory, config, asid=..., next_rip_on_npf=..., ...)``, the nested
   tables built in host memory in the x86 format (``PageTableBuilder("guest", ...)``),

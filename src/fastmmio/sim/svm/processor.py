@@ -414,14 +414,18 @@ class SvmProcessor(GuestPaging):
 
     def npf_exit(self, fault: Fault, rip: int, insn_len: int | None = None) -> SvmExit:
         """The #VMEXIT(NPF) of ``fault`` (15.25.6): EXITINFO1 its error code, EXITINFO2 its
-        guest-physical address, nRIP zero unless ``next_rip_on_npf`` is yes, guest
-        instruction bytes from ``rip`` (15.8.4). Counted by :meth:`vmexit`."""
+        guest-physical address, nRIP zero unless ``next_rip_on_npf`` is yes (and zero for
+        an instruction-fetch #NPF, and for one met while the instruction itself could not be
+        fetched (``insn_len`` None: e.g. a guest-table walk for its fetch), either way: there
+        is no length to add), guest instruction bytes from ``rip`` (15.8.4). Counted by
+        :meth:`vmexit`."""
         if fault.kind != "npf":
             raise SvmError(f"{fault!r} is not a nested page fault")
         assert fault.gpa is not None
-        insn = self.guest_instruction_bytes(rip, bool(fault.error_code & NPF_ID))
-        return self.vmexit(SvmExit(EXIT_NPF, fault.error_code, fault.gpa,
-                                   self._next_rip(EXIT_NPF, rip, insn_len), insn))
+        fetch = bool(fault.error_code & NPF_ID)
+        insn = self.guest_instruction_bytes(rip, fetch)
+        nrip = 0 if fetch or insn_len is None else self._next_rip(EXIT_NPF, rip, insn_len)
+        return self.vmexit(SvmExit(EXIT_NPF, fault.error_code, fault.gpa, nrip, insn))
 
     def intercept_exit(self, code: int, rip: int, insn_len: int | None = None,
                        exitinfo1: int = 0, exitinfo2: int = 0,
