@@ -18,6 +18,7 @@ import itertools
 import sys
 import time
 
+from fastmmio import fanout
 from fastmmio.argtypes import positive_int, positive_seconds
 
 
@@ -63,6 +64,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="run-loop watchdog per run (default 0.25 s)")
     h.add_argument("--device", default="/dev/kvm", metavar="PATH")
     h.add_argument("--verbose", "-v", action="store_true", help="one line per run")
+    fanout.add_arguments(h, 0, "the programs (shares of --seed's stream, each worker on its own host's "
+                         "/dev/kvm; no leak checks there)")
     h.set_defaults(func=run_hostile)
 
     s = sub.add_parser("soak", help="N notifications through each ioeventfd route: none lost, no user exit")
@@ -109,6 +112,9 @@ def run_hostile(args: argparse.Namespace) -> int:
     print(f"fastmmio fuzz hostile: seed {seed}, kinds {', '.join(kinds)}, CPL {','.join(map(str, args.cpl))}, "
           f"watchdog {watchdog:g} s, until {f'{runs} runs' if runs else ''}"
           f"{' or ' if runs and seconds else ''}{f'{seconds:g} s' if seconds else ''}", flush=True)
+    workers, scheduler = fanout.resolve(args.workers, args.scheduler)
+    if scheduler is not None or workers:
+        return _run_hostile_cluster(args, seed, kinds, watchdog, runs, seconds)
     programs = (generate(seed, i, kinds, args.cpl) for i in itertools.count(args.start))
 
     def on_run(n, program, outcome):
@@ -120,6 +126,27 @@ def run_hostile(args: argparse.Namespace) -> int:
     summary = campaign(programs, runs, seconds, args.device, watchdog, on_run=on_run)
     for line in summary.lines():
         print(line)
+    print(f"reproduce one: fastmmio fuzz hostile --seed {seed} --only INDEX")
+    return 0 if summary.ok else 1
+
+
+def _run_hostile_cluster(args: argparse.Namespace, seed: int, kinds: tuple[str, ...], watchdog: float,
+                         runs: int | None, seconds: float | None) -> int:
+    from fastmmio.fuzz.cluster import host_label, hostile_campaign
+
+    progress, task = fanout.progress_bar("hostile", runs)
+    with fanout.open_client(args.workers, args.scheduler) as client, progress:
+        def on_share(done, summary, host):
+            progress.update(task, completed=done, detail=host.get("hostname", "lost") if host else "lost")
+
+        summary, hosts = hostile_campaign(client, seed, args.start, kinds, args.cpl, runs, seconds,
+                                          args.device, watchdog, on_share=on_share)
+    for host in hosts:
+        print(f"worker {host.get('worker') or '(local)'}: {host_label(host)}, kernel {host.get('kernel')}")
+    for line in summary.lines():
+        print(line)
+    print("leak checks: not run on a cluster (a Dask worker's /proc/self holds its own "
+          "connections and threads); run with --workers 0 for them")
     print(f"reproduce one: fastmmio fuzz hostile --seed {seed} --only INDEX")
     return 0 if summary.ok else 1
 

@@ -637,6 +637,10 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     d.add_argument("--no-shrink", action="store_true", help="report disagreements unshrunk")
     d.add_argument("--no-save", action="store_true", help="do not write regression files")
     d.add_argument("--verbose", "-v", action="store_true", help="print every disagreement")
+    from fastmmio import fanout
+
+    fanout.add_arguments(d, 0, "the programs (shares of their own seeds, each worker on its own "
+                         "host's /dev/kvm and simulator)")
     d.set_defaults(func=run_diff)
     return d
 
@@ -684,9 +688,14 @@ def run_diff(args: argparse.Namespace) -> int:
 
     if not args.no_save:
         check_save_dir(args.save_dir)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
+    from fastmmio import fanout
+
+    workers, scheduler = fanout.resolve(getattr(args, "workers", 0), getattr(args, "scheduler", None))
+    if scheduler is not None or workers:
+        return _run_diff_cluster(args, seed)
     RealBackend(device=args.device).check()  # a missing or unusable device: one line, status 2
     _hypothesis_home()
-    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
     runner = DiffRunner(args.device, mmio_caching=args.mmio_caching)
     info = runner.info
     print(f"fuzz diff: seed {seed}, up to {args.examples} programs / {args.seconds:g} s, "
@@ -717,6 +726,50 @@ def run_diff(args: argparse.Namespace) -> int:
           f"({len(summary.by_signature)} kinds), time: {summary.seconds:.1f} s "
           f"({rate:.1f} cases/s), seed {seed}")
     return 1 if summary.disagreements else 0
+
+
+def _run_diff_cluster(args: argparse.Namespace, seed: int) -> int:
+    """:func:`run_diff` on a Dask cluster (:mod:`fastmmio.fuzz.cluster`): shares of the
+    examples on every worker, each against its own host; disagreements shrunk on the worker
+    that found them and saved here."""
+    from fastmmio import fanout
+    from fastmmio.fuzz.cluster import diff_campaign, host_label, shrink_where_found
+
+    print(f"fuzz diff: seed {seed}, up to {args.examples} programs / {args.seconds:g} s on a Dask "
+          f"cluster, shares of their own seeds", flush=True)
+    progress, task = fanout.progress_bar("diff", args.examples)
+    with fanout.open_client(args.workers, args.scheduler) as client:
+        with progress:
+            def on_share(done, result):
+                progress.update(task, completed=done,
+                                detail=result.host.get("hostname", "") if result else "lost")
+
+            camp = diff_campaign(client, seed, args.examples, args.seconds, args.device,
+                                 args.mmio_caching, args.max_ops, on_share=on_share)
+        summary = camp.summary
+        for host in camp.hosts:
+            print(f"worker {host.get('worker') or '(local)'}: {host_label(host)}, kernel {host.get('kernel')}")
+        for sig, n in summary.by_signature.most_common():
+            first = summary.first[sig]
+            found = camp.found_on.get(sig, {})
+            print(f"\n== {n} case(s) differing in {', '.join(sig)} (first found on {host_label(found)})")
+            if not args.no_shrink:
+                first = shrink_where_found(client, camp, sig, args.device, args.mmio_caching)
+            print(first.report())
+            if not first.agree and not args.no_save:
+                path = save_regression(first, args.save_dir,
+                                       origin=f"fuzz diff --seed {seed} on {found.get('hostname', '?')} "
+                                       f"({found.get('kvm_kind', '?')}, {found.get('kernel', '?')})")
+                print(f"saved: {path}")
+    rate = summary.cases / summary.seconds if summary.seconds else 0.0
+    for share in camp.lost:
+        print(f"lost: share {share.k} ({share.examples} programs; reproduce with --seed {share.seed} "
+              f"--examples {share.examples} --workers 0): its workers died")
+    print(f"cases: {summary.cases} (+{summary.excluded} not comparable here, not run), "
+          f"disagreements: {summary.disagreements} "
+          f"({len(summary.by_signature)} kinds), lost shares: {len(camp.lost)}, time: "
+          f"{summary.seconds:.1f} s ({rate:.1f} cases/s), seed {seed}")
+    return 1 if summary.disagreements or camp.lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:

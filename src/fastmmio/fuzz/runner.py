@@ -17,6 +17,7 @@ the machine before it ran. Anything else is a *finding*:
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import os
 import sys
@@ -230,13 +231,14 @@ class HangGuard:
 
 @dataclass
 class Finding:
-    what: str  # "crash" | "unexpected" | "leak"
+    what: str  # "crash" | "unexpected" | "leak" | "lost" (its worker died, on a cluster)
     program: str  # Program.describe()
     detail: str
+    host: str = ""  # the worker's host on a cluster (fastmmio.fuzz.cluster); "" in-process
 
     def line(self) -> str:
         first = self.detail.strip().splitlines()[-1] if self.detail.strip() else ""
-        return f"{self.what}: {self.program}: {first}"
+        return f"{self.what}: {self.program}: {first}" + (f" [on {self.host}]" if self.host else "")
 
 
 @dataclass
@@ -266,8 +268,26 @@ class Summary:
         return sum(1 for f in self.findings if f.what == "leak")
 
     @property
+    def lost(self) -> int:
+        return sum(1 for f in self.findings if f.what == "lost")
+
+    @property
     def ok(self) -> bool:
         return not self.findings
+
+    def add(self, other: "Summary", host: str = "") -> None:
+        """Add another campaign's counts and findings (a share run on a cluster's worker,
+        ``host`` naming it); the resource snapshots stay this summary's own."""
+        self.runs += other.runs
+        self.outcomes.update(other.outcomes)
+        for kind, counts in other.by_kind.items():
+            self.by_kind.setdefault(kind, Counter()).update(counts)
+        self.by_cpl.update(other.by_cpl)
+        self.leak_checks += other.leak_checks
+        for f in other.findings:
+            self.findings.append(dataclasses.replace(f, host=f.host or host))
+        if other.slowest[0] > self.slowest[0]:
+            self.slowest = (other.slowest[0], other.slowest[1] + (f" on {host}" if host else ""))
 
     def lines(self) -> list[str]:
         out = [
@@ -281,7 +301,7 @@ class Summary:
             out.append(f"  {kind:15} {sum(c.values()):6}  " + ", ".join(f"{k} {v}" for k, v in c.most_common()))
         out.append(
             f"findings: {self.crashes} crashes, {self.unexpected} unexpected outcomes, {self.leaks} leaks "
-            f"({self.leak_checks} leak checks)"
+            f"({self.leak_checks} leak checks)" + (f", {self.lost} lost (worker died)" if self.lost else "")
         )
         if self.first and self.last:
             f, l = self.first, self.last
@@ -317,10 +337,13 @@ def campaign(
     leak_every: int = 50,
     hang_guard: bool = True,
     on_run: Callable[[int, Program, Outcome], None] | None = None,
+    leak_checks: bool = True,
 ) -> Summary:
     """Run programs until ``runs`` are done or ``seconds`` have passed (whichever first; at
     least one of them must be given), checking outcomes and, every ``leak_every`` runs and at
-    the end, resources against a snapshot taken after the warm-up runs."""
+    the end, resources against a snapshot taken after the warm-up runs (not with
+    ``leak_checks`` False: in a Dask worker, whose own connections and threads come and go,
+    /proc/self does not measure the runs alone)."""
     if runs is None and seconds is None:
         raise ValueError("give runs or seconds")
     summary = Summary()
@@ -376,11 +399,12 @@ def campaign(
                 on_run(summary.runs, program, outcome)
             if summary.runs == WARMUP_RUNS:
                 base = summary.first = ResourceSnapshot.take()
-            elif base is not None and summary.runs % leak_every == 0:
+            elif base is not None and leak_checks and summary.runs % leak_every == 0:
                 check_leaks()
-        if base is None:  # fewer runs than the warm-up: compare with the first snapshot possible
-            base = summary.first = ResourceSnapshot.take()
-        check_leaks()
+        if leak_checks:
+            if base is None:  # fewer runs than the warm-up: compare with the first snapshot possible
+                base = summary.first = ResourceSnapshot.take()
+            check_leaks()
     finally:
         if guard is not None:
             guard.close()
