@@ -43,6 +43,7 @@ import statistics
 import struct
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -552,3 +553,53 @@ def bench_routes(
     with pinned(options.cpu):
         ms = [_Measurement(backend, r, cpl, options, price, on_batch) for r in routes]
         return _interleaved(ms, options, clock, on_error, on_result)
+
+
+@dataclass
+class HostBench:
+    """One host's bench, as a fleet run gathers it (``fastmmio bench --scheduler``): where it
+    ran, the host record, the results in the order asked, the routes this host skipped and
+    why, or the error that stopped it (``error``, results then empty)."""
+
+    hostname: str
+    worker: str
+    host: Any  # fastmmio.result.HostInfo (None when the host could not be detected)
+    results: list[RunResult] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    error: str = ""
+
+
+def bench_this_host(route_names: Sequence[str], options: BenchOptions, cpl: int | None,
+                    device: str, watchdog_s: Callable[[int | None], float]) -> HostBench:
+    """Bench ``route_names`` (all the routes this host supports when empty) on this process's
+    host, as ``fastmmio bench`` does locally: the task each worker of a fleet run executes.
+    ``watchdog_s(tsc_khz)``: the run-loop watchdog for this host's TSC rate. Never raises for
+    a host problem (a missing device, a route this host cannot run when named): it comes back
+    in ``error`` so that the other hosts' results still arrive."""
+    import socket
+
+    from fastmmio.real.backend import RealBackend
+    from fastmmio.real.host import detect_host, unsupported_reason
+    from fastmmio.real.objects import Kvm
+    from fastmmio.routes import get_route, load_catalogue
+
+    try:
+        from distributed import get_worker
+
+        worker = get_worker().address
+    except (ImportError, ValueError):
+        worker = ""
+    out = HostBench(socket.gethostname(), worker, None)
+    try:
+        RealBackend(device=device).check()
+        out.host = host = detect_host(device, cpl=cpl)
+        chosen = []
+        with Kvm(device) as kvm:
+            for r in ([get_route(n) for n in route_names] if route_names else load_catalogue()):
+                why = unsupported_reason(kvm, r, host.guest_cpl, host.kvm_kind)
+                (out.skipped.append((r.name, why)) if why else chosen.append(r))
+        backend = RealBackend(device=device, watchdog_s=watchdog_s(host.tsc_khz))
+        out.results = bench_routes(backend, chosen, host.guest_cpl, options)
+    except FastmmioError as exc:
+        out.error = str(exc)
+    return out

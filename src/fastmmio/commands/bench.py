@@ -23,10 +23,11 @@ from fastmmio.bench import (
     BenchOptions,
     bench_routes,
 )
-from fastmmio.errors import HostError
+from fastmmio.errors import HostError, UsageError
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.real.host import unsupported_reason
-from fastmmio.argtypes import cpu_number, percent, positive_int, positive_seconds
+from fastmmio.argtypes import cpu_number, csv_list, percent, positive_int, positive_seconds
+from fastmmio.fanout import scheduler_address
 from fastmmio.report.bench import bench_table, json_records, kut_lines
 from fastmmio.result import BatchResult
 from fastmmio.routes import Route, get_route, load_catalogue
@@ -87,6 +88,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="/dev/kvm", metavar="PATH", help="KVM device (default /dev/kvm)")
     p.add_argument("--list", action="store_true",
                    help="list the routes and the kvm-unit-tests name table, and exit")
+    p.add_argument("--scheduler", type=scheduler_address, metavar="tcp://HOST:PORT",
+                   help="fleet view: run the bench on one worker of each host of this Dask "
+                   "cluster, each on its own /dev/kvm, and print one column per host (--json: "
+                   "every host's records in one file)")
+    p.add_argument("--hosts", type=csv_list, metavar="H1,H2",
+                   help="with --scheduler: only these hosts (worker address host part or host name)")
     p.set_defaults(func=run)
 
 
@@ -149,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.json is not None:
         check_writable_file(args.json)
+    if args.hosts and not args.scheduler:
+        raise UsageError("--hosts chooses workers of a cluster: give --scheduler too")
+    if args.scheduler:
+        return run_fleet(args, options)
     from fastmmio.real.backend import RealBackend
     from fastmmio.real.host import detect_host
     from fastmmio.real.objects import Kvm
@@ -199,4 +210,43 @@ def run(args: argparse.Namespace) -> int:
                 print(f"fastmmio bench: {r.route}: {line}", file=sys.stderr)
     if args.json:
         write_final(args.json, json.dumps(json_records(results, host), indent=2) + "\n")
+    return 1 if failed else 0
+
+
+def run_fleet(args: argparse.Namespace, options: BenchOptions) -> int:
+    """``bench --scheduler``: :func:`fastmmio.bench.bench_this_host` on one worker of each
+    chosen host, gathered into one table (a column per host) and one JSON file."""
+    import functools
+
+    from fastmmio import fanout
+    from fastmmio.bench import bench_this_host
+    from fastmmio.report.bench import fleet_records, fleet_table
+
+    progress, task = fanout.progress_bar("bench on each host", None)
+    with fanout.open_client(0, args.scheduler) as client, progress:
+        hosts = fanout.on_each_host(
+            client, bench_this_host, hosts=args.hosts or (),
+            on_done=lambda h, _r: progress.update(task, advance=1, detail=h),
+            route_names=list(args.routes), options=options, cpl=args.cpl, device=args.device,
+            watchdog_s=functools.partial(watchdog_seconds, args))
+    benches = []
+    for name, res in hosts.items():
+        if isinstance(res, BaseException):
+            raise HostError(f"the bench task on {name} failed: {type(res).__name__}: {res}")
+        benches.append(res)
+    if not is_stdout(args.json):  # with --json -, the JSON is the output
+        term = Console()
+        (term if term.is_terminal else Console(width=200)).print(fleet_table(benches))
+    failed = 0
+    for hb in benches:
+        if hb.error:
+            print(f"fastmmio bench: {hb.hostname}: {hb.error}", file=sys.stderr)
+            failed += 1
+        for r in hb.results:
+            for line in r.checks:
+                if line.startswith("FAIL"):
+                    print(f"fastmmio bench: {hb.hostname}: {r.route}: {line}", file=sys.stderr)
+                    failed += 1
+    if args.json:
+        write_final(args.json, json.dumps(fleet_records(benches), indent=2) + "\n")
     return 1 if failed else 0

@@ -135,3 +135,54 @@ def _clean(value: Any) -> Any:
 def json_records(results: list[RunResult], host: HostInfo) -> list[dict[str, Any]]:
     """``--json``: one host record ``{"host": {...}}`` first, then one record per route."""
     return [{"host": host.to_json()}] + [_clean(r.to_json()) for r in results]
+
+
+def _host_column(hb: Any) -> str:
+    h = hb.host
+    if h is None:
+        return hb.hostname
+    tsc = f"{h.tsc_khz / 1000:.0f} MHz" if h.tsc_khz else "TSC ?"
+    return f"{hb.hostname}\n{h.kvm_kind}{' nested' if h.nested else ''}, CPL{h.guest_cpl}, {tsc}"
+
+
+def fleet_table(hosts: list[Any]) -> Table:
+    """The fleet view (``fastmmio bench --scheduler``): one row per route, one column per host
+    (:class:`fastmmio.bench.HostBench`), the median cycles per notification with its
+    confidence interval; ``skip`` where that host cannot run the route, ``FAIL`` where a check
+    failed. The caption names each host's CPU and kernel."""
+    caption = [f"{hb.hostname} ({hb.worker or 'local'}): "
+               + (host_line(hb.host) + f"; kernel {hb.host.kernel}" if hb.host else "")
+               + (f" ERROR: {hb.error}" if hb.error else "") for hb in hosts]
+    table = Table(title="fastmmio bench, fleet: cycles per notification (TSC ticks, loop "
+                  "included, as kvm-unit-tests) by host", caption="\n".join(caption),
+                  title_justify="left", caption_justify="left")
+    table.add_column("route", no_wrap=True)
+    for hb in hosts:
+        table.add_column(_host_column(hb), justify="right", no_wrap=True)
+    routes: list[str] = []
+    for hb in hosts:
+        for name in [r.route for r in hb.results] + [n for n, _ in hb.skipped]:
+            if name not in routes:
+                routes.append(name)
+    for name in routes:
+        row: list[Any] = [name]
+        for hb in hosts:
+            res = {r.route: r for r in hb.results}.get(name)
+            if res is None:
+                row.append(Text("skip" if name in dict(hb.skipped) else "-", style="dim"))
+            elif not res.correct:
+                row.append(Text("FAIL", style="bold red"))
+            else:
+                row.append(Text(_fmt_cycles(res.cycles) + " ").append(spread_text(res)))
+        table.add_row(*row)
+    return table
+
+
+def fleet_records(hosts: list[Any]) -> dict[str, Any]:
+    """``--json`` of a fleet run: per host its name, Dask worker, host record, skipped routes,
+    error, and the same route records as :func:`json_records`."""
+    return {"hosts": [{"hostname": hb.hostname, "worker": hb.worker,
+                       "host": hb.host.to_json() if hb.host else None,
+                       "error": hb.error,
+                       "skipped": [{"route": r, "reason": why} for r, why in hb.skipped],
+                       "results": [_clean(r.to_json()) for r in hb.results]} for hb in hosts]}
