@@ -25,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from fastmmio import fanout
 from fastmmio.sim.nested import NESTED_DEFAULT
 from fastmmio.argtypes import nested_l0, cpu_number, csv_list, int_in_range, on_off, positive_int, positive_seconds
 from fastmmio.argtypes import percent as percent_arg
@@ -54,6 +55,12 @@ from fastmmio.verdict import DEFAULT_TOLERANCE
 
 T = TypeVar("T")
 iterations_arg = int_in_range(1, MAX_ITERATIONS)
+
+# --workers default: serial. Measured on the development machine (2 cores, benchmarks/
+# bench_dask.py): a LocalCluster of 2 workers starts in 2-7 s, about what a whole default
+# `compare --no-kvm` saves with 2 workers, so parallelism does not pay for the default runs;
+# it does for sweeps of hundreds of simulations and on a remote cluster (--scheduler).
+DEFAULT_WORKERS = 0
 
 
 def arch_list(text: str) -> tuple[str, ...]:
@@ -91,6 +98,7 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str | Non
                    f"{DEFAULT_ITERATIONS}, after a warm-up batch)")
     p.add_argument("--out", type=Path, default=default_out(), metavar="DIR",
                    help=f"output folder (default ./{default_out()})")
+    fanout.add_arguments(p, DEFAULT_WORKERS, "the simulations")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -209,8 +217,9 @@ def run(args: argparse.Namespace) -> int:
     if "svm" in args.arch and not svm_only:
         check_prices(args.svm_profile)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
-        result = with_progress("compare", lambda on_step: run_compare(options, on_step,
-                                                                      profile=profile))
+        with fanout.open_client(args.workers, args.scheduler) as client:
+            result = with_progress("compare", lambda on_step: run_compare(
+                options, on_step, profile=profile, client=client))
         from fastmmio.report.compare import render, write_outputs
 
         write_outputs(result, args.out)  # staged in the folder

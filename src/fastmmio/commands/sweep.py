@@ -10,6 +10,7 @@ import argparse
 
 from rich.text import Text
 
+from fastmmio import fanout
 from fastmmio.argtypes import csv_list
 from fastmmio.commands.compare import (
     add_sim_arguments,
@@ -62,9 +63,10 @@ def run(args: argparse.Namespace) -> int:
         name == "nested" and any(v != "off" for v in values) for name, values in params))
     base = Base(caches=args.caches, vpid=args.vpid, nested=args.nested)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
-        result = with_progress("sweep", lambda on_step: run_sweep(
-            params, routes=args.routes, variants=args.variants, profile=profile, base=base,
-            iterations=args.iterations, progress=on_step))
+        with fanout.open_client(args.workers, args.scheduler) as client:
+            result = with_progress("sweep", lambda on_step: run_sweep(
+                params, routes=args.routes, variants=args.variants, profile=profile, base=base,
+                iterations=args.iterations, progress=on_step, client=client))
         from fastmmio.report.compare import sweep_table, write_sweep
 
         write_sweep(result, args.out)  # staged in the folder

@@ -355,10 +355,16 @@ class Comparison:
         t0 = time.perf_counter()
         run = self._simulate(r, options)
         run.seconds = time.perf_counter() - t0
+        return self.record(run)
+
+    def record(self, run: SimRun) -> SimRun:
+        """Keep ``run`` (simulated here or by a worker of a cluster,
+        :mod:`fastmmio.compare.parallel`) as this comparison's simulation of its route and
+        options, its seconds counted in the timings."""
         self.timings.add("simulate", run.seconds)
-        self.timings.add(f"simulate:variant:{options.variant}", run.seconds)
-        self.timings.add(f"simulate:route:{r.name}", run.seconds)
-        self._runs[key] = run
+        self.timings.add(f"simulate:variant:{run.options.variant}", run.seconds)
+        self.timings.add(f"simulate:route:{run.route.name}", run.seconds)
+        self._runs[sim_key(run.route.name, run.options)] = run
         return run
 
     def _simulate(self, route: Route, options: SimOptions) -> SimRun:

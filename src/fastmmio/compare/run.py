@@ -302,9 +302,11 @@ def run_kvm(routes: tuple[Route, ...], options: CompareOptions, progress: Progre
 
 
 def run_compare(options: CompareOptions, progress: Progress | None = None,
-                profile: Profile | None = None) -> CompareRun:
+                profile: Profile | None = None, client: Any = None) -> CompareRun:
     """The whole job (simulation, real KVM, calibration, verdict); outputs are written by
-    :func:`fastmmio.report.compare.write_outputs`."""
+    :func:`fastmmio.report.compare.write_outputs`. ``client``: a Dask client
+    (:func:`fastmmio.fanout.open_client`) to run the planned simulations on, or None to
+    run them here."""
     t_start = time.perf_counter()
     timings = Timings()
     prof = profile if profile is not None else load_profile(options.profile)
@@ -323,6 +325,12 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
     n_review = len(_vmx(options.variants)) if options.verdict and options.review else 0
     total = len(tasks) + n_review + len(kvm_routes)
     done = 0
+    if client is not None:
+        from fastmmio.compare.parallel import prefill
+
+        prefill(comparison, [(r, o) for r, o, _ in tasks], client,
+                on_done=None if progress is None else
+                lambda n, _t: progress(f"simulations on the cluster: {n} of {len(tasks)}", n, total))
     for route, opts, scenario in tasks:
         if progress is not None:
             progress(f"{route.name} [{opts.variant}, {caches_name(opts.caches)}"

@@ -215,11 +215,29 @@ def x_position(result: SweepResult, value: Any) -> float:
     return float(value)
 
 
+def _setting_options(setting: dict[str, Any], base: Base, variant: str):
+    """The simulator's options for ``variant`` at one combination of the swept values."""
+    caches: str | TranslationCacheConfig = setting.get("caches", base.caches)
+    if "tlb-size" in setting or "psc-levels" in setting:
+        cfg = CONFIGS[caches] if isinstance(caches, str) else caches
+        if "tlb-size" in setting:
+            cfg = tlb_config(cfg, setting["tlb-size"])
+        if "psc-levels" in setting:
+            cfg = psc_config(cfg, setting["psc-levels"])
+        caches = cfg
+    return sim_options(variant, caches, setting.get("vpid", base.vpid),
+                       setting.get("nested", base.nested),
+                       setting.get("ioeventfds", base.extra_ioeventfds))
+
+
 def run_sweep(params: Sequence[tuple[str, Sequence[Any]]], *, routes: Sequence[str] = DEFAULT_ROUTES,
               variants: Sequence[str] = DEFAULT_VARIANTS, profile: Profile | str = "skylake-sp",
               base: Base = Base(), iterations: int = DEFAULT_ITERATIONS,
-              progress: Callable[[str, int, int], None] | None = None) -> SweepResult:
-    """Simulate ``routes`` x ``variants`` at every combination of the parameters' values."""
+              progress: Callable[[str, int, int], None] | None = None,
+              client: Any = None) -> SweepResult:
+    """Simulate ``routes`` x ``variants`` at every combination of the parameters' values
+    (the simulations on ``client``'s Dask cluster first when one is given,
+    :func:`fastmmio.compare.parallel.prefill`)."""
     if not 1 <= len(params) <= 2:
         raise UsageError("sweep one or two parameters (--param NAME --values V1,V2 ...)")
     names = tuple(p for p, _ in params)
@@ -243,25 +261,22 @@ def run_sweep(params: Sequence[tuple[str, Sequence[Any]]], *, routes: Sequence[s
     priced: dict[float, Comparison] = {}
     points: list[SweepPoint] = []
     done = 0
+    if client is not None:
+        from fastmmio.compare.parallel import prefill
+
+        prefill(root, [(r, _setting_options(dict(zip(names, combo)), base, v))
+                       for combo in combos for v in variants for r in routes], client,
+                on_done=None if progress is None else
+                lambda n, t: progress(f"simulations on the cluster: {n} of {t}", n, total))
     for combo in combos:
         setting = dict(zip(names, combo))
-        caches: str | TranslationCacheConfig = setting.get("caches", base.caches)
-        if "tlb-size" in setting or "psc-levels" in setting:
-            cfg = CONFIGS[caches] if isinstance(caches, str) else caches
-            if "tlb-size" in setting:
-                cfg = tlb_config(cfg, setting["tlb-size"])
-            if "psc-levels" in setting:
-                cfg = psc_config(cfg, setting["psc-levels"])
-            caches = cfg
         comparison = root
         if "memory-latency" in setting:
             lat = setting["memory-latency"]
             comparison = priced.get(lat) or priced.setdefault(
                 lat, root.with_profile(with_memory_latency(prof, lat)))
         for v in variants:
-            opts = sim_options(v, caches, setting.get("vpid", base.vpid),
-                               setting.get("nested", base.nested),
-                               setting.get("ioeventfds", base.extra_ioeventfds))
+            opts = _setting_options(setting, base, v)
             for r in routes:
                 if progress is not None:
                     label = ", ".join(f"{n}={fmt_value(n, x)}" for n, x in setting.items())
