@@ -65,7 +65,8 @@ def real_cluster(n_workers: int = 2) -> Iterator[RealCluster]:
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
         sched = subprocess.Popen([str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", "0",
-                                  "--no-dashboard", "--scheduler-file", str(sched_file)],
+                                  "--no-dashboard", "--dashboard-address", "127.0.0.1:0",
+                                  "--scheduler-file", str(sched_file)],
                                  stdout=log, stderr=subprocess.STDOUT, env=env)
         procs.append(sched)
         while not sched_file.exists() or not sched_file.read_text().strip():
@@ -77,7 +78,7 @@ def real_cluster(n_workers: int = 2) -> Iterator[RealCluster]:
         assert address.startswith("tcp://127.0.0.1:"), address
         workers = [subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file),
                                      "--nthreads", "1", "--host", "127.0.0.1", "--no-nanny",
-                                     "--no-dashboard"],
+                                     "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
                    for _ in range(n_workers)]
         procs.extend(workers)

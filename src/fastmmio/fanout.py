@@ -122,7 +122,8 @@ def open_client(workers: int | None = 0, scheduler: str | None = None) -> Iterat
             raise HostError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address=None,
+                               host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                               worker_dashboard_address="127.0.0.1:0",
                                silence_logs=logging.CRITICAL)
         try:
             client = Client(cluster, set_as_default=False)
