@@ -34,7 +34,9 @@ import argparse
 import logging
 import os
 import re
+import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -104,6 +106,24 @@ def _quiet_logs() -> None:
 
 
 @contextmanager
+def _workers_ignore_sigint() -> Iterator[None]:
+    """SIGINT ignored while the LocalCluster starts its worker processes: they inherit the
+    ignored signal (it survives exec, and Python then installs no KeyboardInterrupt handler),
+    so a Ctrl-C at the terminal, sent to the whole process group, reaches this process alone,
+    which cancels the tasks and shuts the cluster down instead of the workers dying under it
+    with tracebacks. The price: a Ctrl-C during the cluster's start-up (a few seconds) is
+    ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+@contextmanager
 def open_client(workers: int | None = 0, scheduler: str | None = None) -> Iterator[Any]:
     """A Dask Client for the run, or None for the serial path (see the module docstring).
     Everything it starts it stops on the way out, on success, error or interrupt."""
@@ -121,10 +141,11 @@ def open_client(workers: int | None = 0, scheduler: str | None = None) -> Iterat
         except (OSError, TimeoutError) as exc:
             raise HostError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               host="127.0.0.1", dashboard_address="127.0.0.1:0",
-                               worker_dashboard_address="127.0.0.1:0",
-                               silence_logs=logging.CRITICAL)
+        with _workers_ignore_sigint():
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address="127.0.0.1:0",
+                                   worker_dashboard_address="127.0.0.1:0",
+                                   silence_logs=logging.CRITICAL)
         try:
             client = Client(cluster, set_as_default=False)
         except BaseException:

@@ -80,3 +80,61 @@ def test_the_workers_did_the_simulations(cluster):
         assert prefill(comparison, plan, client) == 0  # all recorded
     assert all(comparison.simulated(r, o) for r, o in plan)
     assert comparison.timings.seconds["simulate"] > 0
+
+
+def _descendants(pid: int) -> set[int]:
+    out: set[int] = set()
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        kids: list[str] = []
+        try:  # children started by any thread of p (Dask starts workers from its loop thread)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                kids += (task / "children").read_text().split()
+        except OSError:
+            continue
+        for k in map(int, kids):
+            out.add(k)
+            todo.append(k)
+    return out
+
+
+def test_ctrl_c_cancels_the_cluster_and_leaves_no_output(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a sweep runs
+    on a LocalCluster: exit status 130, no output file, no worker process left."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "fastmmio", "sweep", "--param", "ioeventfds", "--values",
+           ",".join(str(i) for i in range(0, 50)), "--routes", "pio-eventfd-len1,mmio-eventfd-len0",
+           "--variants", "upstream,rfc-2015", "-n", "16", "--workers", "2", "--out", str(out)]
+    env = dict(os.environ)
+    env.pop("DASK_SCHEDULER_ADDRESS", None)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    try:
+        deadline = time.monotonic() + 90
+        workers: set[int] = set()
+        while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
+            time.sleep(0.2)
+            workers = _descendants(proc.pid)
+        assert proc.poll() is None and len(workers) >= 2, "the local cluster did not start"
+        time.sleep(3.0)  # let tasks start on the workers
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "fastmmio: interrupted"
+    assert "Traceback" not in err, err  # the workers ignore the terminal's SIGINT
+    assert not out.exists() or not any(out.iterdir())
+    time.sleep(1.0)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()
+             and "zombie" not in Path(f"/proc/{p}/status").read_text()]
+    assert not alive, f"worker processes left running: {alive}"
