@@ -99,6 +99,15 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _ignores_sigint(pid: int) -> bool:
+    import signal
+
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigIgn:"):
+            return bool(int(line.split()[1], 16) >> (signal.SIGINT - 1) & 1)
+    return False
+
+
 def test_ctrl_c_cancels_the_cluster_and_leaves_no_output(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a sweep runs
     on a LocalCluster: exit status 130, no output file, no worker process left."""
@@ -117,13 +126,20 @@ def test_ctrl_c_cancels_the_cluster_and_leaves_no_output(tmp_path):
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=env)
     try:
-        deadline = time.monotonic() + 90
+        # The CLI ignores SIGINT while the cluster starts (fanout._workers_ignore_sigint):
+        # wait until it has done so and stopped, with both workers up.
+        deadline = time.monotonic() + 120
         workers: set[int] = set()
-        while time.monotonic() < deadline and len(workers) < 2 and proc.poll() is None:
-            time.sleep(0.2)
+        seen_ignored = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            ignoring = _ignores_sigint(proc.pid)
+            seen_ignored |= ignoring
             workers = _descendants(proc.pid)
+            if seen_ignored and not ignoring and len(workers) >= 2:
+                break
+            time.sleep(0.05)
         assert proc.poll() is None and len(workers) >= 2, "the local cluster did not start"
-        time.sleep(3.0)  # let tasks start on the workers
+        time.sleep(1.0)  # tasks running on the workers
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=90)
     finally:
