@@ -105,3 +105,15 @@ def _default_signal_handlers():
     from fastmmio import interrupts
 
     interrupts.uninstall()
+
+
+@pytest.fixture(scope="session")
+def dask_real_cluster():
+    """One real Dask cluster for the whole session (tests/dask_cluster.py): a ``dask
+    scheduler`` and two ``dask worker`` processes on 127.0.0.1, started on first use and
+    stopped at the end of the session."""
+    pytest.importorskip("distributed")
+    from dask_cluster import real_cluster
+
+    with real_cluster(2) as cluster:
+        yield cluster

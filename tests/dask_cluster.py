@@ -24,10 +24,19 @@ START_TIMEOUT_S = 90.0  # a loaded 2-core machine starts a worker in ~5-10 s
 
 
 class RealCluster:
-    def __init__(self, address: str, scheduler: subprocess.Popen, workers: list[subprocess.Popen]):
+    def __init__(self, address: str, scheduler: subprocess.Popen, workers: list[subprocess.Popen],
+                 start_worker):
         self.address = address
         self.scheduler = scheduler
         self.workers = workers
+        self._start_worker = start_worker
+
+    def add_worker(self) -> int:
+        """Start one more worker (stopped with the cluster); its index in ``workers``."""
+        self.workers.append(self._start_worker())
+        _wait_workers(self.address, sum(1 for w in self.workers if w.poll() is None),
+                      time.monotonic() + START_TIMEOUT_S)
+        return len(self.workers) - 1
 
     def kill_worker(self, i: int) -> None:
         p = self.workers[i]
@@ -76,14 +85,17 @@ def real_cluster(n_workers: int = 2) -> Iterator[RealCluster]:
         time.sleep(0.2)
         address = json.loads(sched_file.read_text())["address"]
         assert address.startswith("tcp://127.0.0.1:"), address
-        workers = [subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file),
-                                     "--nthreads", "1", "--host", "127.0.0.1", "--no-nanny",
-                                     "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
-                   for _ in range(n_workers)]
-        procs.extend(workers)
+        def start_worker() -> subprocess.Popen:
+            w = subprocess.Popen([str(BIN / "dask"), "worker", "--scheduler-file", str(sched_file),
+                                  "--nthreads", "1", "--host", "127.0.0.1", "--no-nanny",
+                                  "--no-dashboard", "--dashboard-address", "127.0.0.1:0"],
+                                 stdout=log, stderr=subprocess.STDOUT, env=env)
+            procs.append(w)
+            return w
+
+        workers = [start_worker() for _ in range(n_workers)]
         _wait_workers(address, n_workers, deadline)
-        yield RealCluster(address, sched, workers)
+        yield RealCluster(address, sched, workers, start_worker)
     finally:
         for p in reversed(procs):
             _stop(p)

@@ -1,5 +1,5 @@
 """Fuzzing and the fleet bench on a real Dask cluster: a ``dask scheduler`` and two ``dask
-worker`` processes started here on 127.0.0.1 (one cluster for the module, stopped after).
+worker`` processes started here on 127.0.0.1 (one cluster for the session, stopped after).
 
 * ``fuzz hostile``: the same programs as the serial campaign (kinds and CPLs per program are
   fixed by the seed and index), each run once, with the workers' host records; a worker
@@ -21,15 +21,13 @@ from fastmmio.fuzz.hostile import KINDS, generate
 from fastmmio.fuzz.runner import DEFAULT_WATCHDOG_S, campaign
 
 pytest.importorskip("distributed")
-from dask_cluster import real_cluster  # noqa: E402
 
 SEED = 1234
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with real_cluster(2) as c:
-        yield c
+@pytest.fixture()
+def cluster(dask_real_cluster):
+    return dask_real_cluster
 
 
 @pytest.fixture()
@@ -56,6 +54,7 @@ def test_hostile_shares_add_up_to_the_serial_campaign(client):
 
 
 def test_a_killed_worker_loses_only_what_is_rerun(cluster, client):
+    victim = cluster.add_worker()  # the session's two workers stay
     runs = 300
     done: list[int] = []
     result: dict = {}
@@ -71,7 +70,7 @@ def test_a_killed_worker_loses_only_what_is_rerun(cluster, client):
     while not done and time.monotonic() < deadline:
         time.sleep(0.05)
     assert done, "no share finished"
-    cluster.kill_worker(0)  # mid-campaign: its current share is rescheduled
+    cluster.kill_worker(victim)  # mid-campaign: its current share is rescheduled
     t.join(timeout=300)
     assert not t.is_alive()
     summary, hosts = result["out"]

@@ -1,7 +1,7 @@
 """``compare`` and ``sweep`` on Dask give the serial run's results: results.json (and
 results.csv, and the sweep's JSON and CSV) identical apart from timings, serially, on a
 LocalCluster (``--workers 2``) and on a real ``dask scheduler`` with two ``dask worker``
-processes started here on 127.0.0.1 (one cluster for the module, stopped after). Small runs:
+processes started here on 127.0.0.1 (one cluster for the session, stopped after). Small runs:
 two routes, two variants, a short batch."""
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pytest
 from fastmmio.cli import main
 
 pytest.importorskip("distributed")
-from dask_cluster import real_cluster  # noqa: E402
 
 TIMING_KEYS = {"timings_s", "wall_s", "host_ns_per_notification", "seconds"}
 COMPARE = ["compare", "--no-kvm", "--no-review", "--variants", "upstream,rfc-2015", "-n", "16",
@@ -31,10 +30,9 @@ def without_timings(doc):
     return doc
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    with real_cluster(2) as c:
-        yield c
+@pytest.fixture()
+def cluster(dask_real_cluster):
+    return dask_real_cluster
 
 
 def run(argv: list[str], out: Path) -> dict[str, object]:

@@ -1,4 +1,6 @@
-"""fastmmio.fanout on a LocalCluster of two worker processes (one cluster for the module):
+"""fastmmio.fanout on the session's real Dask cluster (a scheduler and two worker processes on
+127.0.0.1, reached as ``--scheduler`` would; the LocalCluster path is exercised by
+test_compare_dask.py):
 ordered gathering whatever the finishing order, progress callbacks, a failing task cancelling
 the rest, streams bounded by a window and a deadline, one task per host, and the option
 parsing (bad addresses, an unreachable scheduler: one line, status 2)."""
@@ -35,8 +37,8 @@ def worker_pid() -> int:
 
 
 @pytest.fixture(scope="module")
-def client():
-    with fanout.open_client(2) as c:
+def client(dask_real_cluster):
+    with fanout.open_client(0, dask_real_cluster.address) as c:  # --scheduler ADDR
         yield c
 
 

@@ -104,3 +104,11 @@ def test_x86_stands_on_errors_only_and_kvmabi_on_nothing():
 ])
 def test_data_flows_one_way(sources, targets):
     assert arrows(sources, targets) == []
+
+
+def test_fanout_stands_on_errors_only():
+    """fastmmio.fanout is shared by the run, judge and CLI layers: it may import nothing of the
+    project above ``errors`` (the tasks it runs are passed in by the callers)."""
+    assert [a for a in arrows(("fastmmio.fanout",), ("fastmmio",))
+            if not within(a.split(" -> ")[1], "fastmmio.errors")] == []
+    assert "fastmmio.fanout" in GRAPH
