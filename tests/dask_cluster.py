@@ -67,7 +67,11 @@ def real_cluster(n_workers: int = 2) -> Iterator[RealCluster]:
     """``dask scheduler`` + ``n_workers`` x ``dask worker --nthreads 1 --no-nanny``."""
     tmp = Path(tempfile.mkdtemp(prefix="fastmmio-dask-"))
     sched_file = tmp / "scheduler.json"
-    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
+    # The workers import tasks defined in test modules by name (as pytest imports them).
+    tests = Path(__file__).resolve().parent
+    path = [str(tests), str(tests / "unit"), str(tests / "kvm")]
+    env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False",
+               PYTHONPATH=os.pathsep.join(path + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     log = open(tmp / "log", "w")
     procs: list[subprocess.Popen] = []
