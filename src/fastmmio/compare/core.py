@@ -296,7 +296,7 @@ class Comparison:
     def __init__(self, profile: Profile | str | Path = "skylake-sp", *,
                  iterations: int = DEFAULT_ITERATIONS, cpl: int = SIM_CPL,
                  on_simulate: Callable[[Route, SimOptions], None] | None = None,
-                 timings: Timings | None = None):
+                 timings: Timings | None = None, engines: EnginePool | None = None):
         if not 1 <= iterations <= MAX_ITERATIONS:
             raise UsageError(f"iterations must be between 1 and {MAX_ITERATIONS}")
         self.profile = profile if isinstance(profile, Profile) else load_profile(profile)
@@ -308,7 +308,9 @@ class Comparison:
         self._models: dict[tuple, CostModel] = {}
         #: a profile per architecture other than :attr:`profile`'s (``{"svm": zen4}``)
         self.arch_profiles: dict[str, Profile] = {}
-        self._engines = EnginePool()  # unicorn engines set up once for all the simulations
+        # unicorn engines set up once for all the simulations (a worker of a Dask cluster
+        # passes its own, kept between tasks: fastmmio.compare.parallel)
+        self._engines = engines if engines is not None else EnginePool()
 
     def with_profile(self, profile: Profile) -> "Comparison":
         """A comparison pricing with ``profile`` that shares this one's simulations (a price

@@ -13,6 +13,7 @@ timings.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,15 +21,28 @@ from fastmmio import fanout
 from fastmmio.compare.core import Comparison, SimRun, sim_key
 from fastmmio.costs import Profile
 from fastmmio.routes import Route, get_route
-from fastmmio.sim.backend import SimOptions
+from fastmmio.sim.backend import EnginePool, SimOptions
 
 TASKS_PER_WORKER = 4  # batches per worker: enough for balance, few enough to amortise a task
 
 
+_local = threading.local()
+
+
+def _engines() -> EnginePool:
+    """This worker thread's engine pool, kept between tasks (a pool serves one thread)."""
+    pool = getattr(_local, "engines", None)
+    if pool is None:
+        pool = _local.engines = EnginePool()
+    return pool
+
+
 def simulate_batch(batch: Sequence[tuple[str, SimOptions]], profile: Profile, iterations: int,
                    cpl: int) -> list[SimRun]:
-    """The task: simulate each (route name, options) of ``batch`` in this process, in order."""
-    comparison = Comparison(profile, iterations=iterations, cpl=cpl)
+    """The task: simulate each (route name, options) of ``batch`` in this process, in order,
+    on this thread's unicorn engines (set up once per machine shape and reused, as a serial
+    run reuses them)."""
+    comparison = Comparison(profile, iterations=iterations, cpl=cpl, engines=_engines())
     return [comparison.simulate(get_route(name), opts) for name, opts in batch]
 
 
