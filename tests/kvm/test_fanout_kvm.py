@@ -91,8 +91,8 @@ def test_fleet_bench_one_column_per_host(cluster, tmp_path, capsys):
     from fastmmio.cli import main
 
     out = tmp_path / "fleet.json"
-    rc = main(["bench", "--scheduler", cluster.address, "-n", "256", "--runs", "2", "--seconds", "5",
-               "--json", str(out), "pio-eventfd-len1", "mmio-user"])
+    rc = main(["bench", "--scheduler", cluster.address, "--hosts", "127.0.0.1", "-n", "256",
+               "--runs", "2", "--seconds", "5", "--json", str(out), "pio-eventfd-len1", "mmio-user"])
     text = capsys.readouterr().out
     assert rc == 0, text
     doc = json.loads(out.read_text())
@@ -102,3 +102,16 @@ def test_fleet_bench_one_column_per_host(cluster, tmp_path, capsys):
     assert [r["route"] for r in h["results"]] == ["pio-eventfd-len1", "mmio-user"]
     assert all(r["cycles"] > 0 and r["correct"] for r in h["results"])
     assert "pio-eventfd-len1" in text and h["hostname"] in text
+
+
+@pytest.mark.parametrize("command", ["hostile", "diff"])
+def test_a_worker_without_kvm_is_one_line(cluster, command, capsys):
+    """A worker whose host has no usable device ends the campaign with one line naming the
+    host, exit status 2 (not a lost case per share)."""
+    from fastmmio.fuzz.cli import main
+
+    argv = [command, "--scheduler", cluster.address, "--device", "/nonexistent/kvm"]
+    argv += ["--runs", "5"] if command == "hostile" else ["--examples", "5", "--seconds", "30"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "worker on " in err[0] and "/nonexistent/kvm" in err[0], err

@@ -92,7 +92,9 @@ def run_hostile(args: argparse.Namespace) -> int:
     if args.only is not None and args.seed is None:
         raise UsageError("--only I reruns program I of a seed's stream: give the --seed the "
                          "campaign printed")
-    RealBackend(device=args.device).check()
+    workers, scheduler = fanout.resolve(args.workers, args.scheduler)
+    if scheduler is None or args.only is not None:  # on a remote cluster each worker checks its own
+        RealBackend(device=args.device).check()
     kinds = tuple(args.kind) if args.kind else KINDS
     watchdog = args.watchdog or DEFAULT_WATCHDOG_S
     seed = args.seed if args.seed is not None else int(time.time())
@@ -112,7 +114,6 @@ def run_hostile(args: argparse.Namespace) -> int:
     print(f"fastmmio fuzz hostile: seed {seed}, kinds {', '.join(kinds)}, CPL {','.join(map(str, args.cpl))}, "
           f"watchdog {watchdog:g} s, until {f'{runs} runs' if runs else ''}"
           f"{' or ' if runs and seconds else ''}{f'{seconds:g} s' if seconds else ''}", flush=True)
-    workers, scheduler = fanout.resolve(args.workers, args.scheduler)
     if scheduler is not None or workers:
         return _run_hostile_cluster(args, seed, kinds, watchdog, runs, seconds)
     programs = (generate(seed, i, kinds, args.cpl) for i in itertools.count(args.start))

@@ -62,6 +62,25 @@ def host_record(device: str = "/dev/kvm") -> dict[str, Any]:
     return out
 
 
+def _check_device(device: str) -> None:
+    """HostError naming this worker's host when its KVM device is missing or unusable."""
+    from fastmmio.errors import HostError
+    from fastmmio.real.backend import RealBackend
+
+    try:
+        RealBackend(device=device).check()
+    except HostError as exc:
+        raise HostError(f"worker on {socket.gethostname()}: {exc}") from None
+
+
+def _raise_host_errors(error: BaseException | None) -> None:
+    """A worker's host or usage error ends the campaign with its one line (not a lost case)."""
+    from fastmmio.errors import FastmmioError
+
+    if isinstance(error, FastmmioError):
+        raise error
+
+
 def host_label(rec: dict[str, Any]) -> str:
     return f"{rec.get('hostname', '?')} ({rec.get('kvm_kind', '?')}, {rec.get('cpu_model', '?')})"
 
@@ -85,7 +104,7 @@ def run_hostile_share(share: HostileShare, device: str, watchdog_s: float) -> tu
     worker's KVM; (summary, host record)."""
     from fastmmio.fuzz.hostile import generate
     from fastmmio.fuzz.runner import campaign
-
+    _check_device(device)
     programs = (generate(share.seed, i, share.kinds, share.cpls) for i in range(share.start, share.stop))
     summary = campaign(programs, runs=share.stop - share.start, device=device,
                        watchdog_s=watchdog_s, leak_checks=False)
@@ -132,6 +151,7 @@ def hostile_campaign(client: Any, seed: int, start: int, kinds: tuple[str, ...],
     for d in fanout.stream(client, run_hostile_share, Shares(), deadline=deadline,
                            device=device, watchdog_s=watchdog_s):
         sh: HostileShare = d.item
+        _raise_host_errors(d.error)
         if d.error is not None:
             if sh.stop - sh.start > 1:  # split: find the one program that kills its worker
                 retry.extend(HostileShare(sh.seed, i, i + 1, sh.kinds, sh.cpls)
@@ -187,6 +207,7 @@ def run_diff_share(share: DiffShare, device: str, mmio_caching: str, max_ops: in
     KVM and simulator."""
     from fastmmio.fuzz.differential import DiffRunner, _hypothesis_home, fuzz
 
+    _check_device(device)
     _hypothesis_home()
     runner = DiffRunner(device, mmio_caching=mmio_caching)
     summary = fuzz(runner, share.examples, seconds, share.seed, max_ops)
@@ -231,6 +252,7 @@ def diff_campaign(client: Any, seed: int, examples: int, seconds: float, device:
     for d in fanout.stream(client, run_diff_share, plan, deadline=deadline, device=device,
                            mmio_caching=mmio_caching, max_ops=max_ops,
                            seconds=max(1.0, deadline - time.monotonic())):
+        _raise_host_errors(d.error)
         if d.error is not None:
             out.lost.append(d.item)
             if on_share is not None:
