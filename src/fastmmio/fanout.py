@@ -141,7 +141,11 @@ def open_client(workers: int | None = 0, scheduler: str | None = None) -> Iterat
         except (OSError, TimeoutError) as exc:
             raise HostError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from None
     else:
-        with _workers_ignore_sigint():
+        import dask
+
+        # Dask's statistical profiler samples each worker's stacks every 10 ms: CPU the
+        # simulations need (the workers are ours alone; nobody reads the profile).
+        with _workers_ignore_sigint(), dask.config.set({"distributed.worker.profile.enabled": False}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    host="127.0.0.1", dashboard_address="127.0.0.1:0",
                                    worker_dashboard_address="127.0.0.1:0",
