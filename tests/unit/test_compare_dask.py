@@ -145,7 +145,7 @@ def test_ctrl_c_cancels_the_cluster_and_leaves_no_output(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "fastmmio: interrupted"
+    assert err.strip().splitlines()[-1] == "fastmmio sweep: interrupted; nothing written"
     assert "Traceback" not in err, err  # the workers ignore the terminal's SIGINT
     assert not out.exists() or not any(out.iterdir())
     time.sleep(1.0)
