@@ -57,10 +57,10 @@ T = TypeVar("T")
 iterations_arg = int_in_range(1, MAX_ITERATIONS)
 
 # --workers default: serial. Measured on the development machine (2 cores, benchmarks/
-# bench_dask.py): a LocalCluster of 2 workers takes 2.5-7.4 s to start, an 8-simulation sweep
-# took 1.8 s serially and 8.7 s on it, and a whole default `compare --no-kvm` (~200
-# simulations) gains about the start-up from the second core; parallelism pays for sweeps of
-# hundreds of simulations and on a remote cluster (--scheduler), which the options give.
+# bench_dask.py): a LocalCluster of 2 workers takes 2.3-4.6 s to start, an 8-simulation sweep
+# took 0.17 s serially and 5.1 s on it, and a whole default `compare --no-kvm` lasts about
+# the start-up; parallelism pays for sweeps of hundreds of simulations (1.5x on a loaded
+# 2-core machine, 1.7x by CPU split) and on a remote cluster (--scheduler).
 DEFAULT_WORKERS = 0
 
 
