@@ -284,7 +284,7 @@ def _text(renderable) -> str:
 
 def test_a_noisy_route_gets_no_ratio_in_compare(tmp_path):
     from fastmmio.compare.run import CompareOptions, KvmSide, run_compare
-    from fastmmio.report.compare import _csv_rows, kvm_line, results_json, variant_table
+    from fastmmio.report.compare import _csv_rows, detail_tables, kvm_line, results_json
 
     routes = ("pio-eventfd-len1", "mmio-eventfd-len0", "cpuid")
     run = run_compare(CompareOptions(routes=routes, variants=("upstream",), kvm=False,
@@ -297,7 +297,8 @@ def test_a_noisy_route_gets_no_ratio_in_compare(tmp_path):
     ])
     assert run.kvm.ratio_to_pio("cpuid") == pytest.approx(9000 / 8000)
     assert run.kvm.ratio_to_pio("mmio-eventfd-len0") is None
-    text = _text(variant_table(run, "upstream"))
+    (table,) = detail_tables(run, 300)
+    text = _text(table)
     rows = {line.split("│")[1].strip(): line for line in text.splitlines() if "│" in line}
     assert "noisy" in rows["mmio-eventfd-len0"]
     assert "1.12" not in rows["mmio-eventfd-len0"] and "1.12" in rows["cpuid"]

@@ -15,7 +15,7 @@ from verdict_synth import CYCLES, PROFILE, VARIANTS, main_cells, synthetic_compa
 
 from fastmmio.compare.core import Matrix, Timings, ratio, sim_options
 from fastmmio.compare.run import CompareOptions, CompareRun, KvmSide
-from fastmmio.report.compare import verdict_table, write_outputs
+from fastmmio.report.compare import answer_table, write_outputs
 from fastmmio.verdict import BASE, SCENARIOS, build_verdict
 from fastmmio.verdict.judge import within
 
@@ -161,22 +161,20 @@ def test_results_json_and_csv_carry_the_judged_values(tv, tmp_path):
         assert rec["extra"]["ratio_to_pio"] == pytest.approx(want)
 
 
-def test_the_verdict_table_colours_follow_the_judgement(tv, tmp_path):
+def test_the_answer_table_words_and_colours_follow_the_judgement(tv, tmp_path):
     tol, comp, v = tv
-    table = verdict_table(_run(comp, v, tol, tmp_path))
-    keys = [s.key for s in v.subjects]
-    for ci, sc in enumerate(v.scenarios, start=1):
-        cells = table.columns[ci]._cells
-        for ri, key in enumerate(keys):
-            style = str(cells[ri].style)
-            if key == "pio":
-                assert style == ""
-            elif key == "rfc-2015-fixed":
-                assert style == "bold red"
-            elif key in EXPECTED[tol][sc.key]["as fast"]:
-                assert style == "green", (key, sc.key)
-            else:
-                assert style == "yellow", (key, sc.key)
+    table = answer_table(_run(comp, v, tol, tmp_path), width=200)
+    words = table.columns[[c.header for c in table.columns].index("verdict")]._cells
+    rows = [(s.key, sc.key) for s in v.subjects if not s.is_pio for sc in v.scenarios]
+    assert len(words) == len(rows)
+    for cell, (key, sc) in zip(words, rows):
+        style = str(cell.style)
+        if key == "rfc-2015-fixed":
+            assert (str(cell), style) == ("incorrect", "bold red")
+        elif key in EXPECTED[tol][sc]["as fast"]:
+            assert (str(cell), style) == ("as fast", "green"), (key, sc)
+        else:
+            assert (str(cell), style) == ("slower", "yellow"), (key, sc)
 
 
 # ------------------------------------------------------------------------------------------

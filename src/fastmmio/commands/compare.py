@@ -152,6 +152,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--sampling", choices=SAMPLING, default="uniform",
                    help="how prices are drawn inside their intervals (default uniform)")
     p.add_argument("--no-verdict", action="store_true", help="tables and files only")
+    p.add_argument("--detail", action="store_true",
+                   help="after the answer, the per-route tables (cycles by component, exits, "
+                        "walk references, EPT entry), once for what every variant shares")
     p.add_argument("--no-review", action="store_true",
                    help="leave out the checks of fastmmio.review from the verdict")
     p.set_defaults(func=run)
@@ -181,8 +184,9 @@ def with_progress(label: str, work: Callable[[Callable[[str, int, int], None]], 
 
 
 def stdout_console() -> Console:
-    term = Console()
-    return term if term.is_terminal else Console(width=200)
+    from fastmmio.report.compare import console_width
+
+    return Console(width=console_width())  # COLUMNS honoured when piped too
 
 
 def check_device(args: argparse.Namespace) -> str:
@@ -225,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
         write_outputs(result, args.out)  # staged in the folder
         out = stdout_console()
-        render(out, result)
+        render(out, result, detail=args.detail)
         out.print()
         paths = folder.commit()
     out.print(Text(f"Written: {', '.join(str(p) for p in paths)}  "

@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -33,6 +35,7 @@ from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spr
 from fastmmio.report.plots import plot_breakdown, plot_sweep
 from fastmmio.result import RunResult
 from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
+from fastmmio.verdict.text import flip_brief
 
 # The verdict table's colour of each class the judgement gives a doorbell.
 CLASS_STYLE = {AS_FAST: "green", SLOWER: "yellow", INCORRECT: "bold red", NA: "dim"}
@@ -40,11 +43,13 @@ from fastmmio.sim.kvm.variants import SVM_VARIANTS
 from fastmmio.verdict.svm import LABELS as SVM_LABELS
 from fastmmio.verdict.svm import doorbell_route as svm_doorbell_route
 
-COMPONENT_HEADERS = {"exit": "exit", "walk": "walk", "handler": "hndlr", "bus": "bus",
-                     "eventfd": "efd", "emulation": "emul", "skip": "skip",
-                     "userspace": "user", "guest": "guest"}
-ENTRY_SHORT = {"not present": "not pres", "misconfigured": "misconf", "read-only": "RO",
-               "read/write": "RW", "execute-only": "X"}
+# Column names of the route tables, in words a KVM developer reads without the README.
+COMPONENT_HEADERS = {"exit": "VM exit", "walk": "page walk", "handler": "exit handler",
+                     "bus": "bus lookup", "eventfd": "eventfd signal", "emulation": "emulation",
+                     "skip": "insn skip", "userspace": "user space", "guest": "guest code"}
+# Below these console widths a table drops columns rather than cut a number.
+WIDE = 160  # the nine component columns of the route tables
+NARROW = 100  # TLB, EPT entry and the KVM spread columns; the answer table stacks its rows
 # Routes drawn in breakdown.png when the user did not choose routes: the doorbells of the
 # thread and their references.
 PLOT_ROUTES = ("pio-user", "pio-eventfd-len1", "mmio-user", "mmio-eventfd-len0",
@@ -70,61 +75,154 @@ def setting_line(run: CompareRun) -> str:
             f"N={run.comparison.iterations} after a warm-up batch")
 
 
-def variant_table(run: CompareRun, variant: str) -> Table:
-    cells = run.matrix.by_variant(variant)
-    with_kvm = variant == "upstream" and run.kvm.status == "measured"
-    kvm = run.kvm.by_route() if with_kvm else {}
-    table = Table(
-        title=f"{variant}: {LABELS.get(variant) or SVM_LABELS.get(variant, variant)}",
-        title_justify="left", caption_justify="left", show_lines=False, pad_edge=False)
-    table.add_column("route", no_wrap=True)
-    table.add_column("cycles", justify="right", no_wrap=True)
-    for c in COMPONENTS:
-        table.add_column(COMPONENT_HEADERS[c], justify="right", no_wrap=True)
-    table.add_column("exits", justify="right")
-    table.add_column("walk\nrefs", justify="right")
-    table.add_column("TLB\nhit/miss", justify="right", no_wrap=True)
-    table.add_column("EPT\nentry", no_wrap=True)
-    table.add_column("xPIO", justify="right")
-    table.add_column("ok", justify="center")
+def _numeric(table: Table, header: str) -> None:
+    """A column of figures: right-aligned, never wrapped or cut (the layouts drop columns
+    instead, see :data:`NARROW` / :data:`WIDE`)."""
+    table.add_column(header, justify="right", no_wrap=True, overflow="fold")
+
+
+def _signature(run: CompareRun, cell: Cell) -> tuple:
+    """What a route row shows for ``cell``: equal signatures print equal rows."""
+    if cell.status == NA:
+        return (NA, cell.reason)
+    return (cell.status, _num(cell.cycles), tuple(_num(cell.breakdown.get(c, 0.0))
+                                                  for c in COMPONENTS),
+            _per(cell.exits), _per(cell.walk_refs), _per(cell.tlb_hits),
+            _per(cell.tlb_misses), cell.run.ept_entry, _num(run.comparison.ratio_to_pio(cell),
+                                                             "{:.2f}"))
+
+
+def split_routes(run: CompareRun) -> tuple[list[str], list[str]]:
+    """The run's routes, split into those whose figures are the same under every variant and
+    those that differ between variants (each in the matrix's order)."""
+    same, differ = [], []
+    for route in run.matrix.routes:
+        cells = [run.matrix.cells[(v, route)] for v in run.options.variants
+                 if (v, route) in run.matrix.cells]
+        sigs = {_signature(run, c) for c in cells}
+        (same if len(sigs) <= 1 else differ).append(route)
+    return same, differ
+
+
+def route_table(run: CompareRun, rows: list[tuple[str, str]], title: str, width: int, *,
+                variant_column: bool) -> Table:
+    """Route rows (route, variant): cycles per notification and what they are made of, VM
+    exits, walk references, TLB outcomes, the EPT entry, the ratio to PIO and the checks;
+    this host's KVM figures on upstream rows when measured. Columns are dropped below
+    :data:`WIDE` / :data:`NARROW` console columns, never cut."""
+    measured = run.kvm.status == "measured" and "upstream" in run.options.variants
+    kvm = run.kvm.by_route() if measured else {}
+    with_kvm = measured and any(v == "upstream" for _, v in rows)
+    wide, narrow = width >= WIDE, width < NARROW
+    table = Table(title=title, title_justify="left", caption_justify="left", pad_edge=False)
+    table.add_column("route", overflow="fold")
+    if variant_column:
+        table.add_column("variant", overflow="fold")
+    _numeric(table, "cycles")
+    if wide:
+        for c in COMPONENTS:
+            table.add_column(COMPONENT_HEADERS[c].replace(" ", "\n"), justify="right",
+                             no_wrap=True, overflow="fold")
+    _numeric(table, "VM\nexits")
+    _numeric(table, "walk\nrefs")
+    if not narrow:
+        _numeric(table, "TLB\nhits")
+        _numeric(table, "TLB\nmisses")
+        table.add_column("EPT entry", overflow="fold")
+    _numeric(table, "x PIO")
+    table.add_column("checks", justify="center", no_wrap=True)
     if with_kvm:
-        table.add_column("KVM\ncycles", justify="right", no_wrap=True)
-        table.add_column("KVM\nmedian +-", justify="right", no_wrap=True)
-        table.add_column("KVM\nxPIO", justify="right", no_wrap=True)
+        _numeric(table, "KVM\ncycles")
+        if not narrow:
+            _numeric(table, "KVM\nmedian +-")
+        _numeric(table, "KVM\nx PIO")
     notes: dict[str, list[str]] = {}
-    for cell in cells:
-        ratio = run.comparison.ratio_to_pio(cell)
+    last = None
+    for i, (route, variant) in enumerate(rows):
+        end = variant_column and (i + 1 == len(rows) or rows[i + 1][0] != route)
+        cell = run.matrix.cells[(variant, route)]
+        first = not variant_column or route != last
+        last = route
+        head: list[Any] = [route if first else ""] + ([variant] if variant_column else [])
         if cell.status == NA:
-            row = [Text(cell.route, style="dim"), Text("n/a", style="dim")] + [""] * (
-                len(COMPONENTS) + 6)
-            notes.setdefault(f"n/a: {cell.reason}", []).append(cell.route)
-        else:
-            ok = Text("yes", style="green") if cell.status == OK else Text("NO", style="bold red")
-            if cell.status == FAIL:
-                notes.setdefault(f"FAIL: {cell.reason}", []).append(cell.route)
-            b = cell.breakdown
-            row = [cell.route, _num(cell.cycles)] + [_num(b.get(c, 0.0)) if b.get(c) else "."
-                                                     for c in COMPONENTS]
-            row += [_per(cell.exits), _per(cell.walk_refs),
-                    f"{_per(cell.tlb_hits)}/{_per(cell.tlb_misses)}",
-                    ENTRY_SHORT.get(cell.run.ept_entry or "", cell.run.ept_entry or "-"),
-                    _num(ratio, "{:.2f}"), ok]
+            row = head + [Text("n/a", style="dim")] + [""] * (len(table.columns) - len(head) - 1)
+            notes.setdefault(f"n/a: {cell.reason}", []).append(route)
+            table.add_row(*row, end_section=end)
+            continue
+        ok = Text("pass", style="green") if cell.status == OK else Text("FAIL", style="bold red")
+        if cell.status == FAIL:
+            notes.setdefault(f"FAIL: {cell.reason}", []).append(route)
+        b = cell.breakdown
+        row = head + [_num(cell.cycles)]
+        if wide:
+            row += [_num(b.get(c, 0.0)) if b.get(c) else "." for c in COMPONENTS]
+        row += [_per(cell.exits), _per(cell.walk_refs)]
+        if not narrow:
+            row += [_per(cell.tlb_hits), _per(cell.tlb_misses), cell.run.ept_entry or "-"]
+        row += [_num(run.comparison.ratio_to_pio(cell), "{:.2f}"), ok]
         if with_kvm:
-            k = kvm.get(cell.route)
+            k = kvm.get(route) if variant == "upstream" else None
             if k is None:
-                row += ["-", "-", "-"]
+                row += ["-"] * (2 if narrow else 3)
             else:
-                kc = _num(k.cycles) + ("" if k.correct else " (FAIL)")
-                row += [kc, spread_text(k), kvm_ratio_text(run, cell.route)]
-        table.add_row(*row)
-    lines = [f"{what} ({', '.join(routes)})" for what, routes in notes.items()]
+                row.append(_num(k.cycles) + ("" if k.correct else " FAIL"))
+                if not narrow:
+                    row.append(spread_text(k))
+                row.append(kvm_ratio_text(run, route))
+        table.add_row(*row, end_section=end)
+    lines = [route_legend(wide, narrow, with_kvm)]
+    lines += [f"{what} ({', '.join(dict.fromkeys(routes))})" for what, routes in notes.items()]
     if with_kvm:
         lines.append(f"KVM: this host, {run.kvm.comparable()}")
         rule = rule_line(run.kvm.results)
         if rule:
             lines.append(f"KVM {rule}")
-    table.caption = Text("\n".join(lines)) if lines else None
+    table.caption = Text("\n".join(lines))
     return table
+
+
+def route_legend(wide: bool, narrow: bool, with_kvm: bool) -> str:
+    parts = ["cycles: simulated cycles per notification (model cycles, loop included)"]
+    if wide:
+        parts.append("then what they are made of, by the cost model's components ('.' none)")
+    else:
+        parts.append("its components are in results.csv (shown from "
+                     f"{WIDE} columns)")
+    parts.append("VM exits, walk refs (page-walk memory references): per notification")
+    if not narrow:
+        parts.append("TLB hits/misses: combined-TLB look-ups per notification; EPT entry: "
+                     "how the processor sees the access's EPT entry after the run")
+    parts.append("x PIO: cycles / the PIO ioeventfd route's under the same variant; checks: "
+                 "the route's own correctness checks")
+    if with_kvm:
+        parts.append("KVM: TSC ticks measured on this host (upstream only)"
+                     + ("; the spread columns from " f"{NARROW} columns" if narrow else ""))
+    return "; ".join(parts) + "."
+
+
+def detail_tables(run: CompareRun, width: int) -> list[Table]:
+    """The route tables of ``--detail``: one of the routes whose figures differ between
+    variants (a row per variant), one of those that are the same under every variant."""
+    variants = list(run.options.variants)
+    same, differ = split_routes(run)
+    out = []
+    if len(variants) == 1:
+        v = variants[0]
+        return [route_table(run, [(r, v) for r in run.matrix.routes],
+                            f"{v}: {LABELS.get(v) or SVM_LABELS.get(v, v)}: every route", width,
+                            variant_column=False)]
+    if differ:
+        t = route_table(run, [(r, v) for r in differ for v in variants
+                              if (v, r) in run.matrix.cells],
+                        "Routes whose figures differ between variants", width,
+                        variant_column=True)
+        out.append(t)
+    if same:
+        first = variants[0] if "upstream" not in variants else "upstream"
+        out.append(route_table(run, [(r, first) for r in same],
+                               f"Routes with the same figures under every variant "
+                               f"({', '.join(variants)})", width, variant_column=False))
+    return out
 
 
 def kvm_ratio_text(run: CompareRun, route: str) -> Text:
@@ -139,59 +237,91 @@ def kvm_ratio_text(run: CompareRun, route: str) -> Text:
     return Text(_num(run.kvm.ratio_to_pio(route), "{:.2f}"))
 
 
-def verdict_table(run: CompareRun) -> Table | None:
+def answer_table(run: CompareRun, width: int) -> Table | None:
+    """The thread's question answered: per variant, its MMIO doorbell against the PIO
+    ioeventfd under each machine setting, with the ratio, the verdict word and the nearest
+    price flip, all read from the judgement. Below :data:`NARROW` columns each doorbell is a
+    heading row above its settings instead of a column."""
     v = run.verdict
     if v is None:
         return None
-    table = Table(title=f"The thread's doorbells: cycles per notification (x PIO ioeventfd, "
-                        f"walk references) by machine setting; profile {run.profile.name}",
-                  title_justify="left", caption_justify="left")
-    table.add_column("doorbell", no_wrap=True)
-    for sc in v.scenarios:
-        table.add_column(sc.label.replace(", ", "\n"), justify="right")
-    for s in v.subjects:
-        row: list[Any] = [Text(f"{s.label}\n{s.route} [{s.variant}]")]
-        for sc in v.scenarios:
-            p = v.points[(s.key, sc.key)]
+    j = v.judgement
+    narrow = width < NARROW
+    table = Table(title=f"Is MMIO as fast as port I/O? Each variant's MMIO doorbell against "
+                        f"the PIO ioeventfd, by machine setting (profile {run.profile.name})",
+                  title_justify="left", caption_justify="left", pad_edge=False)
+    if not narrow:
+        table.add_column("doorbell (variant)", overflow="fold")
+    table.add_column("machine setting", overflow="fold")
+    _numeric(table, "MMIO\ncycles")
+    _numeric(table, "PIO\ncycles")
+    _numeric(table, "MMIO /\nPIO")
+    table.add_column("verdict", no_wrap=True)
+    table.add_column("flips if", overflow="fold")
+    for s in j.subjects:
+        if s.is_pio:
+            continue
+        if narrow:
+            table.add_row(Text(f"{s.label} [{s.variant}]: {s.route}", style="bold"),
+                          *[""] * 5, end_section=False)
+        name = Text(s.label)
+        name.append(f"\n{s.variant}: {s.route}", style="dim")
+        for i, sc in enumerate(j.scenarios):
+            p = j.point(s.key, sc.key)
+            head: list[Any] = [] if narrow else [name if i == 0 else ""]
+            head.append(("  " if narrow else "") + sc.key)
             if p.status == NA or math.isnan(p.cycles):
-                row.append(Text("n/a", style="dim"))
+                table.add_row(*head, Text("n/a", style="dim"), "", "", Text(NA, style="dim"),
+                              "")
                 continue
-            ratio = "" if s.is_pio or p.ratio is None else f" ({p.ratio:.2f}x)"
-            style = CLASS_STYLE.get(p.judged, "")
-            txt = Text(f"{p.cycles:,.0f}{ratio}\n{_per(p.walk_refs)} refs", style=style)
-            if p.status != OK:
-                txt.append(" FAIL", style="bold red")
-            row.append(txt)
-        table.add_row(*row)
-    table.caption = (f"{CLASS_STYLE[AS_FAST]}: within {v.tolerance:.0%} of the PIO ioeventfd "
-                     f"under the same setting (as fast as port I/O); {CLASS_STYLE[SLOWER]}: "
-                     f"slower; {CLASS_STYLE[INCORRECT]}: the doorbell's checks fail there")
+            st = j.statement("as-fast", sc.key, s.key)
+            table.add_row(*head, _num(p.cycles), _num(p.pio_cycles),
+                          "-" if p.ratio is None else f"{p.ratio:.2f}",
+                          Text(p.judged, style=CLASS_STYLE.get(p.judged, "")),
+                          flip_brief(st.breakeven) if st is not None else "",
+                          end_section=i == len(j.scenarios) - 1)
+    settings = "; ".join(f"{sc.key}: {sc.label}" for sc in j.scenarios)
+    table.caption = Text(
+        "MMIO cycles: simulated cycles per doorbell write (model cycles, loop included); PIO "
+        f"cycles: the port-I/O ioeventfd ({PIO_REFERENCE}) under the same variant and "
+        f"setting; MMIO / PIO: their ratio. Verdict: '{AS_FAST}' within {v.tolerance:.0%} of "
+        f"PIO, '{SLOWER}' beyond, '{INCORRECT}' when the doorbell's own checks fail there. "
+        "Flips if: the nearest single price (cycles, within its stated interval) at which the "
+        f"verdict would change. Settings: {settings}.")
     return table
 
 
-def review_table(run: CompareRun) -> Table | None:
+def review_table(run: CompareRun, width: int = 200) -> Table | None:
     v = run.verdict
     if v is None or not v.review:
         return None
+    narrow = width < NARROW
     table = Table(title="The review's points as computed checks (fastmmio.review)",
-                  title_justify="left")
-    table.add_column("variant", no_wrap=True)
-    table.add_column("check", no_wrap=True)
-    table.add_column("review point")
-    table.add_column("has it", justify="center")
+                  title_justify="left", pad_edge=False)
+    if narrow:  # stacked: the check over its variant
+        table.add_column("check\n(variant)", overflow="fold")
+    else:
+        table.add_column("variant", overflow="fold")
+        table.add_column("check", overflow="fold")
+        table.add_column("review point")
+    table.add_column("has it", justify="center", no_wrap=True)
     table.add_column("measured")
     claims: dict[str, str] = {}
     for r in v.review:
         mark = (Text("n/a", style="dim") if r.passed is None else
                 Text("yes", style="green") if r.passed else Text("NO", style="bold red"))
         detail = r.detail if r.passed is not None else "not applicable"
-        table.add_row(r.variant, r.name, r.source if r.passed is not None else "", mark,
-                      Text(detail))
+        row: list[Any] = [Text(f"{r.name}\n({r.variant})")] if narrow else [r.variant, r.name]
+        if not narrow:
+            row.append(r.source if r.passed is not None else "")
+        table.add_row(*row, mark, Text(detail))
         if r.passed is not None:
             claims.setdefault(r.name, r.claim)
-    table.caption = Text("Checks use the RFC's doorbell (a length-0 ioeventfd over a read-only "
-                     "memslot: ro-write-eventfd, ro-read-eventfd) and page-touch under every "
-                     "variant.\n" + "\n".join(f"{k}: {c}" for k, c in claims.items()))
+    table.caption = Text("has it: whether the variant has the property the review point asks "
+                         "for; measured: the figures that decided it. Checks use the RFC's "
+                         "doorbell (a length-0 ioeventfd over a read-only memslot: "
+                         "ro-write-eventfd, ro-read-eventfd) and page-touch under every "
+                         "variant.\n" + "\n".join(f"{k}: {c}" for k, c in claims.items()))
     table.caption_justify = "left"
     return table
 
@@ -240,31 +370,62 @@ def kvm_line(run: CompareRun) -> str:
     return line
 
 
-def render(console: Console, run: CompareRun, *, verdict_text: bool = True) -> None:
-    """Everything ``fastmmio compare`` prints, in order."""
+def console_width(default: int = 120) -> int:
+    """The width to render at: ``COLUMNS`` when set (also when piped), else the terminal's,
+    else ``default``."""
+    raw = os.environ.get("COLUMNS", "")
+    if raw.isdigit() and int(raw) > 0:
+        return int(raw)
+    return shutil.get_terminal_size((default, 24)).columns
+
+
+def render(console: Console, run: CompareRun, *, verdict_text: bool = True,
+           detail: bool = False) -> None:
+    """Everything ``fastmmio compare`` prints, in order: the answer (the doorbells' table and
+    the bottom line), the verdict's reasons, the review and calibration, this host's KVM,
+    and with ``detail`` (or without a verdict) the route tables."""
+    width = console.width
     console.print(Text(f"fastmmio compare: simulated cycles per notification ({setting_line(run)}"
                        "); loop included, as kvm-unit-tests counts it", style="bold"))
-    for v in run.options.variants:
-        console.print(variant_table(run, v))
+    findings = list(run.verdict.findings) if run.verdict is not None else []
+    bottom = [f for f in findings if f.topic == "bottom-line"]
+    answer = answer_table(run, width)
+    if answer is not None:
+        console.print(answer)
         console.print()
-    if run.kvm.status == "measured" and "upstream" not in run.options.variants:
-        console.print(bench_table(run.kvm.results, run.kvm.host))
-    console.print(Text(kvm_line(run)))
-    console.print()
-    for t in (calibration_table(run), verdict_table(run), review_table(run)):
-        if t is not None:
-            console.print(t)
+    if verdict_text:
+        for f in bottom:
+            console.print(Text(f.text, style="bold"))
+        if bottom:
             console.print()
     if run.verdict is not None and verdict_text:
-        console.print(Text("Verdict", style="bold"))
-        for f in run.verdict.findings:
-            console.print(Text("- " + f.text))
+        console.print(Text("Why", style="bold"))
+        for f in findings:
+            if f.topic != "bottom-line":
+                console.print(Text("- " + f.text))
         if run.verdict.review_note:
             console.print(Text("- " + run.verdict.review_note, style="dim"))
+        console.print()
     if run.svm_verdict is not None and run.svm_verdict.lines and verdict_text:
         console.print(Text("Verdict on AMD (KVM on SVM)", style="bold"))
         for line in run.svm_verdict.lines:
             console.print(Text(line))
+        console.print()
+    for t in (review_table(run, width), calibration_table(run)):
+        if t is not None:
+            console.print(t)
+            console.print()
+    if run.kvm.status == "measured" and "upstream" not in run.options.variants:
+        console.print(bench_table(run.kvm.results, run.kvm.host))
+    console.print(Text(kvm_line(run)))
+    if detail or run.verdict is None:
+        for t in detail_tables(run, width):
+            console.print()
+            console.print(t)
+    else:
+        console.print(Text("The per-route tables (cycles by component, exits, walk references, "
+                           "EPT entry): fastmmio compare --detail; every figure is in "
+                           "results.csv.", style="dim"))
 
 
 # ------------------------------------------------------------------------------------------

@@ -135,6 +135,18 @@ def flip_phrase(be: BreakEven | None) -> str:
     return head + f"; cheapest combination: {shown}{more}"
 
 
+def flip_brief(be: BreakEven | None) -> str:
+    """:func:`flip_phrase` for a table cell: the nearest single price that flips the
+    statement inside its interval ('`exit.ept_violation` > 175'), else why none does."""
+    if be is None:
+        return "no price"
+    inside = be.flips_within()
+    if not inside:
+        return "none in range"
+    s = inside[0]
+    return f"{s.price} {'>' if s.direction == 'above' else '<'} {_c(s.value)}"
+
+
 def _uncertainty_phrase(point, detail: bool = True) -> str:
     u = point.uncertainty
     if not u or "share_as_fast" not in u:
