@@ -52,7 +52,7 @@ MUTATIONS = (
     Mutation("the as_fast value written to results.json always true",
              "src/fastmmio/verdict/judge.py",
              'd["as_fast"] = self.as_fast', 'd["as_fast"] = True'),
-    Mutation("green and yellow swapped in the verdict table", "src/fastmmio/report/compare.py",
+    Mutation("green and yellow swapped in the answer table", "src/fastmmio/report/compare.py",
              'CLASS_STYLE = {AS_FAST: "green", SLOWER: "yellow"',
              'CLASS_STYLE = {AS_FAST: "yellow", SLOWER: "green"'),
     Mutation("the CSV ratio_to_pio column holding cycles", "src/fastmmio/report/compare.py",
