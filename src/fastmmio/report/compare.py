@@ -115,9 +115,13 @@ def route_table(run: CompareRun, rows: list[tuple[str, str]], title: str, width:
     with_kvm = measured and any(v == "upstream" for _, v in rows)
     wide, narrow = width >= WIDE, width < NARROW
     table = Table(title=title, title_justify="left", caption_justify="left", pad_edge=False)
-    table.add_column("route", overflow="fold")
-    if variant_column:
-        table.add_column("variant", overflow="fold")
+    stacked = narrow and variant_column  # each route a heading row above its variants
+    if stacked:
+        table.add_column("route\n  variant", overflow="fold")
+    else:
+        table.add_column("route", overflow="fold")
+        if variant_column:
+            table.add_column("variant", overflow="fold")
     _numeric(table, "cycles")
     if wide:
         for c in COMPONENTS:
@@ -143,7 +147,12 @@ def route_table(run: CompareRun, rows: list[tuple[str, str]], title: str, width:
         cell = run.matrix.cells[(variant, route)]
         first = not variant_column or route != last
         last = route
-        head: list[Any] = [route if first else ""] + ([variant] if variant_column else [])
+        if stacked:
+            if first:
+                table.add_row(Text(route, style="bold"), *[""] * (len(table.columns) - 1))
+            head: list[Any] = ["  " + variant]
+        else:
+            head = [route if first else ""] + ([variant] if variant_column else [])
         if cell.status == NA:
             row = head + [Text("n/a", style="dim")] + [""] * (len(table.columns) - len(head) - 1)
             notes.setdefault(f"n/a: {cell.reason}", []).append(route)
