@@ -180,6 +180,10 @@ def route_table(run: CompareRun, rows: list[tuple[str, str]], title: str, width:
                 row.append(kvm_ratio_text(run, route))
         table.add_row(*row, end_section=end)
     lines = [route_legend(wide, narrow, with_kvm)]
+    if variant_column:
+        shown = dict.fromkeys(v for _, v in rows)
+        lines.append("variants: " + "; ".join(
+            f"{v}: {LABELS.get(v) or SVM_LABELS.get(v, v)}" for v in shown))
     lines += [f"{what} ({', '.join(dict.fromkeys(routes))})" for what, routes in notes.items()]
     if with_kvm:
         lines.append(f"KVM: this host, {run.kvm.comparable()}")
