@@ -283,16 +283,17 @@ def answer_table(run: CompareRun, width: int) -> Table | None:
             p = j.point(s.key, sc.key)
             head: list[Any] = [] if narrow else [name if i == 0 else ""]
             head.append(("  " if narrow else "") + sc.key)
-            if p.status == NA or math.isnan(p.cycles):
-                table.add_row(*head, Text("n/a", style="dim"), "", "", Text(NA, style="dim"),
-                              "")
+            last = i == len(j.scenarios) - 1
+            word = Text(p.judged or NA, style=CLASS_STYLE.get(p.judged or NA, ""))
+            if p.status == NA or math.isnan(p.cycles):  # the word still the judgement's
+                table.add_row(*head, Text("n/a", style="dim"), "", "", word, "",
+                              end_section=last)
                 continue
             st = j.statement("as-fast", sc.key, s.key)
             table.add_row(*head, _num(p.cycles), _num(p.pio_cycles),
-                          "-" if p.ratio is None else f"{p.ratio:.2f}",
-                          Text(p.judged, style=CLASS_STYLE.get(p.judged, "")),
+                          "-" if p.ratio is None else f"{p.ratio:.2f}", word,
                           flip_brief(st.breakeven) if st is not None else "",
-                          end_section=i == len(j.scenarios) - 1)
+                          end_section=last)
     settings = "; ".join(f"{sc.key}: {sc.label}" for sc in j.scenarios)
     table.caption = Text(
         "MMIO cycles: simulated cycles per doorbell write (model cycles, loop included); PIO "
