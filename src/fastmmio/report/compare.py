@@ -286,7 +286,8 @@ def answer_table(run: CompareRun, width: int) -> Table | None:
             last = i == len(j.scenarios) - 1
             word = Text(p.judged or NA, style=CLASS_STYLE.get(p.judged or NA, ""))
             if p.status == NA or math.isnan(p.cycles):  # the word still the judgement's
-                table.add_row(*head, Text("n/a", style="dim"), "", "", word, "",
+                table.add_row(*head, Text("n/a", style="dim") if p.judged in ("", NA)
+                              else "-", "", "", word, "",
                               end_section=last)
                 continue
             st = j.statement("as-fast", sc.key, s.key)
