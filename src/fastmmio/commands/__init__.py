@@ -15,6 +15,8 @@ COMMAND_MODULES = (
     "fastmmio.commands.compare",
     "fastmmio.commands.bench",
     "fastmmio.commands.explain",
+    "fastmmio.commands.report",
+    "fastmmio.commands.diff",
     "fastmmio.commands.sweep",
     "fastmmio.commands.calibrate",
     "fastmmio.commands.fuzz",

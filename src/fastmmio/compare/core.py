@@ -270,7 +270,7 @@ class Cell:
         extra = dict(base.extra)
         extra.update({
             "variant": o.variant, "caches": caches_name(o.caches), "vpid": o.vpid,
-            "nested": o.nested, "mmio_caching": o.mmio_caching,
+            "nested": o.nested, "mmio_caching": o.mmio_caching, "ept_ad": o.ept_ad,
             "extra_ioeventfds": o.extra_ioeventfds, "scenario": self.scenario,
             "status": self.status, "reason": self.reason, "ept_entry": self.run.ept_entry,
             "exits_per_notification": self.exits, "exit_reasons": self.exit_reasons(),
@@ -342,6 +342,15 @@ class Comparison:
         return self.profile.nested is not None
 
     # -- simulating -------------------------------------------------------------------------
+
+    def runs(self) -> dict[tuple, SimRun]:
+        """Every simulation made so far, by :func:`sim_key` (a copy)."""
+        return dict(self._runs)
+
+    def restore(self, run: SimRun) -> None:
+        """Take a simulation made earlier (a saved run's record) as this one's: a price change
+        re-prices it without running the guest (:mod:`fastmmio.compare.saved`)."""
+        self._runs[sim_key(run.route.name, run.options)] = run
 
     def simulated(self, route: str, options: SimOptions) -> bool:
         return sim_key(route, options) in self._runs

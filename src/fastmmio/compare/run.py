@@ -9,7 +9,9 @@ progress callback, measures the upstream routes on this host's KVM when it has a
 
 from __future__ import annotations
 
+import sys
 import time
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -59,6 +61,11 @@ KVM_SECONDS = 30.0
 # real backend's default watchdog (10 s) still bounds every batch.
 KVM_MAX_TARGET_TICKS = 1 << 32
 MAX_SAMPLES = 1_000_000
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (results.json's ``time_utc``)."""
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
 
 Progress = Callable[[str, int, int], None]  # (what, done, total)
 
@@ -199,6 +206,11 @@ class CompareRun:
     timings: Timings
     wall_s: float = 0.0
     svm_verdict: SvmVerdict | None = None
+    # How the run was made (results.json's "run" record): the command line and the UTC time
+    # it started; a run re-rendered by ``fastmmio report`` keeps the saved run's in ``origin``.
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+    started_utc: str = field(default_factory=lambda: utc_now())
+    origin: dict[str, Any] | None = None
 
     def cells(self) -> list[Cell]:
         return list(self.matrix.cells.values())
@@ -308,6 +320,7 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
     (:func:`fastmmio.fanout.open_client`) to run the planned simulations on, or None to
     run them here."""
     t_start = time.perf_counter()
+    started = utc_now()
     timings = Timings()
     prof = profile if profile is not None else load_profile(options.profile)
     if options.is_nested and prof.nested is None:
@@ -373,7 +386,7 @@ def run_compare(options: CompareOptions, progress: Progress | None = None,
         timings.add("verdict", time.perf_counter() - t0)
     cal = calibration_rows(comparison)
     run = CompareRun(options, prof, comparison, matrix, kvm, verdict, cal, timings,
-                     svm_verdict=svm_verdict)
+                     svm_verdict=svm_verdict, started_utc=started)
     run.wall_s = time.perf_counter() - t_start
     return run
 

@@ -80,7 +80,7 @@ from __future__ import annotations
 import math
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
@@ -629,3 +629,46 @@ def load_profile(name_or_path: str | Path) -> Profile:
                            "bundled profiles: "
                            f"{', '.join(list_profiles()) or '(none)'}; or give a .toml path")
     return parse_profile(res.read_text(), f"{name}.toml")
+
+
+# ------------------------------------------------------------------------------------------
+# the profile as data (results.json)
+# ------------------------------------------------------------------------------------------
+
+
+def profile_to_json(p: Profile) -> dict[str, Any]:
+    """The whole profile as JSON: every price with its basis, source and interval, the free
+    events, the sources, the [nested] table and the [fit] record. :func:`profile_from_json`
+    reads it back into the same :class:`Profile`."""
+    return asdict(p)
+
+
+def _price_from(d: Mapping[str, Any]) -> Price:
+    return Price(**{**d, "depends": tuple(d.get("depends") or ())})
+
+
+def profile_from_json(d: Mapping[str, Any], origin: str = "results.json") -> Profile:
+    """A :class:`Profile` from :func:`profile_to_json`'s record (ProfileError for a record
+    that is not one)."""
+    try:
+        nested = None
+        if d.get("nested") is not None:
+            n = d["nested"]
+            nested = Nested(n["description"], n["source"], dict(n.get("scale") or {}),
+                            {k: _price_from(v) for k, v in (n.get("prices") or {}).items()})
+        fit = None
+        if d.get("fit") is not None:
+            f = d["fit"]
+            fit = FitRecord(**{**f, "free": tuple(f["free"]),
+                               "targets": tuple(FitTarget(**t) for t in f["targets"])})
+        return Profile(
+            name=d["name"], description=d["description"], cpu=d["cpu"],
+            origin=f"{d.get('origin', '?')} (as saved in {origin})",
+            prices={k: _price_from(v) for k, v in d["prices"].items()},
+            free={k: Free(**v) for k, v in (d.get("free") or {}).items()},
+            sources=dict(d.get("sources") or {}), nested=nested,
+            nested_default=bool(d.get("nested_default", False)), notes=d.get("notes", ""),
+            fit=fit)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ProfileError(f"{origin}: the saved profile is incomplete or malformed "
+                           f"({type(exc).__name__}: {exc})") from None

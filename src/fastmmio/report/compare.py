@@ -25,10 +25,10 @@ from rich.table import Table
 from rich.text import Text
 
 from fastmmio import __version__
-from fastmmio.compare.core import FAIL, NA, OK, PIO_REFERENCE, Cell, caches_name
+from fastmmio.compare.core import FAIL, NA, OK, PIO_REFERENCE, Cell, caches_name, sim_key
 from fastmmio.compare.run import CompareRun
 from fastmmio.compare.sweep import SweepResult, fmt_value
-from fastmmio.costs.profile import COMPONENTS
+from fastmmio.costs.profile import COMPONENTS, profile_to_json
 from fastmmio.errors import UsageError
 from fastmmio.outputs import open_text, write_text
 from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spread_text
@@ -516,11 +516,50 @@ def kvm_spread_fields(r: RunResult) -> dict[str, Any]:
             "kvm_median_ci_rel": _r(s.ci_rel, 4), "kvm_stable": int(s.stable)}
 
 
+# The unit of every figure in results.json, by record kind.
+UNITS = {
+    "simulated": "model cycles per notification: the simulator's event counts of the "
+                 "steady-state batch priced with the profile (loop included)",
+    "kvm": "TSC ticks per notification on this host's KVM (median over runs; loop "
+           "included); comparable with model cycles only on a VMX host whose TSC runs at "
+           "the core clock",
+    "ratio_to_pio": "dimensionless: the route's figure over the PIO ioeventfd route's "
+                    "under the same machine setting (same unit on both sides)",
+    "per_notification": "events per notification (exits, walk references, TLB outcomes)",
+}
+
+
 def _record(run: CompareRun, c: Cell) -> dict[str, Any]:
     rec = c.to_result(run.comparison.ratio_to_pio(c)).to_json()
+    rec["unit"] = "model cycles"
     u = run.verdict.judgement.uncertainty if run.verdict is not None else None
     if u is not None:
         rec["extra"]["uncertainty"] = u.stats(c)
+    return rec
+
+
+def _kvm_record(run: CompareRun, r: RunResult) -> dict[str, Any]:
+    rec = r.to_json()
+    rec["unit"] = "TSC ticks"
+    rec["host_kind"] = run.kvm.host.kvm_kind if run.kvm.host else None
+    rec["ratio_to_pio"] = run.kvm.ratio_to_pio(r.route)
+    return rec
+
+
+def _other_cells(run: CompareRun, cells: list[Cell]) -> list[Cell]:
+    """The run's simulations that no reported cell shows (the calibration's), priced, so
+    that ``fastmmio report`` can re-price every figure of the run without simulating."""
+    shown = {sim_key(c.route, c.run.options) for c in cells}
+    return [run.comparison.cell(sr.route, sr.options, "calibration")
+            for k, sr in run.comparison.runs().items() if k not in shown]
+
+
+def run_record(run: CompareRun) -> dict[str, Any]:
+    """When, how and by which fastmmio the run was made (results.json's ``run``)."""
+    rec = {"fastmmio": __version__, "time_utc": run.started_utc, "argv": list(run.argv),
+           "units": UNITS}
+    if run.origin is not None:
+        rec["rendered_from"] = run.origin
     return rec
 
 
@@ -528,12 +567,14 @@ def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
     p = run.profile
     return _clean({
         "fastmmio": __version__,
+        "run": run_record(run),
         "options": run.options.to_json(),
         "profile": {"name": p.name, "origin": p.origin, "description": p.description,
-                    "cpu": p.cpu},
+                    "cpu": p.cpu, "full": profile_to_json(p)},
         "host": run.kvm.to_json(),
         "simulated": [_record(run, c) for c in cells],
-        "kvm": [r.to_json() for r in run.kvm.results],
+        "simulated_other": [_record(run, c) for c in _other_cells(run, cells)],
+        "kvm": [_kvm_record(run, r) for r in run.kvm.results],
         "calibration": [r.__dict__ for r in run.calibration or []],
         "verdict": run.verdict.to_json() if run.verdict else None,
         "svm_verdict": run.svm_verdict.to_json() if run.svm_verdict else None,

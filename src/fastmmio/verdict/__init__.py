@@ -29,7 +29,13 @@ The package stays ``fastmmio.verdict`` rather than moving under ``compare/``: co
 dependencies pointing one way (compare.core <- verdict <- compare.run, report).
 """
 
-from fastmmio.verdict.build import ReviewFinding, Verdict, build_verdict, review_findings
+from fastmmio.verdict.build import (
+    ReviewFinding,
+    Verdict,
+    build_verdict,
+    rebuild_verdict,
+    review_findings,
+)
 from fastmmio.verdict.judge import (
     AS_FAST,
     DEFAULT_TOLERANCE,
@@ -56,5 +62,5 @@ from fastmmio.verdict.text import Finding
 
 __all__ = ["AS_FAST", "BASE", "DEFAULT_TOLERANCE", "INCORRECT", "LABELS", "SCENARIOS",
            "SLOWER", "Finding", "Judgement", "Point", "ReviewFinding", "Scenario", "Statement",
-           "Subject", "Verdict", "build_verdict", "classify", "doorbell_route", "required",
+           "Subject", "Verdict", "build_verdict", "rebuild_verdict", "classify", "doorbell_route", "required",
            "review_findings", "scenarios_for", "subjects", "within"]

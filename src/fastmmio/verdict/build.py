@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 from fastmmio.compare.core import Cell, Comparison
 from fastmmio.verdict.judge import DEFAULT_TOLERANCE, Judgement, Point, judge
@@ -126,3 +126,26 @@ def build_verdict(comparison: Comparison, variants: Iterable[str], main: Iterabl
     text = findings(j, comparison.profile, main, rv,
                     nested_priced=comparison.can_price_nested())
     return Verdict(j, text, rv, note)
+
+
+def rebuild_verdict(comparison: Comparison, variants: Iterable[str], main: Iterable[Cell],
+                    saved: Mapping[str, Any], *, samples: int = 0, seed: int = 0,
+                    sampling: str = "uniform") -> Verdict:
+    """The verdict of a saved run (``saved``: its ``Verdict.to_json`` record), judged again
+    from ``comparison``'s cells (restored from the saved events, possibly priced with another
+    profile) by the same :func:`judge` and :func:`findings`. The review's findings are taken as
+    saved: they are properties of the variants' behaviour, which a price does not change."""
+    variants = list(variants)
+    main = list(main)
+    rv = [ReviewFinding(**{**r, "numbers": dict(r.get("numbers") or {})})
+          for r in saved.get("review") or []]
+    wrong = [r.variant for r in rv if r.passed is False and r.source == "correctness"]
+    subs = subjects(variants)
+    scs = scenarios_for(comparison)
+    with comparison.timings.measure("judge"):
+        j = judge(comparison, subs, scs, main, wrong,
+                  tolerance=float(saved.get("tolerance", DEFAULT_TOLERANCE)), samples=samples,
+                  seed=seed, sampling=sampling)
+    text = findings(j, comparison.profile, main, rv,
+                    nested_priced=comparison.can_price_nested())
+    return Verdict(j, text, rv, str(saved.get("review_note", "")))
