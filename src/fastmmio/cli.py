@@ -165,6 +165,9 @@ def dispatch(parser_factory, argv: list[str] | None, label: str) -> int:
                 print(f"{getattr(args, 'error_label', label)}: unrecognized arguments: "
                       f"{' '.join(extra)}", file=sys.stderr)
                 return 2
+            # The command line as typed (results.json records it): the program's name and
+            # the arguments parsed.
+            args.command_line = [label.split()[0], *(sys.argv[1:] if argv is None else argv)]
             parsed.append(args)
             if getattr(parsed[0], "func", None) is None:
                 getattr(parsed[0], "help_parser", parser).print_help(sys.stderr)

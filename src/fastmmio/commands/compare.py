@@ -225,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
         with fanout.open_client(args.workers, args.scheduler) as client:
             result = with_progress("compare", lambda on_step: run_compare(
                 options, on_step, profile=profile, client=client))
+        result.argv = list(getattr(args, "command_line", result.argv))
         from fastmmio.report.compare import render, write_outputs
 
         write_outputs(result, args.out)  # staged in the folder

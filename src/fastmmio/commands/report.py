@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     profile = load_profile(args.profile) if args.profile else None  # ProfileError: exit 2
     with OutputFolder(args.out) as folder:
         result = load_run(args.results, profile)
+        result.argv = list(getattr(args, "command_line", result.argv))
         write_outputs(result, args.out)
         out = stdout_console()
         o = result.origin or {}
