@@ -32,7 +32,7 @@ from fastmmio.costs.profile import COMPONENTS, profile_to_json
 from fastmmio.errors import UsageError
 from fastmmio.outputs import open_text, write_text
 from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spread_text
-from fastmmio.report.plots import plot_breakdown, plot_sweep
+from fastmmio.report.plots import HeadlineBar, plot_breakdown, plot_headline, plot_sweep
 from fastmmio.result import RunResult
 from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
 from fastmmio.verdict.text import flip_brief
@@ -606,6 +606,31 @@ def plot_cells(run: CompareRun) -> list[Cell]:
     return out
 
 
+def headline_bars(run: CompareRun) -> list[HeadlineBar]:
+    """The headline figure's bars, read from the verdict's judgement: each variant's doorbell
+    under each machine setting, its ratio to that setting's PIO ioeventfd, and the sampled
+    90% interval of the ratio when the run sampled price sets."""
+    v = run.verdict
+    if v is None:
+        return []
+    out = []
+    for s in v.subjects:
+        if s.is_pio:
+            continue
+        for sc in v.scenarios:
+            p = v.points[(s.key, sc.key)]
+            u = p.uncertainty or {}
+            out.append(HeadlineBar(f"{s.label}\n{s.route} [{s.variant}]", sc.label,
+                                   p.ratio if p.judged not in ("", NA) else None,
+                                   u.get("ratio_p05"), u.get("ratio_p95")))
+    return out
+
+
+def headline_title(run: CompareRun) -> str:
+    return (f"Is MMIO as fast as port I/O? Each doorbell as a multiple of the PIO ioeventfd "
+            f"(profile {run.profile.name})")
+
+
 def write_outputs(run: CompareRun, out: Path) -> list[Path]:
     """results.json, results.csv, breakdown.png and breakdown.svg in ``out`` (created)."""
     _make_out(out)
@@ -633,6 +658,10 @@ def write_outputs(run: CompareRun, out: Path) -> list[Path]:
             paths += plot_breakdown(
                 bars + kvm, out / "breakdown",
                 title=f"cycles per notification by component ({setting_line(run)})")
+        head = headline_bars(run)
+        if head:
+            paths += plot_headline(head, out / "headline", run.verdict.tolerance,
+                                   title=headline_title(run))
     return paths
 
 
