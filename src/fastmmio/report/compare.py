@@ -32,7 +32,14 @@ from fastmmio.costs.profile import COMPONENTS, profile_to_json
 from fastmmio.errors import UsageError
 from fastmmio.outputs import open_text, write_text
 from fastmmio.report.bench import _clean, bench_table, host_line, rule_line, spread_text
-from fastmmio.report.plots import HeadlineBar, plot_breakdown, plot_headline, plot_sweep
+from fastmmio.report.plots import (
+    HeadlineBar,
+    breakdown_figure,
+    figure_svg,
+    headline_figure,
+    plot_sweep,
+    save_figure,
+)
 from fastmmio.result import RunResult
 from fastmmio.verdict import AS_FAST, INCORRECT, LABELS, SLOWER, doorbell_route
 from fastmmio.verdict.text import flip_brief
@@ -632,7 +639,8 @@ def headline_title(run: CompareRun) -> str:
 
 
 def write_outputs(run: CompareRun, out: Path) -> list[Path]:
-    """results.json, results.csv, breakdown.png and breakdown.svg in ``out`` (created)."""
+    """results.json, results.csv, breakdown.png/.svg, headline.png/.svg (with a verdict) and
+    report.html in ``out`` (created)."""
     _make_out(out)
     with run.timings.measure("write"):
         cells = all_cells(run)
@@ -654,14 +662,26 @@ def write_outputs(run: CompareRun, out: Path) -> list[Path]:
                 and not h.nested:
             shown = {b.route for b in bars}
             kvm = [r for r in run.kvm.results if r.route in shown and r.correct]
+        svgs: dict[str, str | None] = {"breakdown_svg": None, "headline_svg": None}
         if bars:
-            paths += plot_breakdown(
-                bars + kvm, out / "breakdown",
-                title=f"cycles per notification by component ({setting_line(run)})")
+            fig = breakdown_figure(
+                bars + kvm, title=f"cycles per notification by component ({setting_line(run)})")
+            paths += save_figure(fig, out / "breakdown")
+            svgs["breakdown_svg"] = figure_svg(fig)
         head = headline_bars(run)
         if head:
-            paths += plot_headline(head, out / "headline", run.verdict.tolerance,
-                                   title=headline_title(run))
+            fig = headline_figure(head, run.verdict.tolerance, title=headline_title(run))
+            paths += save_figure(fig, out / "headline")
+            svgs["headline_svg"] = figure_svg(fig)
+    with run.timings.measure("html"):
+        from fastmmio.report.html import report_html
+
+        p = out / "report.html"
+        try:
+            write_text(p, report_html(run, **svgs))
+        except OSError as exc:
+            raise UsageError(f"cannot write into {out}: {exc.strerror or exc}") from None
+        paths.append(p)
     return paths
 
 

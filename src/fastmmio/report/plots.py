@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ import warnings
 warnings.filterwarnings("ignore", message="Unable to import Axes3D", category=UserWarning)
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib import rc_context  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from fastmmio.costs.profile import COMPONENTS
@@ -87,12 +89,21 @@ def _is_kvm(r: RunResult) -> bool:
     return r.backend == "kvm"
 
 
+def save_figure(fig: Figure, out: str | Path, formats: Iterable[str] = FORMATS) -> list[Path]:
+    """Write a figure built by one of the ``*_figure`` functions, one file per format."""
+    return _save(fig, _outputs(out, formats))
+
+
 def figure_svg(fig: Figure) -> str:
     """The figure as SVG text (no XML prologue), for inlining in HTML."""
     FigureCanvasAgg(fig)
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    # text as <text> (not glyph paths: two figures in one page would share glyph ids), ids
+    # salted per figure, and no RDF metadata block
+    with rc_context({"svg.fonttype": "none", "svg.hashsalt": f"fastmmio-{id(fig)}"}):
+        fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
     text = buf.getvalue()
+    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
     return text[text.index("<svg"):]
 
 
