@@ -119,7 +119,8 @@ def test_compare_writes_the_output_folder(tmp_path, capsys):
                  "--variants", "upstream,rfc-2015", "--no-kvm", "--no-review", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code == 0  # rfc-2015 failing ro-read-eventfd is a finding, not an error
-    for name in ("results.json", "results.csv", "breakdown.png", "breakdown.svg"):
+    for name in ("results.json", "results.csv", "breakdown.png", "breakdown.svg",
+                 "headline.png", "headline.svg", "report.html"):
         assert (out / name).stat().st_size > 0, name
     doc = json.loads((out / "results.json").read_text())
     assert doc["options"]["variants"] == ["upstream", "rfc-2015"]

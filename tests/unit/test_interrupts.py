@@ -132,7 +132,8 @@ def test_sigint_and_sigterm_at_random_moments(tmp_path: Path):
     out = tmp_path / "out"
     duration = _full_run(out, tmp_path)  # an earlier, complete run in the folder
     before = _snapshot(out)
-    assert set(before) == {"results.json", "results.csv", "breakdown.png", "breakdown.svg"}
+    assert set(before) == {"results.json", "results.csv", "breakdown.png", "breakdown.svg",
+                           "report.html"}
 
     rng = random.Random(int(os.environ.get("FASTMMIO_TEST_SEED", "13")))
     # The hooks: while writing, plotting and publishing, for sure.

@@ -73,7 +73,7 @@ def sim_run(rec: Mapping[str, Any]) -> SimRun:
     """The :class:`SimRun` a ``simulated`` record was made from."""
     x = rec.get("extra") or {}
     o = sim_options(x["variant"], x.get("caches", "sdm-max"), bool(x.get("vpid", True)),
-                    bool(x.get("nested", False)), int(x.get("extra_ioeventfds", 0)))
+                    x.get("nested", "off"), int(x.get("extra_ioeventfds", 0)))
     o = SimOptions(**{**o.__dict__, "mmio_caching": bool(x.get("mmio_caching", True)),
                       "ept_ad": bool(x.get("ept_ad", True))})
     status = x.get("status", OK)
@@ -103,6 +103,10 @@ def _kvm_side(doc: Mapping[str, Any]) -> KvmSide:
                    [(s["route"], s["reason"]) for s in h.get("skipped") or []])
 
 
+def _nested_text(nested) -> str:
+    return "bare metal" if nested in (False, None, "off") else f"nested under {nested}"
+
+
 class _NotStored(UsageError):
     pass
 
@@ -126,7 +130,7 @@ def load_run(path: Path | str, profile: Profile | None = None) -> CompareRun:
         def refuse(route, options) -> None:
             raise _NotStored(f"{path}: the saved run has no simulation of {route.name} "
                              f"[{options.variant}, caches {options.caches}, "
-                             f"{'nested' if options.nested else 'bare metal'}] that this "
+                             f"{_nested_text(options.nested)}] that this "
                              f"profile needs; run fastmmio compare --profile {profile.name}")
 
         comparison.on_simulate = refuse

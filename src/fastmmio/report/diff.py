@@ -195,8 +195,8 @@ def _setting(s: tuple) -> str:
     parts = [str(d["caches"])]
     if d["vpid"] is False:
         parts.append("VPID off")
-    if d["nested"]:
-        parts.append("nested")
+    if d["nested"] not in (False, None, "off"):
+        parts.append("nested" if d["nested"] is True else f"nested under {d['nested']}")
     if d["mmio_caching"] is False:
         parts.append("no mmio_caching")
     if d["ept_ad"] is False:

@@ -11,6 +11,7 @@ run, and the saved run it was re-rendered from).
 
 from __future__ import annotations
 
+import io
 import json
 from html import escape
 from typing import Any, Iterable, Sequence
@@ -67,12 +68,9 @@ def _terminal(run: CompareRun) -> str:
     """The terminal render, recorded and exported as HTML with inline styles."""
     from fastmmio.report.compare import render
 
-    console = Console(record=True, width=200, file=open("/dev/null", "w"),  # noqa: SIM115
-                      color_system="truecolor", force_terminal=True)
-    try:
-        render(console, run, verdict_text=False)
-    finally:
-        console.file.close()
+    console = Console(record=True, width=200, file=io.StringIO(), color_system="truecolor",
+                      force_terminal=True)
+    render(console, run, verdict_text=False)
     return console.export_html(inline_styles=True,
                                code_format='<pre class="term"><code>{code}</code></pre>')
 
