@@ -271,6 +271,7 @@ class Cell:
         extra.update({
             "variant": o.variant, "caches": caches_name(o.caches), "vpid": o.vpid,
             "nested": o.nested, "mmio_caching": o.mmio_caching, "ept_ad": o.ept_ad,
+            "arch": o.arch, "next_rip_on_npf": o.next_rip_on_npf,
             "extra_ioeventfds": o.extra_ioeventfds, "scenario": self.scenario,
             "status": self.status, "reason": self.reason, "ept_entry": self.run.ept_entry,
             "exits_per_notification": self.exits, "exit_reasons": self.exit_reasons(),

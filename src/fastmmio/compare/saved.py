@@ -75,7 +75,8 @@ def sim_run(rec: Mapping[str, Any]) -> SimRun:
     o = sim_options(x["variant"], x.get("caches", "sdm-max"), bool(x.get("vpid", True)),
                     x.get("nested", "off"), int(x.get("extra_ioeventfds", 0)))
     o = SimOptions(**{**o.__dict__, "mmio_caching": bool(x.get("mmio_caching", True)),
-                      "ept_ad": bool(x.get("ept_ad", True))})
+                      "ept_ad": bool(x.get("ept_ad", True)), "arch": x.get("arch"),
+                      "next_rip_on_npf": x.get("next_rip_on_npf", "yes")})
     status = x.get("status", OK)
     result = run_result(rec) if rec.get("iterations") else None
     if status == NA and result is not None:

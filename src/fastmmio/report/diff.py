@@ -22,7 +22,7 @@ from rich.text import Text
 # Relative changes smaller than this are rounding (results.json keeps floats as computed).
 EPSILON = 1e-9
 SETTING_FIELDS = ("variant", "caches", "vpid", "nested", "mmio_caching", "ept_ad",
-                  "extra_ioeventfds")
+                  "extra_ioeventfds", "arch", "next_rip_on_npf")
 
 
 def _f(x: Any) -> float | None:
@@ -201,6 +201,8 @@ def _setting(s: tuple) -> str:
         parts.append("no mmio_caching")
     if d["ept_ad"] is False:
         parts.append("no EPT A/D")
+    if d["arch"]:
+        parts.append(str(d["arch"]))
     if d["extra_ioeventfds"]:
         parts.append(f"+{d['extra_ioeventfds']} ioeventfds")
     return ", ".join(parts)
