@@ -15,7 +15,8 @@ from fastmmio.cli import main
 
 pytest.importorskip("distributed")
 
-TIMING_KEYS = {"timings_s", "wall_s", "host_ns_per_notification", "seconds"}
+# Timings, and the "run" record (when and with which command line: the runs differ there)
+TIMING_KEYS = {"timings_s", "wall_s", "host_ns_per_notification", "seconds", "run"}
 COMPARE = ["compare", "--no-kvm", "--no-review", "--variants", "upstream,rfc-2015", "-n", "16",
            "pio-eventfd-len1", "mmio-eventfd-len0"]
 SWEEP = ["sweep", "--param", "ioeventfds", "--values", "0,8", "--routes",
