@@ -13,15 +13,18 @@ from fastmmio.costs.model import (
 from fastmmio.costs.profile import (
     BASES,
     COMPONENTS,
+    MAX_PRICE,
     Free,
     Price,
     Profile,
     list_profiles,
     load_profile,
+    override_prices,
     parse_profile,
 )
 
 __all__ = [
-    "BASES", "COMPONENTS", "CostModel", "Free", "LineItem", "Price", "Pricing", "Profile",
-    "Resolution", "UnpricedEventError", "check_prices", "list_profiles", "load_profile", "parse_profile",
+    "BASES", "COMPONENTS", "MAX_PRICE", "CostModel", "Free", "LineItem", "Price", "Pricing", "Profile",
+    "Resolution", "UnpricedEventError", "check_prices", "list_profiles", "load_profile",
+    "override_prices", "parse_profile",
 ]

@@ -12,6 +12,7 @@ it comes from. The schema (every table and field; anything else is an error):
     cpu = "Intel Xeon Scalable ..."     # required: what the figures describe
     nested = false                      # optional: default of the nested setting (see below)
     notes = "..."                       # optional, free text
+    extends = "skylake-sp"              # optional: a bundled name or a path (see below)
 
     [sources]                           # optional: citations by short name
     anandtech-skx = "AnandTech, ... (2017), page 4"
@@ -19,7 +20,7 @@ it comes from. The schema (every table and field; anything else is an error):
     [price."walk.served.l1"]            # one table per event name or dotted prefix
     cycles = 4                          # required: >= 0, finite (int or float)
     component = "walk"                  # required: one of COMPONENTS
-    basis = "measured"                  # required: measured | derived | estimate | fitted
+    basis = "measured"                  # required: measured | derived | estimate | fitted | user
     source = "anandtech-skx"            # required: a [sources] name, or the citation itself
     exact = false                       # optional: true = this exact name only, no prefix use
     note = "..."                        # optional
@@ -60,7 +61,9 @@ counts its work as ``nested.*`` events, priced in ``[price]`` like any other.
 ``[sources]``; anything longer is the citation itself. ``basis`` says what kind of figure it is:
 ``measured`` (a published measurement of this very quantity), ``derived`` (computed from
 published measurements, the computation in ``source``/``note``), ``estimate`` (no measurement:
-the reason in ``source``), ``fitted`` (by :mod:`fastmmio.costs.fit`; the record in ``[fit]``).
+the reason in ``source``), ``fitted`` (by :mod:`fastmmio.costs.fit`; the record in ``[fit]``), ``user`` (a figure the
+user gave without more: ``--price EVENT=CYCLES`` on the command line, see
+:func:`override_prices`).
 
 **Intervals.** ``low``/``high`` bound where the true price plausibly lies, and ``why`` says what
 sizes the interval (for an estimate: the length of the code path it stands for; for a fitted
@@ -73,10 +76,27 @@ bundled profiles give one to every price that is not a published measurement.
 ``[nested.price]`` may name base keys too). :meth:`Profile.estimate_roots` follows them: a price
 leans on an estimate when it is one or when anything it depends on (transitively) does. An
 unknown key or a cycle is an error.
+
+**Inheritance.** ``extends`` names the profile this one starts from: a bundled name, or a path
+(relative to the extending file's folder). The parent is read and validated on its own first,
+then the child is laid over it, table by table: ``[profile]`` fields the child does not give
+(``description``, ``cpu``, ``nested``, ``notes``) are the parent's; ``[sources]`` are merged
+(the child's entry wins on a name both define); a ``[price]``, ``[free]`` or
+``[nested.price]`` key only the parent has is kept, a key only the child has is added. A key
+both have is merged field by field, and a child that gives ``cycles`` gives a new figure: it
+must then say its ``basis`` and ``source``, and the parent's ``note``, ``prior`` (and every
+other field that describes the parent's figure) are dropped, while ``component`` and
+``exact`` (what the event is) are kept unless the child gives them; a child that gives no
+``cycles`` only adds to the parent's figure (a ``note``, say). A key the child moves from
+``[price]`` to ``[free]`` (or back) leaves the parent's table. ``[nested]`` merges the same way
+(``scale`` by component). The parent's ``[fit]`` record is kept unless the child gives its own
+or overrides a price the fit moved (the record would no longer describe the prices). Chains
+(a parent that extends another) are followed; a cycle is an error naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import tomllib
@@ -100,7 +120,7 @@ COMPONENTS = (
 )
 """Cost components, in report order; every breakdown has exactly these keys."""
 
-BASES = ("measured", "derived", "estimate", "fitted")
+BASES = ("measured", "derived", "estimate", "fitted", "user")
 
 MAX_PRICE = 1e7
 """The largest price a profile may give one event, in cycles: the dearest event the models
@@ -110,7 +130,7 @@ milliseconds) is a mistake, and a figure like 1e300 would make every sum meaning
 _KEY_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 _SOURCE_NAME_RE = re.compile(r"^\S+$")
 
-_PROFILE_FIELDS = {"name", "description", "cpu", "nested", "notes"}
+_PROFILE_FIELDS = {"name", "description", "cpu", "nested", "notes", "extends"}
 _TOP_FIELDS = {"profile", "sources", "price", "free", "nested", "fit"}
 _PRICE_FIELDS = {"cycles", "component", "basis", "source", "exact", "note", "prior", "low",
                  "high", "why", "depends"}
@@ -208,6 +228,8 @@ class Profile:
     nested_default: bool = False
     notes: str = ""
     fit: FitRecord | None = None
+    #: the origins of the profiles this one extends, nearest first (``extends``)
+    extends: tuple[str, ...] = ()
 
     def price_entry(self, pid: str) -> Price:
         """The price by id: a ``[price]`` key, or ``nested:<key>`` for ``[nested.price]``."""
@@ -516,14 +538,31 @@ def _parse_fit(ctx: _Ctx, raw: Any, prices: Mapping[str, Price],
     )
 
 
-def parse_profile(text: str, origin: str = "<string>") -> Profile:
+def parse_profile(text: str, origin: str = "<string>", *,
+                  base_dir: str | Path | None = None) -> Profile:
     """Parse and validate profile TOML text; errors are :class:`ProfileError` naming
-    ``origin`` and the field."""
-    ctx = _Ctx(origin)
+    ``origin`` and the field. A relative ``extends`` path is read from ``base_dir`` (default:
+    the current directory)."""
+    doc, lineage = _merged_doc(text, origin, Path(base_dir) if base_dir else None,
+                               ((_identity_of_origin(origin), origin),))
+    return _build(_Ctx(origin), doc, origin, lineage)
+
+
+def _toml_doc(text: str, origin: str) -> dict:
     try:
-        doc = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ProfileError(f"profile {origin}: not valid TOML: {exc}") from None
+
+
+def _identity_of_origin(origin: str) -> str:
+    """What an origin is for the cycle check: the resolved path of a file, else the text."""
+    p = Path(origin)
+    return str(p.resolve()) if p.is_file() else origin
+
+
+def _build(ctx: _Ctx, doc: dict, origin: str, lineage: tuple[str, ...]) -> Profile:
+    """The :class:`Profile` of a (merged) document, every field validated."""
     _check_fields(ctx, doc, _TOP_FIELDS, "(top level)")
     if "profile" not in doc:
         raise ctx.error("profile", "missing [profile] table (name, description, cpu)")
@@ -583,7 +622,187 @@ def parse_profile(text: str, origin: str = "<string>") -> Profile:
         nested_default=nested_default,
         notes=_string(ctx, head, "notes", "profile", required=False),
         fit=fit,
+        extends=lineage,
     )
+
+
+# ------------------------------------------------------------------------------------------
+# inheritance (extends) and command-line overrides
+# ------------------------------------------------------------------------------------------
+
+
+def _merged_doc(text: str, origin: str, base_dir: Path | None,
+                chain: tuple[tuple[str, str], ...]) -> tuple[dict, tuple[str, ...]]:
+    """The document of ``text`` with its ``extends`` chain laid under it (see the module
+    docstring), and the origins of its ancestors, nearest first. ``chain`` holds the
+    (identity, origin) of every profile on the way down, for the cycle check."""
+    ctx = _Ctx(origin)
+    doc = _toml_doc(text, origin)
+    head = doc.get("profile")
+    if not isinstance(head, dict) or "extends" not in head:
+        return doc, ()
+    ref = head["extends"]
+    if not isinstance(ref, str) or not ref.strip():
+        raise ctx.error("profile.extends", "must be a bundled profile name or a .toml path")
+    ident, porigin, ptext, pdir = _locate(ref.strip(), base_dir,
+                                          f"profile {origin}: profile.extends: ")
+    seen = [i for i, _ in chain]
+    if ident in seen:
+        loop = [o for _, o in chain[seen.index(ident):]] + [porigin]
+        raise ctx.error("profile.extends", "inheritance cycle: " + " -> ".join(loop))
+    pdoc, plineage = _merged_doc(ptext, porigin, pdir, chain + ((ident, porigin),))
+    _build(_Ctx(porigin), pdoc, porigin, plineage)  # the parent must stand on its own
+    return _merge_docs(ctx, pdoc, doc), (porigin,) + plineage
+
+
+def _table(ctx: _Ctx, doc: dict, name: str) -> dict:
+    t = doc.get(name, {})
+    if not isinstance(t, dict):
+        raise ctx.error(name, "must be a table")
+    return t
+
+
+#: price fields that say what the event is (kept when a child gives a new figure)
+_EVENT_FIELDS = ("component", "exact")
+
+
+def _merge_price(ctx: _Ctx, where: str, parent: dict, child: Any) -> Any:
+    if not isinstance(child, dict):
+        return child  # _build reports it
+    if "cycles" not in child:
+        return {**parent, **child}
+    missing = [f for f in ("basis", "source") if f not in child]
+    if missing:
+        raise ctx.error(f"{where}.{missing[0]}",
+                        "missing: a price that overrides the inherited cycles gives its own "
+                        "basis and source (the parent's describe the parent's figure)")
+    merged = {f: parent[f] for f in _EVENT_FIELDS if f in parent}
+    merged.update(child)
+    return merged
+
+
+def _merge_prices(ctx: _Ctx, table: str, parent: dict, child: dict) -> tuple[dict, set[str]]:
+    """Parent and child price tables merged; and the keys whose figure the child replaced."""
+    out = dict(parent)
+    replaced = set()
+    for key, entry in child.items():
+        if key in parent and isinstance(parent[key], dict):
+            out[key] = _merge_price(ctx, _fmt_key(table, key), parent[key], entry)
+            if isinstance(entry, dict) and "cycles" in entry:
+                replaced.add(key)
+        else:
+            out[key] = entry
+    return out, replaced
+
+
+def _merge_docs(ctx: _Ctx, parent: dict, child: dict) -> dict:
+    """``child`` laid over the (already merged and validated) ``parent`` document."""
+    _check_fields(ctx, child, _TOP_FIELDS, "(top level)")
+    head = _check_fields(ctx, child.get("profile", {}), _PROFILE_FIELDS, "profile")
+    out: dict[str, Any] = {}
+    out["profile"] = {k: v for k, v in parent["profile"].items() if k != "name"}
+    out["profile"].update({k: v for k, v in head.items() if k != "extends"})
+    out["sources"] = {**_table(ctx, parent, "sources"), **_table(ctx, child, "sources")}
+
+    cprice, cfree = _table(ctx, child, "price"), _table(ctx, child, "free")
+    price, replaced = _merge_prices(ctx, "price", _table(ctx, parent, "price"), cprice)
+    free = {**_table(ctx, parent, "free"), **cfree}
+    for key in cfree:
+        if key not in cprice:
+            price.pop(key, None)  # moved from [price] to [free]
+    for key in cprice:
+        if key not in cfree:
+            free.pop(key, None)  # moved from [free] to [price]
+    out["price"], out["free"] = price, free
+
+    if "nested" in parent or "nested" in child:
+        pn, cn = _table(ctx, parent, "nested"), _table(ctx, child, "nested")
+        nested = {**pn, **{k: v for k, v in cn.items() if k not in ("scale", "price")}}
+        if "scale" in pn or "scale" in cn:
+            nested["scale"] = {**pn.get("scale", {}), **_table(ctx, cn, "scale")}
+        if "price" in pn or "price" in cn:
+            nested["price"], nreplaced = _merge_prices(
+                ctx, "nested.price", pn.get("price", {}), _table(ctx, cn, "price"))
+            replaced |= {f"nested:{k}" for k in nreplaced}
+        out["nested"] = nested
+
+    if "fit" in child:
+        out["fit"] = child["fit"]
+    elif "fit" in parent:
+        moved = set(parent["fit"].get("free", ()))
+        if not (moved & replaced) and all(k in price for k in moved):
+            out["fit"] = parent["fit"]
+    return out
+
+
+def _locate(ref: str | Path, base_dir: Path | None = None,
+            prefix: str = "") -> tuple[str, str, str, Path | None]:
+    """A profile by bundled name or path: (identity for cycle checks, origin for messages,
+    its text, the folder a relative ``extends`` in it is read from)."""
+    if isinstance(ref, Path) or _looks_like_path(str(ref), base_dir):
+        path = Path(ref)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        if path.exists() and not path.is_file() and not path.is_dir():
+            # a device or FIFO (/dev/zero, a pipe) could be read forever
+            raise ProfileError(f"{prefix}cannot read profile {path}: not a regular file")
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ProfileError(f"{prefix}cannot read profile {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ProfileError(f"{prefix}cannot read profile {path}: not UTF-8 text "
+                               f"({exc.reason} at byte {exc.start})") from None
+        return str(path.resolve()), str(path), text, path.resolve().parent
+    name = str(ref)
+    res = _bundled_dir().joinpath(f"{name}.toml")
+    if not res.is_file():
+        raise ProfileError(f"{prefix}unknown profile {name!r}{did_you_mean(name, list_profiles())}; "
+                           "bundled profiles: "
+                           f"{', '.join(list_profiles()) or '(none)'}; or give a .toml path")
+    return f"bundled:{name}", f"{name}.toml", res.read_text(), None
+
+
+def override_prices(profile: Profile, overrides: "Mapping[str, float] | list[tuple[str, float]]",
+                    source: str = "the fastmmio command line") -> Profile:
+    """``profile`` with some prices replaced by the user's figures (``--price EVENT=CYCLES``).
+
+    Each key must be a ``[price]`` key of the profile, or ``nested:KEY`` for a
+    ``[nested.price]`` one (a :class:`ProfileError` naming the closest keys otherwise; a
+    ``[free]`` key cannot be priced this way: write a partial profile with ``extends``). The
+    figure is held to the same bounds as a file's (finite, >= 0, at most :data:`MAX_PRICE`).
+    The new price keeps the event's component and ``exact``; its basis is ``user`` and its
+    source ``source`` with the override (``--price exit=1200``); what described the old
+    figure (its note, prior, source) is replaced by a note naming the old figure."""
+    items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
+    if not items:
+        return profile
+    prices = dict(profile.prices)
+    nested_prices = dict(profile.nested.prices) if profile.nested is not None else {}
+    said = []
+    for key, cycles in items:
+        where = f"--price {key}={cycles}"
+        ctx = _Ctx(profile.origin)
+        table, name = (nested_prices, key[7:]) if key.startswith("nested:") else (prices, key)
+        if name not in table:
+            known = list(prices) + [f"nested:{k}" for k in nested_prices]
+            if key in profile.free:
+                why = "is a [free] key: price it in a profile that extends this one"
+            else:
+                why = f"is not a price of the profile{did_you_mean(key, known)}"
+            raise ctx.error(where, f"{key!r} {why} (its keys: fastmmio profile show "
+                                   f"{profile.name})")
+        value = _number(ctx, cycles, where)
+        old = table[name]
+        table[name] = Price(key=name, cycles=value, component=old.component, basis="user",
+                            source=f"{source}: --price {key}={cycles:g}", exact=old.exact,
+                            note=f"replaces {old.cycles:g} cycles ({old.basis}, {old.source_ref or 'the profile'})")
+        said.append(f"{key}={cycles:g}")
+    nested = profile.nested
+    if nested is not None:
+        nested = Nested(nested.description, nested.source, nested.scale, nested_prices)
+    return dataclasses.replace(profile, prices=prices, nested=nested,
+                               origin=f"{profile.origin} with --price {', '.join(said)}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -600,8 +819,9 @@ def list_profiles() -> list[str]:
     return sorted(p.name[:-5] for p in _bundled_dir().iterdir() if p.name.endswith(".toml"))
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.endswith(".toml") or "/" in name or "\\" in name or Path(name).exists()
+def _looks_like_path(name: str, base_dir: Path | None = None) -> bool:
+    return (name.endswith(".toml") or "/" in name or "\\" in name or Path(name).exists()
+            or (base_dir is not None and (base_dir / name).exists()))
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
@@ -609,26 +829,11 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
     Anything ending in ``.toml``, containing a path separator or naming an existing file is
     read as a file; an unknown name is a :class:`ProfileError` listing the bundled ones.
+    ``extends`` is followed (see the module docstring).
     """
-    if isinstance(name_or_path, Path) or _looks_like_path(str(name_or_path)):
-        path = Path(name_or_path)
-        if path.exists() and not path.is_file() and not path.is_dir():
-            # a device or FIFO (/dev/zero, a pipe) could be read forever
-            raise ProfileError(f"cannot read profile {path}: not a regular file")
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ProfileError(f"cannot read profile {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        return parse_profile(text, str(path))
-    name = str(name_or_path)
-    res = _bundled_dir().joinpath(f"{name}.toml")
-    if not res.is_file():
-        raise ProfileError(f"unknown profile {name!r}{did_you_mean(name, list_profiles())}; "
-                           "bundled profiles: "
-                           f"{', '.join(list_profiles()) or '(none)'}; or give a .toml path")
-    return parse_profile(res.read_text(), f"{name}.toml")
+    ident, origin, text, folder = _locate(name_or_path)
+    doc, lineage = _merged_doc(text, origin, folder, ((ident, origin),))
+    return _build(_Ctx(origin), doc, origin, lineage)
 
 
 # ------------------------------------------------------------------------------------------
@@ -668,7 +873,7 @@ def profile_from_json(d: Mapping[str, Any], origin: str = "results.json") -> Pro
             free={k: Free(**v) for k, v in (d.get("free") or {}).items()},
             sources=dict(d.get("sources") or {}), nested=nested,
             nested_default=bool(d.get("nested_default", False)), notes=d.get("notes", ""),
-            fit=fit)
+            fit=fit, extends=tuple(d.get("extends") or ()))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ProfileError(f"{origin}: the saved profile is incomplete or malformed "
                            f"({type(exc).__name__}: {exc})") from None
