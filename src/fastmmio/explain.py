@@ -46,7 +46,7 @@ from iced_x86 import Decoder, Formatter, FormatterSyntax, Mnemonic
 from unicorn import UC_HOOK_CODE
 from unicorn import x86_const as X
 
-from fastmmio.costs import CostModel, Pricing
+from fastmmio.costs import CostModel, Pricing, Profile
 from fastmmio.errors import FastmmioError, IoEventFdError, UsageError
 from fastmmio.routes import Route, build_machine, get_route
 from fastmmio.sim.backend import SimBackend, SimOptions, SimSession
@@ -356,7 +356,7 @@ class ExplainOptions:
     warm-up batch's length."""
 
     sim: SimOptions = field(default_factory=SimOptions)
-    profile: str | Path = DEFAULT_PROFILE
+    profile: "str | Path | Profile" = DEFAULT_PROFILE  # a name, a file, or a loaded profile
     cpl: int = DEFAULT_CPL
     warmup: int = DEFAULT_WARMUP
 

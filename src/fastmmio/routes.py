@@ -14,6 +14,8 @@ KVM_CAP_IOEVENTFD_ANY_LENGTH); a length-0 MMIO ioeventfd also goes on KVM_FAST_M
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
@@ -294,11 +296,14 @@ def parse_catalogue(text: str, source: str = "<string>") -> tuple[Route, ...]:
 
 
 @lru_cache(maxsize=None)
-def load_catalogue(path: str | None = None) -> tuple[Route, ...]:
-    """The catalogue: ``fastmmio/data/routes.toml``, or the TOML file at ``path``."""
-    if path is None:
-        text = resources.files("fastmmio").joinpath("data/routes.toml").read_text()
-        return parse_catalogue(text, "routes.toml")
+def _bundled_catalogue() -> tuple[Route, ...]:
+    text = resources.files("fastmmio").joinpath("data/routes.toml").read_text()
+    return parse_catalogue(text, "routes.toml")
+
+
+def read_catalogue_file(path: str | Path) -> tuple[Route, ...]:
+    """The routes of the TOML file at ``path`` (the schema of ``data/routes.toml``, validated
+    the same way); every problem is a :class:`UsageError` naming the file."""
     p = Path(path)
     if p.exists() and not p.is_file() and not p.is_dir():  # a device or FIFO: never ends
         raise UsageError(f"cannot read route catalogue {path}: not a regular file")
@@ -308,7 +313,41 @@ def load_catalogue(path: str | None = None) -> tuple[Route, ...]:
         raise UsageError(f"cannot read route catalogue {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise UsageError(f"cannot read route catalogue {path}: not UTF-8 text") from None
-    return parse_catalogue(text, path)
+    return parse_catalogue(text, str(path))
+
+
+# Routes a user added with --routes-file (see add_user_routes), after the bundled ones.
+_user_routes: tuple[Route, ...] = ()
+
+
+def load_catalogue(path: str | None = None) -> tuple[Route, ...]:
+    """The catalogue: ``fastmmio/data/routes.toml`` and the user's routes added with
+    :func:`user_routes`, or only the TOML file at ``path``."""
+    if path is None:
+        return _bundled_catalogue() + _user_routes
+    return read_catalogue_file(path)
+
+
+@contextmanager
+def user_routes(path: str | Path) -> Iterator[tuple[Route, ...]]:
+    """Within the block, the catalogue (:func:`load_catalogue`, :func:`get_route`) is the
+    bundled one *and* the routes of the file at ``path`` (``--routes-file``): a file adds
+    routes, it does not replace the bundled ones (the verdict and the calibration need their
+    doorbell and reference routes). A name the bundled catalogue already has is a
+    :class:`UsageError`; so is every problem of the file."""
+    global _user_routes
+    routes = read_catalogue_file(path)
+    bundled = {r.name for r in _bundled_catalogue()}
+    taken = [r.name for r in routes if r.name in bundled]
+    if taken:
+        raise UsageError(f"route catalogue {path}: route {taken[0]} is already in the bundled "
+                         "catalogue (a routes file adds routes: give yours another name)")
+    saved = _user_routes
+    _user_routes = routes
+    try:
+        yield routes
+    finally:
+        _user_routes = saved
 
 
 def route_names(routes: tuple[Route, ...] | None = None) -> list[str]:

@@ -23,6 +23,7 @@ from fastmmio.bench import (
     BenchOptions,
     bench_routes,
 )
+from fastmmio.commands.extensions import add_routes_file_argument, with_extensions
 from fastmmio.errors import HostError, UsageError
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.real.host import unsupported_reason
@@ -94,7 +95,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "every host's records in one file)")
     p.add_argument("--hosts", type=csv_list, metavar="H1,H2",
                    help="with --scheduler: only these hosts (worker address host part or host name)")
-    p.set_defaults(func=run)
+    add_routes_file_argument(p)
+    p.set_defaults(func=with_extensions(run))
 
 
 # A bound on one access, for the watchdog only: the slowest route measured on PVM (an exit to

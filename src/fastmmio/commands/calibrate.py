@@ -24,6 +24,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fastmmio.commands.extensions import (
+    add_price_argument,
+    add_variant_file_argument,
+    profile_from_args,
+    with_extensions,
+)
 from fastmmio.errors import UsageError
 
 
@@ -48,12 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "anchor set names its own)")
     p.add_argument("--base", default="skylake-sp", metavar="PROFILE",
                    help="profile whose prices are not fitted (name or .toml; default skylake-sp)")
+    add_variant_file_argument(p)
+    add_price_argument(p)
     p.add_argument("--fit", metavar="PRICE,...",
                    help="the prices that may move (default: every price the figures can "
                    "separate, largest contribution first)")
     p.add_argument("--out", type=Path, metavar="FILE", help="write the fitted profile (TOML)")
     p.add_argument("--name", help="the profile's name (default: --out's file name, or 'calibrated')")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_extensions(run))
 
 
 def _read_text(path: str) -> str:
@@ -171,7 +179,6 @@ def summary_lines(result) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from fastmmio.compare.calibration import calibrate, figure_set_from_anchor
     from fastmmio.costs.fit import write_profile
-    from fastmmio.costs.profile import load_profile
     from fastmmio.kut import CURRENT_ERA, anchor_names, load_anchor
 
     if args.list_anchors:
@@ -180,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name:24} {a.date:6} {a.description}")
             print(f"{'':24}        CPU {a.cpu}; {a.source.cite()}")
         return 0
-    base = load_profile(args.base)  # ProfileError (exit 2) for a missing or bad profile
+    base = profile_from_args(args, "base")  # ProfileError (exit 2): a missing or bad profile
     fit = None
     if args.fit is not None:
         fit = [k.strip() for k in args.fit.split(",") if k.strip()]

@@ -45,6 +45,13 @@ from fastmmio.compare.run import (
     default_out,
     run_compare,
 )
+from fastmmio.commands.extensions import (
+    add_price_argument,
+    add_routes_file_argument,
+    add_variant_file_argument,
+    profile_from_args,
+    with_extensions,
+)
 from fastmmio.costs import check_prices, list_profiles, load_profile
 from fastmmio.costs.linear import SAMPLING
 from fastmmio.outputs import OutputFolder
@@ -74,13 +81,18 @@ def arch_list(text: str) -> tuple[str, ...]:
 
 
 def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str | None) -> None:
-    """Options shared by compare and sweep: the simulated machine and the profile
-    (``default_variants`` None: every variant of the chosen architectures)."""
-    p.add_argument("--variants", type=csv_list,
-                   default=csv_list(default_variants) if default_variants else None,
+    """Options shared by compare and sweep: the simulated machine, the profile and what the
+    user brings (:mod:`fastmmio.commands.extensions`). ``--variants`` is None when not given:
+    the command's default then includes the variants the user loaded (``default_variants``,
+    for the help, None: every variant of the chosen architectures)."""
+    p.add_argument("--variants", type=csv_list, default=None,
                    metavar="V1,V2", help=f"KVM variants (default "
-                   f"{default_variants or 'every variant of --arch'}; choose from "
-                   f"{', '.join(ALL_VARIANTS if default_variants is None else VARIANTS)})")
+                   f"{default_variants or 'every variant of --arch, the user files' too'}; "
+                   f"choose from {', '.join(ALL_VARIANTS if default_variants is None else VARIANTS)}, "
+                   "or a variant of --variant-file)")
+    add_variant_file_argument(p)
+    add_routes_file_argument(p)
+    add_price_argument(p)
     p.add_argument("--profile", default=DEFAULT_PROFILE, metavar="NAME|FILE.toml",
                    help=f"CPU cost profile (default {DEFAULT_PROFILE}; bundled: "
                    f"{', '.join(list_profiles())}; or a .toml path)")
@@ -157,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "walk references, EPT entry), once for what every variant shares")
     p.add_argument("--no-review", action="store_true",
                    help="leave out the checks of fastmmio.review from the verdict")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_extensions(run))
 
 
 def progress_display() -> tuple[Progress, Console]:
@@ -205,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
     svm_only = tuple(args.arch) == ("svm",)
     if svm_only and args.profile == DEFAULT_PROFILE:
         args.profile = args.svm_profile  # an Intel profile cannot price SVM runs
-    profile = load_profile(args.profile)  # ProfileError: one line, exit 2
+    profile = profile_from_args(args)  # ProfileError: one line, exit 2
     if "svm" in args.arch and not svm_only:
         load_profile(args.svm_profile)
     options = CompareOptions(

@@ -15,6 +15,13 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from fastmmio.commands.extensions import (
+    add_price_argument,
+    add_routes_file_argument,
+    add_variant_file_argument,
+    profile_from_args,
+    with_extensions,
+)
 from fastmmio.costs import COMPONENTS, check_prices
 from fastmmio.outputs import check_writable_file, is_stdout, write_final
 from fastmmio.explain import (
@@ -31,6 +38,7 @@ from fastmmio.sim.nested import NESTED_DEFAULT
 from fastmmio.argtypes import nested_l0, positive_int
 from fastmmio.routes import get_route
 from fastmmio.sim.backend import SimOptions
+from fastmmio.sim.kvm.variants import VARIANTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--variant", default=None,
                    help="KVM variant (vmx: upstream, upstream-2013, rfc-2015, rfc-2015-fixed, "
                    "bad-page, reserved-write-mostly; default upstream. svm: svm, svm-pre-7.0, "
-                   "rfc-2015-svm; default svm)")
+                   "rfc-2015-svm; default svm; or one of --variant-file)")
+    add_variant_file_argument(p)
+    add_routes_file_argument(p)
     p.add_argument("--caches", default="sdm-max",
                    help="processor translation-cache configuration (default sdm-max; on svm "
                    "apm-max, none, zen4, sdm-max meaning apm-max)")
@@ -67,13 +77,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, metavar="NAME|FILE",
                    help=f"CPU cost profile: a bundled name or a .toml file (default "
                    f"{ARCH_PROFILES['vmx']} on vmx, {ARCH_PROFILES['svm']} on svm)")
+    add_price_argument(p)
     p.add_argument("--cpl", type=int, choices=(0, 3), default=DEFAULT_CPL,
                    help=f"guest privilege level (default {DEFAULT_CPL}, as kvm-unit-tests on VMX)")
     p.add_argument("--warmup", type=positive_int, default=DEFAULT_WARMUP, metavar="N",
                    help=f"iterations of the warm-up batch (default {DEFAULT_WARMUP})")
     p.add_argument("--json", nargs="?", const="-", metavar="FILE",
                    help="write the steps as JSON to FILE, or to stdout instead of the table")
-    p.set_defaults(func=run)
+    p.set_defaults(func=with_extensions(run))
 
 
 def explanation_table(e: Explanation) -> Table:
@@ -126,14 +137,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         check_writable_file(Path(args.json))
     variant = args.variant or ("svm" if args.arch == "svm" else "upstream")
+    args.profile = args.profile or ARCH_PROFILES[args.arch]
+    profile = profile_from_args(args)
     options = ExplainOptions(
         sim=SimOptions(variant=variant, caches=args.caches, vpid=args.vpid == "on",
                        nested=args.nested, arch=args.arch, next_rip_on_npf=args.next_rip_on_npf),
-        profile=args.profile or ARCH_PROFILES[args.arch],
+        profile=profile,
         cpl=args.cpl,
         warmup=args.warmup,
     )
-    check_prices(options.profile, nested=args.nested != "off")  # before simulating
+    check_prices(profile, nested=args.nested != "off")  # before simulating
     e = explain(route, options)
     if args.json is not None:
         text = json.dumps(e.to_json(), indent=2) + "\n"

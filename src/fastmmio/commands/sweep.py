@@ -25,7 +25,8 @@ from fastmmio.compare.sweep import (
     parse_values,
     run_sweep,
 )
-from fastmmio.costs import check_prices, load_profile
+from fastmmio.commands.extensions import profile_from_args, with_extensions
+from fastmmio.costs import check_prices
 from fastmmio.errors import UsageError
 from fastmmio.outputs import OutputFolder
 
@@ -47,8 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="its values, one --values per --param, in the same order")
     p.add_argument("--routes", type=csv_list, default=list(DEFAULT_ROUTES), metavar="R1,R2",
                    help=f"routes (default {','.join(DEFAULT_ROUTES)})")
-    add_sim_arguments(p, default_variants=",".join(DEFAULT_VARIANTS))
-    p.set_defaults(func=run)
+    add_sim_arguments(p, default_variants=",".join(DEFAULT_VARIANTS) + " and those of --variant-file")
+    p.set_defaults(func=with_extensions(run))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -58,14 +59,16 @@ def run(args: argparse.Namespace) -> int:
     if len(args.param) > 2:
         raise UsageError("sweep at most two parameters at once")
     params = [(name, parse_values(name, vals)) for name, vals in zip(args.param, args.values)]
-    profile = load_profile(args.profile)
+    profile = profile_from_args(args)
+    variants = (args.variants if args.variants is not None
+                else list(DEFAULT_VARIANTS) + args.user_variants)
     check_prices(profile, nested=args.nested != "off" or any(
         name == "nested" and any(v != "off" for v in values) for name, values in params))
     base = Base(caches=args.caches, vpid=args.vpid, nested=args.nested)
     with OutputFolder(args.out) as folder:  # writable, locked; nothing published until commit
         with fanout.open_client(args.workers, args.scheduler) as client:
             result = with_progress("sweep", lambda on_step: run_sweep(
-                params, routes=args.routes, variants=args.variants, profile=profile, base=base,
+                params, routes=args.routes, variants=variants, profile=profile, base=base,
                 iterations=args.iterations, progress=on_step, client=client))
         from fastmmio.report.compare import sweep_table, write_sweep
 

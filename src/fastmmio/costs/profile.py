@@ -781,7 +781,7 @@ def override_prices(profile: Profile, overrides: "Mapping[str, float] | list[tup
     nested_prices = dict(profile.nested.prices) if profile.nested is not None else {}
     said = []
     for key, cycles in items:
-        where = f"--price {key}={cycles}"
+        where = f"--price {key}={cycles:g}"
         ctx = _Ctx(profile.origin)
         table, name = (nested_prices, key[7:]) if key.startswith("nested:") else (prices, key)
         if name not in table:

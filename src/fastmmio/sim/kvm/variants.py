@@ -90,6 +90,7 @@ so under every L0 they skip by the same rule as upstream.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastmmio.errors import UsageError, did_you_mean
@@ -285,10 +286,75 @@ class ReservedWriteMostly(Variant2015):
         vm.mmu.mmio_spte_for_readonly_hook = write_mostly
 
 
-VARIANTS: dict[str, type[Variant]] = {
-    v.name: v for v in (Upstream2013, Variant, Rfc2015, Rfc2015Posted, Rfc2015Fixed, BadPage,
-                        ReservedWriteMostly)
-}
+VARIANTS: dict[str, type[Variant]] = {}
+"""The VMX variants by name: the bundled ones, then those registered later (plug-ins,
+``--variant-file``), all through :func:`register_variant` (as are :data:`SVM_VARIANTS`;
+:data:`ALL_VARIANTS` holds both)."""
+SVM_VARIANTS: dict[str, type[Variant]] = {}
+ALL_VARIANTS: dict[str, type[Variant]] = {}
+ARCHES = ("vmx", "svm")
+_BY_ARCH = {"vmx": VARIANTS, "svm": SVM_VARIANTS}
+
+_ORIGINS: dict[str, str] = {}  # name -> where the variant came from, for messages
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+
+
+def register_variant(cls: type[Variant], origin: str = "fastmmio") -> type[Variant]:
+    """Add ``cls`` to :data:`VARIANTS` under its ``name`` (usable as a class decorator).
+
+    ``cls`` must be a :class:`Variant` subclass that sets its own ``name`` (lower-case
+    letters, digits, ``.``, ``_``, ``-``) and a one-line ``summary``; a name another class
+    already has is refused (a :class:`UsageError` naming both origins). Registering the same
+    class twice is harmless."""
+    if not (isinstance(cls, type) and issubclass(cls, Variant)):
+        raise UsageError(f"{origin}: {cls!r} is not a subclass of fastmmio.sim.kvm.variants.Variant")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise UsageError(f"{origin}: variant class {cls.__name__} needs its own name: a "
+                         "class attribute name = '...' of lower-case letters, digits, "
+                         f"'.', '_', '-' (got {name!r})")
+    if not isinstance(cls.summary, str) or not cls.summary.strip() or "\n" in cls.summary:
+        raise UsageError(f"{origin}: variant {name}: summary must be one non-empty line")
+    if cls.arch not in _BY_ARCH:
+        raise UsageError(f"{origin}: variant {name}: arch must be one of {', '.join(ARCHES)}, "
+                         f"not {cls.arch!r}")
+    if ALL_VARIANTS.get(name) is cls:
+        return cls
+    if name in ALL_VARIANTS:
+        raise UsageError(f"{origin}: variant name {name!r} ({cls.__name__}) is already taken "
+                         f"by {_ORIGINS[name]} ({ALL_VARIANTS[name].__name__}): choose another name")
+    ALL_VARIANTS[name] = cls
+    _BY_ARCH[cls.arch][name] = cls
+    _ORIGINS[name] = origin
+    return cls
+
+
+def variant_origin(name: str) -> str:
+    """Where the variant called ``name`` came from: ``fastmmio``, a plug-in, a file."""
+    return _ORIGINS[name]
+
+
+def snapshot_variants() -> tuple[dict[str, type[Variant]], dict[str, str]]:
+    """The registry as it is now (for :func:`restore_variants`)."""
+    return dict(ALL_VARIANTS), dict(_ORIGINS)
+
+
+def restore_variants(saved: tuple[dict[str, type[Variant]], dict[str, str]]) -> None:
+    """Put the registry back as :func:`snapshot_variants` saw it (variants loaded for one
+    command do not outlive it)."""
+    for table in (ALL_VARIANTS, *_BY_ARCH.values()):
+        table.clear()
+    for name, cls in saved[0].items():
+        ALL_VARIANTS[name] = cls
+        _BY_ARCH[cls.arch][name] = cls
+    _ORIGINS.clear()
+    _ORIGINS.update(saved[1])
+
+
+for _cls in (Upstream2013, Variant, Rfc2015, Rfc2015Posted, Rfc2015Fixed, BadPage,
+             ReservedWriteMostly):
+    register_variant(_cls)
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,9 +420,8 @@ class Rfc2015Svm(Variant2015):
 #: VMCB; no error code handling, no MMU)
 NPF_PRELUDE_EVENT = "kvm.handler.npf.prelude"
 
-SVM_VARIANTS: dict[str, type[Variant]] = {v.name: v for v in (SvmPre70, Svm, Rfc2015Svm)}
-ALL_VARIANTS: dict[str, type[Variant]] = {**VARIANTS, **SVM_VARIANTS}
-ARCHES = ("vmx", "svm")
+for _cls in (SvmPre70, Svm, Rfc2015Svm):
+    register_variant(_cls)
 
 
 def variants_for(arch: str) -> dict[str, type[Variant]]:
