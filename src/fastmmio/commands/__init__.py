@@ -19,5 +19,6 @@ COMMAND_MODULES = (
     "fastmmio.commands.diff",
     "fastmmio.commands.sweep",
     "fastmmio.commands.calibrate",
+    "fastmmio.commands.profile",
     "fastmmio.commands.fuzz",
 )

@@ -80,7 +80,8 @@ unknown key or a cycle is an error.
 **Inheritance.** ``extends`` names the profile this one starts from: a bundled name, or a path
 (relative to the extending file's folder). The parent is read and validated on its own first,
 then the child is laid over it, table by table: ``[profile]`` fields the child does not give
-(``description``, ``cpu``, ``nested``, ``notes``) are the parent's; ``[sources]`` are merged
+(``description``, ``cpu``, ``nested``) are the parent's (its ``notes`` are not: they
+describe the parent's figures); ``[sources]`` are merged
 (the child's entry wins on a name both define); a ``[price]``, ``[free]`` or
 ``[nested.price]`` key only the parent has is kept, a key only the child has is added. A key
 both have is merged field by field, and a child that gives ``cycles`` gives a new figure: it
@@ -700,7 +701,7 @@ def _merge_docs(ctx: _Ctx, parent: dict, child: dict) -> dict:
     _check_fields(ctx, child, _TOP_FIELDS, "(top level)")
     head = _check_fields(ctx, child.get("profile", {}), _PROFILE_FIELDS, "profile")
     out: dict[str, Any] = {}
-    out["profile"] = {k: v for k, v in parent["profile"].items() if k != "name"}
+    out["profile"] = {k: v for k, v in parent["profile"].items() if k not in ("name", "notes")}
     out["profile"].update({k: v for k, v in head.items() if k != "extends"})
     out["sources"] = {**_table(ctx, parent, "sources"), **_table(ctx, child, "sources")}
 
