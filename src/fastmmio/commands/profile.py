@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="list the bundled CPU cost profiles, or show one's prices and their sources",
         description="CPU cost profiles price the events the models count. 'list' names the "
         "bundled ones; 'show NAME|FILE' prints every price with its component, basis, "
-        "interval and source (a profile file may extend another: see docs/profiles.md).",
+        "interval and source (a profile file may extend another: see docs/variants.md).",
     )
     sub = p.add_subparsers(dest="profile_command", metavar="ACTION",
                            parser_class=subparsers._parser_class)

@@ -75,6 +75,12 @@ translated the operand: its per-vCPU MMIO gva cache is filled with gva 0 under T
 guest's tables are walked in software. ``upstream-2013`` and the four 2015 variants (written
 against Linux 4.2, Aug 2015) therefore walk; only ``upstream`` (today) uses the GPA.
 
+Every variant is registered through :func:`register_variant` (a unique name, a one-line
+summary, its ``arch``) in :data:`ALL_VARIANTS` and in :data:`VARIANTS` (VMX) or
+:data:`SVM_VARIANTS`: the bundled ones below, and in the same way a user's ``--variant-file``
+or an installed ``fastmmio.variants`` plug-in (:mod:`.plugins`; the API is described in
+docs/variants.md).
+
 Skipping when KVM runs nested (:meth:`Variant.decodes_when_nested`): today's
 ``skip_emulated_instruction`` skips an EPT misconfiguration by decoding when
 ``X86_FEATURE_HYPERVISOR`` is set (d391f1207067: "Intel's SDM doesn't mandate the VMCS field
