@@ -10,29 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_run import one_line, run_cli
 
-from fastmmio import cli
 from fastmmio.costs import MAX_PRICE, list_profiles, load_profile, override_prices, parse_profile
 from fastmmio.errors import ProfileError
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "profiles" / "skylake-sp-exit-2017.toml"
-
-
-def run_cli(argv, capsys):
-    try:
-        status = cli.main(argv)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 2
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("fastmmio "), err
-    return lines[0]
 
 
 def write(folder: Path, name: str, text: str) -> Path:

@@ -8,29 +8,13 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_run import one_line, run_cli
 
-from fastmmio import cli
 from fastmmio.errors import UsageError
 from fastmmio.routes import get_route, load_catalogue, route_names, user_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "routes" / "mmio-virtio-notify.toml"
-
-
-def run_cli(argv, capsys):
-    try:
-        status = cli.main(argv)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 2
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("fastmmio "), err
-    return lines[0]
 
 
 def test_user_routes_are_added_and_removed_again():

@@ -13,8 +13,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from cli_run import one_line, run_cli
 
-from fastmmio import cli
 from fastmmio.compare.core import Comparison, sim_options
 from fastmmio.errors import UsageError
 from fastmmio.sim.kvm import variants as V
@@ -24,22 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "variants" / "rfc_writes_only.py"
 BUNDLED = ["upstream-2013", "upstream", "rfc-2015", "rfc-2015-fixed", "bad-page",
            "reserved-write-mostly"]
-
-
-def run_cli(argv, capsys):
-    try:
-        status = cli.main(argv)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 2
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("fastmmio "), err
-    return lines[0]
 
 
 @pytest.fixture
