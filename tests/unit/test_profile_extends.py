@@ -103,8 +103,8 @@ def test_moving_a_key_between_price_and_free(tmp_path):
         name = "c"
         extends = "skylake-sp"
 
-        [free."kvm.bus.probe"]
-        reason = "folded into kvm.bus.lookup in my measurement"
+        [free."kvm.coalesced.append"]
+        reason = "my VMM does not use coalesced MMIO"
 
         [price."tlb"]
         cycles = 1
@@ -113,7 +113,7 @@ def test_moving_a_key_between_price_and_free(tmp_path):
         source = "a guess for the test"
     """)
     p = load_profile(path)
-    assert "kvm.bus.probe" in p.free and "kvm.bus.probe" not in p.prices
+    assert "kvm.coalesced.append" in p.free and "kvm.coalesced.append" not in p.prices
     assert "tlb" in p.prices and "tlb" not in p.free
 
 
