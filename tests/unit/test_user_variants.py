@@ -266,3 +266,65 @@ def test_a_broken_plugin_is_one_line(tmp_path, body, target, why):
     assert proc.returncode == 2, proc.stderr
     line = one_line(proc.stderr)
     assert "variant plug-in mine" in line and why in line, line
+
+
+# -- a variant that counts an event of its own, priced by a partial profile ---------------------
+
+COUNTING = """
+    from fastmmio.sim.kvm.variants import Rfc2015
+
+
+    class Audited(Rfc2015):
+        name = "rfc-audited"
+        summary = "the RFC as posted, with an audit hook on every EPT violation"
+        events = ("kvm.audit.ept_violation",)
+
+        def ept_violation_prelude(self, vcpu, info):
+            vcpu.events["kvm.audit.ept_violation"] += 1
+            return super().ept_violation_prelude(vcpu, info)
+"""
+
+PRICED = """
+    [profile]
+    name = "audited"
+    extends = "skylake-sp"
+
+    [price."kvm.audit"]
+    cycles = 25
+    component = "handler"
+    basis = "estimate"
+    source = "a guess for the test: a counter increment and a tracepoint"
+"""
+
+
+def test_a_variants_own_event_is_checked_before_the_run_and_priced_by_a_partial_profile(
+        tmp_path, capsys, monkeypatch):
+    variant = write(tmp_path, "audited.py", COUNTING)
+    profile = write(tmp_path, "audited.toml", PRICED)
+    argv = ["explain", "ro-write-eventfd", "--variant-file", str(variant), "--variant",
+            "rfc-audited", "--json", "-"]
+    status, out, err = run_cli(argv + ["--profile", str(profile)], capsys)
+    assert status == 0, err
+    doc = json.loads(out)
+    audit = [s for s in doc["steps"] if s["event"] == "kvm.audit.ept_violation"]
+    assert len(audit) == 1 and audit[0]["cycles"] == 25 and audit[0]["component"] == "handler"
+    status, base, _ = run_cli(["explain", "ro-write-eventfd", "--variant", "rfc-2015", "--json",
+                               "-"], capsys)
+    assert doc["total_cycles"] == pytest.approx(json.loads(base)["total_cycles"] + 25)
+
+    import fastmmio.commands.explain as explain_cmd
+
+    def refuse(*_a, **_k):
+        raise AssertionError("the unpriced event was found after the work started")
+
+    monkeypatch.setattr(explain_cmd, "explain", refuse)
+    status, _, err = run_cli(argv, capsys)  # skylake-sp does not price it
+    assert status == 2
+    assert "has no price for event 'kvm.audit.ept_violation'" in one_line(err)
+
+
+def test_a_variants_events_must_be_event_names(tmp_path, capsys):
+    path = write(tmp_path, "bad.py", COUNTING.replace('("kvm.audit.ept_violation",)',
+                                                      '["not a name"]'))
+    status, _, err = run_cli(["explain", "pio-eventfd-len1", "--variant-file", str(path)], capsys)
+    assert status == 2 and "events must be a tuple of event names" in one_line(err)

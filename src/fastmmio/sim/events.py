@@ -139,11 +139,12 @@ KVM_EVENTS = (
 def vocabulary() -> frozenset[str]:
     """Every event name the models can count (the families above, expanded over every
     paging level, cache level of every named configuration, exit reason (VMX and SVM), bus,
-    invalidation cause and user-exit kind). A profile that prices all of them cannot meet an unpriced event
+    invalidation cause and user-exit kind), and the ``events`` the registered KVM variants
+    declare (:attr:`fastmmio.sim.kvm.variants.Variant.events`). A profile that prices all of them cannot meet an unpriced event
     in a run, so a command checks it before simulating (:func:`fastmmio.costs.model.
     check_prices`); ``tests/unit/test_events_vocabulary.py`` holds the models to it."""
     from fastmmio.sim.kvm.iobus import KvmBus
-    from fastmmio.sim.nested import L0_MODELS
+    from fastmmio.sim.kvm.variants import ALL_VARIANTS
     from fastmmio.sim.svm import caches as svm_caches
     from fastmmio.sim.svm.layouts import EXIT_CODES, TLB_CONTROL_NAMES
     from fastmmio.sim.vmx.caches import CONFIGS
@@ -166,7 +167,5 @@ def vocabulary() -> frozenset[str]:
     names |= {f"inv.tlb_control.{n}" for n in TLB_CONTROL_NAMES.values()}
     names |= {f"kvm.bus.lookup.{b.name}" for b in KvmBus}
     names |= {f"kvm.user_exit.{k}" for k in USER_EXIT_KINDS}
-    names |= {"nested.ept12.ref", "nested.ept02.fix", "nested.invept"}
-    names |= {f"nested.{step}.{l0}" for step in ("reflect", "vmresume", "enter_l2")
-              for l0 in L0_MODELS}
+    names |= {e for cls in ALL_VARIANTS.values() for e in cls.events}  # the registered variants'
     return frozenset(names)

@@ -144,6 +144,10 @@ class Variant:
     ioeventfd_rules = ("Linux 4.4 onward: lengths 0, 1, 2, 4, 8; length 0 with DATAMATCH "
                        "EINVAL; a length-0 MMIO ioeventfd on KVM_MMIO_BUS and "
                        "KVM_FAST_MMIO_BUS, a length-0 PIO one on KVM_PIO_BUS only")
+    #: event names the variant counts beyond the models' own (``vcpu.events[name] += 1`` in a
+    #: hook): part of :func:`fastmmio.sim.events.vocabulary`, so a profile that does not price
+    #: them is refused before a run, not in the middle of one
+    events: tuple[str, ...] = ()
 
     #: which exits are skipped by decoding when KVM runs as a guest: "upstream" (EPT
     #: misconfigurations only, d391f1207067) or "merged" (every exit whose VM-exit instruction
@@ -304,6 +308,7 @@ _BY_ARCH = {"vmx": VARIANTS, "svm": SVM_VARIANTS}
 _ORIGINS: dict[str, str] = {}  # name -> where the variant came from, for messages
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+_EVENT_RE = re.compile(r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")
 
 
 def register_variant(cls: type[Variant], origin: str = "fastmmio") -> type[Variant]:
@@ -322,6 +327,11 @@ def register_variant(cls: type[Variant], origin: str = "fastmmio") -> type[Varia
                          f"'.', '_', '-' (got {name!r})")
     if not isinstance(cls.summary, str) or not cls.summary.strip() or "\n" in cls.summary:
         raise UsageError(f"{origin}: variant {name}: summary must be one non-empty line")
+    events = cls.events
+    if (not isinstance(events, tuple)
+            or not all(isinstance(e, str) and _EVENT_RE.match(e) for e in events)):
+        raise UsageError(f"{origin}: variant {name}: events must be a tuple of event names "
+                         "(letters, digits, _ separated by single dots)")
     if cls.arch not in _BY_ARCH:
         raise UsageError(f"{origin}: variant {name}: arch must be one of {', '.join(ARCHES)}, "
                          f"not {cls.arch!r}")
