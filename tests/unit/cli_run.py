@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 from fastmmio import cli
+
+LINE = re.compile(r"fastmmio( [a-z]+)*: ")  # the one error style: fastmmio COMMAND: message
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -19,5 +23,5 @@ def one_line(err: str) -> str:
     """The single line of ``err``, which must be ``fastmmio COMMAND: message``."""
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("fastmmio ") and ": " in lines[0], err
+    assert LINE.match(lines[0]), err
     return lines[0]

@@ -9,34 +9,15 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_run import one_line, run_cli
 
-from fastmmio import cli
 from fastmmio.costs import parse_profile
 from fastmmio.errors import ProfileError, UsageError, did_you_mean
-
-LINE = re.compile(r"fastmmio( [a-z]+)*: ")
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        status = cli.main(argv)
-    except SystemExit as exc:
-        status = exc.code if isinstance(exc.code, int) else 2
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
-def one_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert LINE.match(lines[0]), err
-    return lines[0]
 
 
 @pytest.fixture
