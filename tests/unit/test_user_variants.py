@@ -124,6 +124,22 @@ def test_compare_runs_the_example_with_the_bundled_variants(tmp_path, capsys):
     assert "sim:rfc-writes-only" in text and "sim:rfc-2015" in text
 
 
+def test_compare_records_a_partial_profile_and_its_price_overrides(tmp_path, capsys):
+    profile = ROOT / "examples" / "profiles" / "skylake-sp-exit-2017.toml"
+    out = tmp_path / "out"
+    status, _, err = run_cli(["compare", "--no-kvm", "--no-verdict", "--variants", "upstream",
+                              "-n", "16", "--profile", str(profile), "--price",
+                              "kvm.eventfd.signal=120", "--out", str(out), "pio-eventfd-len1"],
+                             capsys)
+    assert status == 0, err
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["profile"]["name"] == "skylake-sp-exit-2017"
+    assert doc["profile"]["extends"] == ["skylake-sp.toml"]
+    assert doc["profile"]["origin"].endswith("with --price kvm.eventfd.signal=120")
+    (cell,) = doc["simulated"]
+    assert cell["breakdown"]["eventfd"] == 120
+
+
 def test_sweep_and_calibrate_take_a_variant_file(tmp_path, capsys):
     status, _, err = run_cli(["sweep", "--param", "vpid", "--values", "on,off", "--routes",
                               "ro-write-eventfd", "--variant-file", str(EXAMPLE), "-n", "16",

@@ -577,7 +577,7 @@ def results_json(run: CompareRun, cells: list[Cell]) -> dict[str, Any]:
         "run": run_record(run),
         "options": run.options.to_json(),
         "profile": {"name": p.name, "origin": p.origin, "description": p.description,
-                    "cpu": p.cpu, "full": profile_to_json(p)},
+                    "cpu": p.cpu, "extends": list(p.extends), "full": profile_to_json(p)},
         "host": run.kvm.to_json(),
         "simulated": [_record(run, c) for c in cells],
         "simulated_other": [_record(run, c) for c in _other_cells(run, cells)],
