@@ -309,3 +309,68 @@ def test_profile_show_prints_every_price_with_its_basis_and_source(capsys, name)
 def test_profile_bad_input_is_one_line(capsys, argv, why):
     status, _, err = run_cli(argv, capsys)
     assert status == 2 and why in one_line(err)
+
+
+# -- what i9v's schema adds: intervals (low, high, why) and depends, carried by extends --------
+
+
+def test_extends_carries_intervals_and_dependencies(tmp_path):
+    """An inherited price keeps its interval, its why and its depends; a child that gives a
+    new figure drops them (they sized the parent's figure) unless it gives its own; a child
+    that gives only an interval puts it on the parent's figure, which must lie inside it."""
+    parent = load_profile("skylake-sp")
+    child = load_profile(EXAMPLE)
+    for key, p in parent.prices.items():
+        if key != "exit":
+            assert child.prices[key].interval == p.interval and child.prices[key].why == p.why
+            assert child.prices[key].depends == p.depends
+    assert parent.prices["exit"].interval is not None
+    assert child.prices["exit"].interval is None
+    assert child.prices["exit"].depends == ("kvm.handler.cpuid", "kvm.skip.vmcs_length",
+                                            "guest.insn")
+    sig = parent.prices["kvm.eventfd.signal"].cycles
+    ok = write(tmp_path, "ok.toml", f"""
+        [profile]
+        name = "ok"
+        extends = "skylake-sp"
+
+        [price."kvm.eventfd.signal"]
+        low = {sig - 1}
+        high = {sig + 1}
+        why = "my own measurement's spread"
+    """)
+    p = load_profile(ok)
+    assert p.prices["kvm.eventfd.signal"].interval == (sig - 1, sig + 1)
+    assert p.prices["kvm.eventfd.signal"].source == parent.prices["kvm.eventfd.signal"].source
+    bad = write(tmp_path, "bad.toml", f"""
+        [profile]
+        name = "bad"
+        extends = "skylake-sp"
+
+        [price."kvm.eventfd.signal"]
+        low = {sig + 1}
+        high = {sig + 2}
+        why = "an interval that misses the inherited figure"
+    """)
+    with pytest.raises(ProfileError, match="does not contain cycles"):
+        load_profile(bad)
+
+
+def test_a_dependency_the_child_removes_is_an_error(tmp_path):
+    path = write(tmp_path, "c.toml", """
+        [profile]
+        name = "c"
+        extends = "skylake-sp"
+
+        [free."kvm.handler.cpuid"]
+        reason = "gone"
+    """)
+    with pytest.raises(ProfileError, match="'kvm.handler.cpuid' is not a key of \\[price\\]"):
+        load_profile(path)
+
+
+def test_a_price_override_drops_the_old_interval():
+    base = load_profile("skylake-sp")
+    assert base.prices["exit"].interval is not None
+    p = override_prices(base, [("exit", 1000.0)])
+    assert p.prices["exit"].interval is None and p.prices["exit"].depends == ()

@@ -85,10 +85,12 @@ describe the parent's figures); ``[sources]`` are merged
 (the child's entry wins on a name both define); a ``[price]``, ``[free]`` or
 ``[nested.price]`` key only the parent has is kept, a key only the child has is added. A key
 both have is merged field by field, and a child that gives ``cycles`` gives a new figure: it
-must then say its ``basis`` and ``source``, and the parent's ``note``, ``prior`` (and every
-other field that describes the parent's figure) are dropped, while ``component`` and
+must then say its ``basis`` and ``source``, and the parent's ``note``, ``prior``, interval
+(``low``, ``high``, ``why``) and ``depends`` (what described and sized the parent's figure)
+are dropped unless the child gives its own, while ``component`` and
 ``exact`` (what the event is) are kept unless the child gives them; a child that gives no
-``cycles`` only adds to the parent's figure (a ``note``, say). A key the child moves from
+``cycles`` only adds to the parent's figure (a ``note``, or an interval, which must then
+contain the inherited cycles). A key the child moves from
 ``[price]`` to ``[free]`` (or back) leaves the parent's table. ``[nested]`` merges the same way
 (``scale`` by component). The parent's ``[fit]`` record is kept unless the child gives its own
 or overrides a price the fit moved (the record would no longer describe the prices). Chains
@@ -774,7 +776,8 @@ def override_prices(profile: Profile, overrides: "Mapping[str, float] | list[tup
     figure is held to the same bounds as a file's (finite, >= 0, at most :data:`MAX_PRICE`).
     The new price keeps the event's component and ``exact``; its basis is ``user`` and its
     source ``source`` with the override (``--price exit=1200``); what described the old
-    figure (its note, prior, source) is replaced by a note naming the old figure."""
+    figure (its note, prior, source, interval and depends) is replaced by a note naming the old
+    figure."""
     items = list(overrides.items()) if isinstance(overrides, Mapping) else list(overrides)
     if not items:
         return profile
