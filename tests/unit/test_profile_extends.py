@@ -134,13 +134,15 @@ def test_nested_prices_merge(tmp_path):
 
         [nested.price."exit"]
         cycles = 9000
+        component = "exit"
         basis = "measured"
         source = "my nested measurement"
     """)
     p, parent = load_profile(path), load_profile("skylake-sp")
     assert p.nested.prices["exit"].cycles == 9000
     assert p.nested.description == parent.nested.description
-    assert p.nested.prices["exit"].component == "exit"
+    assert p.nested.scale == parent.nested.scale
+    assert override_prices(p, [("nested:exit", 8000.0)]).nested.prices["exit"].basis == "user"
 
 
 BAD = {
@@ -198,14 +200,14 @@ def test_parse_profile_text_resolves_extends_against_base_dir(tmp_path):
 
 def test_override_prices_marks_the_price_user_with_the_command_line():
     base = load_profile("skylake-sp")
-    p = override_prices(base, [("exit", 1200.0), ("nested:exit", 9000.0)])
+    p = override_prices(base, [("exit", 1200.0), ("nested.invept", 900.0)])
     e = p.prices["exit"]
     assert (e.cycles, e.basis, e.component) == (1200.0, "user", "exit")
     assert e.source == "the fastmmio command line: --price exit=1200"
     assert "928.5" in e.note
-    assert p.nested.prices["exit"].cycles == 9000 and p.nested.prices["exit"].basis == "user"
-    assert {k for k in base.prices if p.prices[k] != base.prices[k]} == {"exit"}
-    assert "with --price exit=1200, nested:exit=9000" in p.origin
+    assert p.prices["nested.invept"].cycles == 900 and p.prices["nested.invept"].basis == "user"
+    assert {k for k in base.prices if p.prices[k] != base.prices[k]} == {"exit", "nested.invept"}
+    assert "with --price exit=1200, nested.invept=900" in p.origin
 
 
 def test_explain_with_a_price_changes_the_total_by_the_difference(capsys):

@@ -22,8 +22,8 @@ from fastmmio.sim.kvm.plugins import load_variant_file
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "variants" / "rfc_writes_only.py"
-BUNDLED = ["upstream-2013", "upstream", "rfc-2015", "rfc-2015-fixed", "bad-page",
-           "reserved-write-mostly"]
+BUNDLED = ["upstream-2013", "upstream", "rfc-2015", "rfc-2015-posted", "rfc-2015-fixed",
+           "bad-page", "reserved-write-mostly", "svm-pre-7.0", "svm", "rfc-2015-svm"]
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 
 def test_bundled_variants_are_registered_through_register_variant():
-    assert list(V.VARIANTS) == BUNDLED
+    assert list(V.ALL_VARIANTS) == BUNDLED
+    assert list(V.VARIANTS) + list(V.SVM_VARIANTS) == BUNDLED  # by arch
     assert all(V.variant_origin(n) == "fastmmio" for n in BUNDLED)
 
 
@@ -64,7 +65,7 @@ def test_register_variant_refuses_a_taken_name_and_a_missing_one(registry):
     with pytest.raises(UsageError, match="not a subclass"):
         V.register_variant(int, "test")  # type: ignore[arg-type]
     V.register_variant(V.Rfc2015)  # the same class again: harmless
-    assert list(V.VARIANTS) == BUNDLED
+    assert list(V.ALL_VARIANTS) == BUNDLED
 
 
 # -- the worked example ------------------------------------------------------------------------
@@ -199,14 +200,14 @@ def test_a_bad_variant_file_is_one_line(tmp_path, capsys, command, fname, monkey
         monkeypatch.setattr(mod, fn, refuse)
     text, why = BAD[fname]
     path = write(tmp_path, fname, text)
-    before = list(V.VARIANTS)
+    before = list(V.ALL_VARIANTS)
     status, _, err = run_cli(command + ["--variant-file", str(path), "--out", str(tmp_path / "o")]
                              if command[0] in ("compare", "sweep") else
                              command + ["--variant-file", str(path)], capsys)
     assert status == 2
     line = one_line(err)
     assert f"--variant-file {path}: " in line and why in line, line
-    assert list(V.VARIANTS) == before
+    assert list(V.ALL_VARIANTS) == before
 
 
 @pytest.mark.parametrize("path,why", [("/nonexistent/v.py", "no such file"),

@@ -87,7 +87,7 @@ def add_sim_arguments(p: argparse.ArgumentParser, *, default_variants: str | Non
     for the help, None: every variant of the chosen architectures)."""
     p.add_argument("--variants", type=csv_list, default=None,
                    metavar="V1,V2", help=f"KVM variants (default "
-                   f"{default_variants or 'every variant of --arch, the user files' too'}; "
+                   f"{default_variants or 'every variant of --arch and of --variant-file'}; "
                    f"choose from {', '.join(ALL_VARIANTS if default_variants is None else VARIANTS)}, "
                    "or a variant of --variant-file)")
     add_variant_file_argument(p)

@@ -38,7 +38,6 @@ from fastmmio.sim.nested import NESTED_DEFAULT
 from fastmmio.argtypes import nested_l0, positive_int
 from fastmmio.routes import get_route
 from fastmmio.sim.backend import SimOptions
-from fastmmio.sim.kvm.variants import VARIANTS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -57,7 +57,7 @@ def profile_from_args(args: argparse.Namespace, attr: str = "profile") -> Profil
 
 
 def _check_route_variants(routes) -> None:
-    from fastmmio.sim.kvm.variants import VARIANTS
+    from fastmmio.sim.kvm.variants import ALL_VARIANTS as VARIANTS
 
     for r in routes:
         if r.variant is not None and r.variant not in VARIANTS:
