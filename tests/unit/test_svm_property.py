@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from walk_mutations import flip_guest_bit, flip_second_level_bit
+from walk_mutations import DATA_GPAS, PAGES, apply_mutations
 
 from fastmmio.sim.svm import layouts as S
 from fastmmio.sim.svm.caches import CONFIGS
@@ -23,9 +23,6 @@ from fastmmio.sim.vmx.errors import HostMemoryError
 from fastmmio.x86 import paging as L
 from fastmmio.x86.bits import LayoutError
 
-PAGES = [(i4 << 39) | (i3 << 30) | (i2 << 21) | (i1 << 12)
-         for i4 in (1, 255) for i3 in (0, 1) for i2 in (0, 1) for i1 in (0, 1, 2)]
-DATA_GPAS = [0x100000 + i * 0x1000 for i in range(4)] + [0x300000, 0x301000]
 
 TINY = replace(
     CONFIGS["zen4"], name="tiny",
@@ -43,7 +40,6 @@ VARIANTS = [
     (CONFIGS["apm-max"], {"nested_walk_cache": "no"}),
 ]
 
-GUEST_BITS = [0, 1, 2, 5, 6, 7, 8, 63, 51]
 NESTED_BITS = [0, 1, 2, 5, 6, 7, 63, 51, 47]
 # nested leaf rights: (present, writable, user, no-execute)
 NESTED_RIGHTS = [(1, 1, 1, 0)] * 4 + [(1, 0, 1, 0), (1, 1, 0, 0), (1, 1, 1, 1), (0, 0, 0, 0),
@@ -111,12 +107,7 @@ def build(config, assumptions, layout) -> SvmTestbed:
     tb.map_ept_ram(tb.ram_size - 0x40000, 0x40000)  # guest tables: user-writable
     for i, gpa in enumerate(DATA_GPAS):
         tb.npt.set_entry(gpa, 1, nested_entry(tb, gpa, rights[i % len(rights)]))
-    for kind, page, level, bit_i in mutations:
-        if kind == "guest":
-            flip_guest_bit(tb, PAGES[page], level, GUEST_BITS[bit_i % len(GUEST_BITS)])
-        else:
-            flip_second_level_bit(tb, DATA_GPAS[page % len(DATA_GPAS)], level,
-                                  NESTED_BITS[bit_i % len(NESTED_BITS)], 1)
+    apply_mutations(tb, mutations, NESTED_BITS, 1)
     return tb
 
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from walk_mutations import flip_guest_bit, flip_second_level_bit
+from walk_mutations import DATA_GPAS, PAGES, apply_mutations
 
 from fastmmio.sim.vmx import layouts as L
 from fastmmio.sim.vmx.caches import CONFIGS, CacheSpec, TlbStructure
@@ -26,11 +26,6 @@ from fastmmio.sim.vmx.processor import (
 from fastmmio.sim.vmx.testbed import Testbed
 
 K4 = 1 << 12
-# Linear pages that share upper levels in every combination: PML4 index 1 or 255, PDPT
-# index 0 or 1, PD index 0 or 1, PT index 0..2.
-PAGES = [(i4 << 39) | (i3 << 30) | (i2 << 21) | (i1 << 12)
-         for i4 in (1, 255) for i3 in (0, 1) for i2 in (0, 1) for i1 in (0, 1, 2)]
-DATA_GPAS = [0x100000 + i * 0x1000 for i in range(4)] + [0x300000, 0x301000]
 
 TINY = replace(
     CONFIGS["skylake-sp"], name="tiny",
@@ -42,7 +37,6 @@ TINY = replace(
 )
 ALL_CONFIGS = [CONFIGS["sdm-max"], CONFIGS["skylake-sp"], CONFIGS["golden-cove"], TINY]
 
-GUEST_BITS = [0, 1, 2, 5, 6, 7, 8, 63, 51]
 EPT_BITS = [0, 1, 2, 3, 4, 5, 6, 8, 9, 10, 63, 47]
 EPT_PERMS = [7, 7, 7, 1, 1, 3, 5, 4, 0, 6]  # RWX (often), R, RW, RX, X, none, 110b
 
@@ -116,12 +110,7 @@ def build(config, layout) -> Testbed:
     ea = tb.ept.entry_address(0x300000, 2)
     if ea is not None and tb.memory.read_u64(ea) & 7:
         tb.memory.write_u64(ea, (tb.memory.read_u64(ea) & ~7) | pde_perm)
-    for kind, page, level, bit_i in mutations:
-        if kind == "guest":
-            flip_guest_bit(tb, PAGES[page], level, GUEST_BITS[bit_i % len(GUEST_BITS)])
-        else:
-            flip_second_level_bit(tb, DATA_GPAS[page % len(DATA_GPAS)], level,
-                                  EPT_BITS[bit_i % len(EPT_BITS)], 7)
+    apply_mutations(tb, mutations, EPT_BITS, 7)
     return tb
 
 
