@@ -63,7 +63,6 @@ guest of the same machine shape resets it (:meth:`CpuEngine.reset`) and adds its
 from __future__ import annotations
 
 import ctypes
-import operator
 import weakref
 from collections import Counter
 from dataclasses import dataclass
@@ -124,7 +123,6 @@ _UC_REGS = _UC_GPRS + (X.UC_X86_REG_RIP, X.UC_X86_REG_RFLAGS)
 _REG_NAMES = GPRS + ("rip", "rflags")
 _UC_BY_NAME = dict(zip(_REG_NAMES, _UC_REGS))
 _UC_RIP, _UC_RAX = X.UC_X86_REG_RIP, X.UC_X86_REG_RAX
-_REG_VALUES = operator.itemgetter(*_REG_NAMES)  # dict -> tuple in _REG_NAMES order
 
 # unicorn's memory access types in the TLB-fill hook (uc_mem_type)
 _UC_MEM_READ, _UC_MEM_WRITE, _UC_MEM_FETCH = 16, 17, 18
@@ -147,6 +145,111 @@ _NATIVE_NOOP = (ctypes.cast(_uclib.uc_arch_supported, ctypes.c_void_p)
                 if _uclib is not None else None)  # see GuestCpu.count_instructions
 _SINK_HPA = (1 << 46) - 0x2000
 _UNDECODED = object()
+
+
+def _raw_entry(name: str, *argtypes):
+    """unicorn's C function ``name`` called through a bare ctypes prototype of integers and
+    pointers (the binding's own prototypes convert every argument through its declared
+    class, which costs more than the call on the per-exit path). None without the library."""
+    if _uclib is None:  # pragma: no cover
+        return None
+    address = ctypes.cast(getattr(_uclib, name), ctypes.c_void_p).value
+    return ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(address)
+
+
+_VP, _I32 = ctypes.c_void_p, ctypes.c_int
+
+
+class _TlbEntry(ctypes.Structure):
+    """unicorn's ``uc_tlb_entry`` (include/unicorn/unicorn.h, 2.1)."""
+
+    _fields_ = (("paddr", ctypes.c_uint64), ("perms", ctypes.c_uint32))
+
+
+# The C prototypes of the hooks every exit goes through (include/unicorn/unicorn.h: the
+# engine handle first, user data last), called by unicorn straight into GuestCpu's methods.
+_HOOK_CODE = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint64, ctypes.c_uint32, _VP)
+_HOOK_TLB_FILL = ctypes.CFUNCTYPE(ctypes.c_bool, _VP, ctypes.c_uint64, _I32,
+                                  ctypes.POINTER(_TlbEntry), _VP)
+_HOOK_OUT = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint32, _I32, ctypes.c_uint32, _VP)
+_HOOK_IN = ctypes.CFUNCTYPE(ctypes.c_uint32, _VP, ctypes.c_uint32, _I32, _VP)
+_MMIO_READ = ctypes.CFUNCTYPE(ctypes.c_uint64, _VP, ctypes.c_uint64, ctypes.c_uint, _VP)
+_MMIO_WRITE = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint64, ctypes.c_uint, ctypes.c_uint64, _VP)
+_uc_reg_read = _raw_entry("uc_reg_read", _VP, _I32, _VP)  # (uc, regid, value*) -> uc_err
+_uc_reg_write = _raw_entry("uc_reg_write", _VP, _I32, _VP)
+_uc_ctl = _raw_entry("uc_ctl", _VP, _I32)  # (uc, control) -> uc_err: no-argument controls only
+
+
+class ExitRegisters(dict):
+    """The register file a VM exit hands to the hypervisor model (:class:`ExitHandler`): the
+    GPRs, ``rip`` and ``rflags`` by name, each read from unicorn when first used rather than
+    all of them at every exit (a doorbell's handler reads two or three).
+
+    It behaves as a complete dict of those 18 registers: a look-up, ``get``, ``in`` and every
+    view or copy read what has not been read yet. ``loaded`` keeps the value each register
+    had at the exit, so that :meth:`changes` names what the handler wrote
+    (:meth:`GuestCpu._write_back` writes only those back).
+    """
+
+    __slots__ = ("_read", "loaded")
+    lazy_registers = True  # (KvmVcpu binds its own register file to one, see RegisterFile)
+
+    def __init__(self, read) -> None:  # read(unicorn register id) -> int
+        super().__init__()
+        self._read = read
+        self.loaded: dict[str, int] = {}
+
+    def __missing__(self, name: str) -> int:
+        uc_id = _UC_BY_NAME.get(name)
+        if uc_id is None:
+            raise KeyError(name)
+        value = self._read(uc_id)
+        self.loaded[name] = value
+        dict.__setitem__(self, name, value)
+        return value
+
+    def load_all(self) -> "ExitRegisters":
+        for name in _REG_NAMES:
+            if not dict.__contains__(self, name):
+                self.__missing__(name)
+        return self
+
+    def get(self, name: str, default=None):  # type: ignore[override]
+        return self[name] if name in _UC_BY_NAME else dict.get(self, name, default)
+
+    def __contains__(self, name: object) -> bool:
+        return name in _UC_BY_NAME or dict.__contains__(self, name)
+
+    def __iter__(self):
+        return dict.__iter__(self.load_all())
+
+    def __len__(self) -> int:
+        return dict.__len__(self.load_all())
+
+    def keys(self):  # type: ignore[override]
+        return dict.keys(self.load_all())
+
+    def values(self):  # type: ignore[override]
+        return dict.values(self.load_all())
+
+    def items(self):  # type: ignore[override]
+        return dict.items(self.load_all())
+
+    def copy(self) -> dict[str, int]:  # type: ignore[override]
+        return dict(self.items())
+
+    def __eq__(self, other: object) -> bool:
+        return dict.__eq__(self.load_all(), other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ExitRegisters({dict.__repr__(self.load_all())})"
+
+    def changes(self) -> dict[str, int]:
+        """The registers whose value differs from the exit's (or that were only written)."""
+        loaded = self.loaded
+        return {k: v for k, v in dict.items(self) if loaded.get(k, _UNDECODED) != v}
 
 
 class ExitHandler(Protocol):
@@ -220,21 +323,26 @@ class CpuEngine:
         # the doorbell sink of exits handled without stopping (GuestCpu._fast_ept_exit): a
         # store the hypervisor skipped lands here, and landing drops unicorn's TLB (the VM
         # entry's flush, which could not be made before the store had its translation)
-        self.uc.mmio_map(_SINK_HPA, PAGE_SIZE, self._sink_read, None, self._sink_write, None)
+        if _uclib is None:  # pragma: no cover
+            self.uc.mmio_map(_SINK_HPA, PAGE_SIZE, self._sink_read, None,
+                             lambda uc, *_: uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE), None)
+        else:  # C callbacks straight from unicorn (kept as long as the engine)
+            self._sink_callbacks = (_MMIO_READ(self._sink_read), _MMIO_WRITE(self._sink_write))
+            err = _uclib.uc_mmio_map(self.uc._uch, _SINK_HPA, PAGE_SIZE,
+                                     self._sink_callbacks[0], None, self._sink_callbacks[1], None)
+            if err:  # pragma: no cover
+                raise UcError(err)
         self._pristine = self.uc.context_save()
         self.timer = DeadlineTimer("fastmmio-sim-watchdog")
         # an engine dropped without close() (a pool nobody closed) still ends its thread
         self._stop_timer = weakref.finalize(self, self.timer.close)
 
-    def _sink_write(self, uc: Uc, _offset: int, _size: int, _value: int, _user) -> None:
-        err = _uclib.uc_ctl(uc._uch, _CTL_TLB_FLUSH_W) if _uclib is not None else 0
-        if _uclib is None:  # pragma: no cover
-            uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
-        if err:  # pragma: no cover
-            raise UcError(err)
+    @staticmethod
+    def _sink_write(uch: int, _offset: int, _size: int, _value: int, _user) -> None:
+        _uc_ctl(uch, _CTL_TLB_FLUSH_W)  # (cannot fail: a control without arguments)
 
     @staticmethod
-    def _sink_read(_uc: Uc, _offset: int, _size: int, _user) -> int:  # pragma: no cover
+    def _sink_read(_uc, _offset: int, _size: int, _user) -> int:  # pragma: no cover
         return 0  # only stores are sent to the sink
 
     def reset(self) -> None:
@@ -287,6 +395,7 @@ class GuestCpu:
         self._pending_access = READ  # the access type of the refused fill
         self._insns: dict[int, Instruction | None] = {}  # decoded guest instructions by RIP
         self._operands: dict[int, tuple | None] = {}  # their memory operands, by RIP
+        self._stores: dict[int, tuple[int, int] | None] = {}  # see _plain_store, by RIP
         self._pending_exception: str | None = None
         self._lengths: dict[int, int] = {}
         self._io_infos: dict[tuple, ExitInfo] = {}  # I/O-instruction exits, see _io
@@ -296,18 +405,28 @@ class GuestCpu:
         self.fast_exits = fast_exits
         self._block_ips: dict[tuple[int, int], tuple[int, ...]] | None = None  # count_instructions
         self._native_hooks: list[int] = []
+        self._native_callbacks: list = []  # the C function pointers of those hooks
         self._code: tuple[int, bytes] = (0, b"")
         self._block: tuple[int, ...] = ()  # the addresses of the block unicorn is running
         self._refused_fetch = False  # the last refused fill was an instruction fetch
         self._fetch_memo: tuple[int, int] | None = None  # (page, HPA) see _fast_ept_exit
         self._pending_outcome: tuple | None = None  # an EPT exit handled in the fill hook
         self._hooks = [
-            self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill),
-            self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT),
-            self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN),
             self.uc.hook_add(UC_HOOK_INSN, self._hook_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
             self.uc.hook_add(UC_HOOK_INTR, self._hook_intr),
         ]
+        # the hooks of every exit: C callbacks straight into these methods
+        if _uclib is None:  # pragma: no cover
+            self._hooks += [
+                self.uc.hook_add(UC_HOOK_TLB_FILL, self._tlb_fill_entry),
+                self.uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, X.UC_X86_INS_OUT),
+                self.uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, X.UC_X86_INS_IN)]
+        else:
+            self._add_native_hook(UC_HOOK_TLB_FILL, _HOOK_TLB_FILL(self._tlb_fill))
+            self._add_native_hook(UC_HOOK_INSN, _HOOK_OUT(self._hook_out), 1, 0,
+                                  X.UC_X86_INS_OUT)
+            self._add_native_hook(UC_HOOK_INSN, _HOOK_IN(self._hook_in), 1, 0,
+                                  X.UC_X86_INS_IN)
         # no combined TLB (caches "none"): every access walks, instruction fetches included
         self.walk_every_access = not processor.config.combined_tlb
         self._fetch_filled: int | None = None  # page of unicorn's last counted fetch fill
@@ -322,7 +441,8 @@ class GuestCpu:
         base = ctypes.addressof(self._reg_vals)
         self._reg_ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
         self._one = ctypes.c_uint64()
-        self._one_ptr = ctypes.c_void_p(ctypes.addressof(self._one))
+        self._one_addr = ctypes.addressof(self._one)
+        self._uch = self.uc._uch.value if _uclib is not None else None
         self.set_regs({"rip": boot.rip, "rsp": boot.rsp, "rflags": boot.rflags, **boot.gprs})
 
     def hook_code(self, callback, begin: int, end: int) -> int:
@@ -343,22 +463,34 @@ class GuestCpu:
         self._block_ips = {}
         self._code = (code_gpa, code)
         end = code_gpa + len(code) - 1
-        self._hooks.append(self.uc.hook_add(UC_HOOK_BLOCK, self._on_block, None, code_gpa, end))
-        if _uclib is not None:
+        if _uclib is None:  # pragma: no cover
+            self._hooks.append(self.uc.hook_add(UC_HOOK_BLOCK, self._on_block, None,
+                                                code_gpa, end))
+        else:
+            self._add_native_hook(UC_HOOK_BLOCK, _HOOK_CODE(self._on_block), code_gpa, end)
             # A code hook over the same range that calls no Python: with any code hook on an
             # instruction unicorn checks for a stop request before running it, so a stop
             # requested by a hook (the done port's OUT) takes effect at the next instruction
             # as with a per-instruction count, not at the end of the block. The callback is a
             # C function of unicorn's that reads one integer argument and changes nothing
             # (uc_arch_supported; on x86-64 and AArch64 the extra arguments are ignored).
-            h = ctypes.c_size_t()
-            err = _uclib.uc_hook_add(self.uc._uch, ctypes.byref(h), UC_HOOK_CODE, _NATIVE_NOOP,
-                                     None, ctypes.c_uint64(code_gpa), ctypes.c_uint64(end))
-            if err:  # pragma: no cover
-                raise UcError(err)
-            self._native_hooks.append(h.value)
+            self._add_native_hook(UC_HOOK_CODE, _NATIVE_NOOP, code_gpa, end)
 
-    def _on_block(self, uc: Uc, address: int, size: int, _user) -> None:
+    def _add_native_hook(self, kind: int, callback, begin: int = 1, end: int = 0,
+                         *extra: int) -> None:
+        """``uc_hook_add`` with ``callback`` (a C function pointer: a ctypes prototype over a
+        method of this CPU, or one of unicorn's own functions) straight from unicorn, without
+        the binding's per-call wrapper frames; removed by :meth:`detach`. The prototype is
+        kept as long as the hook."""
+        h = ctypes.c_size_t()
+        err = _uclib.uc_hook_add(self.uc._uch, ctypes.byref(h), kind, callback, None,
+                                 ctypes.c_uint64(begin), ctypes.c_uint64(end), *extra)
+        if err:  # pragma: no cover
+            raise UcError(err)
+        self._native_hooks.append(h.value)
+        self._native_callbacks.append(callback)
+
+    def _on_block(self, _uc, address: int, size: int, _user) -> None:
         try:
             key = (address, size)
             ips = self._block_ips.get(key)
@@ -371,7 +503,7 @@ class GuestCpu:
             self.events["guest.insn"] += len(ips)
         except BaseException as exc:  # noqa: BLE001 - re-raised by run()
             self._hook_error = exc
-            uc.emu_stop()
+            self.uc.emu_stop()
 
     def _code_size_at(self, address: int) -> int:
         """The length of the instruction at ``address`` from the code given to
@@ -416,6 +548,7 @@ class GuestCpu:
                 raise UcError(err)
         self._hooks = []
         self._native_hooks = []
+        self._native_callbacks = []
         return self.engine
 
     # -- memory --------------------------------------------------------------------------------
@@ -458,19 +591,16 @@ class GuestCpu:
             raise UcError(err)
         return dict(zip(_REG_NAMES, self._reg_vals[:]))
 
-    def _exit_regs(self) -> tuple[dict[str, int], tuple[int, ...]]:
-        """The register file for a handler, and the same values as a tuple to compare with
-        afterwards (:meth:`_write_back`)."""
-        regs = self.regs()
-        if _uclib is None:  # pragma: no cover
-            return regs, _REG_VALUES(regs)
-        return regs, tuple(self._reg_vals[:])
+    def _exit_regs(self) -> ExitRegisters:
+        """The register file for a handler: read from unicorn as the handler uses it; what it
+        changes is written back by :meth:`_write_back`."""
+        return ExitRegisters(self.reg)
 
     def reg(self, reg_id: int) -> int:
         """One 64-bit register (a unicorn ``UC_X86_REG_*`` id)."""
         if _uclib is None:  # pragma: no cover
             return self.uc.reg_read(reg_id)
-        err = _uclib.uc_reg_read(self.uc._uch, reg_id, self._one_ptr)
+        err = _uc_reg_read(self._uch, reg_id, self._one_addr)
         if err:
             raise UcError(err)
         return self._one.value
@@ -481,15 +611,15 @@ class GuestCpu:
                 self.uc.reg_write(_UC_BY_NAME[name], value)
                 continue
             self._one.value = value & 0xFFFF_FFFF_FFFF_FFFF
-            err = _uclib.uc_reg_write(self.uc._uch, _UC_BY_NAME[name], self._one_ptr)
+            err = _uc_reg_write(self._uch, _UC_BY_NAME[name], self._one_addr)
             if err:
                 raise UcError(err)
 
-    def _write_back(self, before: tuple[int, ...], after: dict[str, int]) -> None:
-        """Write the registers the handler changed (``before`` from :meth:`_exit_regs`)."""
-        now = _REG_VALUES(after)
-        if now != before:
-            self.set_regs({k: v for k, v, b in zip(_REG_NAMES, now, before) if v != b})
+    def _write_back(self, regs: ExitRegisters) -> None:
+        """Write the registers the handler changed."""
+        changed = regs.changes()
+        if changed:
+            self.set_regs(changed)
 
     # -- the run loop --------------------------------------------------------------------------
 
@@ -499,7 +629,7 @@ class GuestCpu:
         if _uclib is None:  # pragma: no cover
             self.uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
             return
-        err = _uclib.uc_ctl(self.uc._uch, _CTL_TLB_FLUSH_W)
+        err = _uc_ctl(self._uch, _CTL_TLB_FLUSH_W)
         if err:
             raise UcError(err)
 
@@ -596,21 +726,21 @@ class GuestCpu:
         return isinstance(hpa, int) and self.memory.read(hpa, 1) == 0xF4
 
     def _ept_exit(self, fault: Fault) -> None:
-        regs, before = self._exit_regs()
+        regs = self._exit_regs()
         info, go_on = self._handle_ept_exit(fault, regs)
-        self._finish_ept_exit(info, go_on, before, regs)
+        self._finish_ept_exit(info, go_on, regs)
 
-    def _handle_ept_exit(self, fault: Fault, regs: dict[str, int]) -> tuple[ExitInfo, bool]:
+    def _handle_ept_exit(self, fault: Fault, regs: dict[str, int],
+                         exact: object = _UNDECODED) -> tuple[ExitInfo, bool]:
         self._fetch_memo = None
         length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
-        fault = self._exact_fault(fault, regs)
+        fault = self._exact_fault(fault, regs, exact)
         info = self.processor.exit_info(fault, length)
         self.processor.vmexit(info)
         return info, self.handler.ept_exit(info, regs)
 
-    def _finish_ept_exit(self, info: ExitInfo, go_on: bool, before: tuple[int, ...],
-                         regs: dict[str, int]) -> None:
-        self._write_back(before, regs)
+    def _finish_ept_exit(self, info: ExitInfo, go_on: bool, regs: ExitRegisters) -> None:
+        self._write_back(regs)
         if not go_on:
             self.flush_tlb()  # (unicorn does not run in between: one flush serves exit and entry)
             self._set_stop("handler", info.name)
@@ -620,14 +750,14 @@ class GuestCpu:
     def _vmcall_exit(self) -> bool:
         """The VM exit of a VMCALL unicorn refused (SDM 25.1.2); False when the invalid
         instruction at RIP is not a VMCALL (then it is the guest's #UD)."""
-        regs, before = self._exit_regs()
+        regs = self._exit_regs()
         insn = self._decode_at(regs["rip"])
         if insn is None or insn.code != Code.VMCALL:
             return False
         info = ExitInfo(EXIT_VMCALL, instruction_length=insn.len)
         self.processor.vmexit(info)
         go_on = self.handler.vmcall_exit(info, regs)
-        self._write_back(before, regs)
+        self._write_back(regs)
         if not go_on:
             self.flush_tlb()
             self._set_stop("handler", info.name)
@@ -653,23 +783,22 @@ class GuestCpu:
         differs from letting the store complete into the sink in nothing the guest sees.
         RIP is exact in the hook because the session's code hook makes unicorn keep it per
         instruction (SimSession passes ``fast_exits``)."""
-        regs, before = self._exit_regs()
+        regs = self._exit_regs()
         rip = regs["rip"]
-        insn = self._decode_at(rip)
-        if insn is None or insn.mnemonic != Mnemonic.MOV or insn.op0_kind != OpKind.MEMORY:
+        store = self._stores.get(rip, _UNDECODED)
+        if store is _UNDECODED:
+            store = self._stores[rip] = self._plain_store(rip)
+        if store is None:
             return None
-        op = self._operands.get(rip, _UNDECODED)
-        if op is _UNDECODED:
-            op = self._operands[rip] = self._memory_operand(rip)
+        length, size = store
         la = self._exact_address(page, regs)
-        if op is None or la is None or (la & 0xFFF) + op[-1] > PAGE_SIZE:
+        if la is None or (la & 0xFFF) + size > PAGE_SIZE:
             return None
         self._pending_access = WRITE
-        info, go_on = self._handle_ept_exit(fault, regs)
-        next_rip = rip + insn.len
-        if not go_on or regs["rip"] != next_rip or _REG_VALUES(regs)[:-2] != before[:-2] \
-                or regs["rflags"] != before[-1]:
-            self._pending_outcome = (info, go_on, before, regs)
+        info, go_on = self._handle_ept_exit(fault, regs, la if fault.linear == page else _UNDECODED)
+        next_rip = rip + length
+        if not go_on or regs.changes() != {"rip": next_rip}:
+            self._pending_outcome = (info, go_on, regs)
             return False
         self.processor.vmentry()
         if not self.walk_every_access:  # (otherwise _hook_fetch translates it, as after a restart)
@@ -678,6 +807,17 @@ class GuestCpu:
         entry.paddr = _SINK_HPA
         entry.perms = UC_PROT_READ | UC_PROT_WRITE
         return True
+
+    def _plain_store(self, rip: int) -> tuple[int, int] | None:
+        """(instruction length, access size) of the instruction at ``rip`` when it is a plain
+        ``MOV`` store (the stores :meth:`_fast_ept_exit` handles), else None."""
+        insn = self._decode_at(rip)
+        if insn is None or insn.mnemonic != Mnemonic.MOV or insn.op0_kind != OpKind.MEMORY:
+            return None
+        op = self._operands.get(rip, _UNDECODED)
+        if op is _UNDECODED:
+            op = self._operands[rip] = self._memory_operand(rip)
+        return None if op is None else (insn.len, op[-1])
 
     def _insn_length(self, rip: int) -> int | None:
         """The VM-exit instruction length the processor writes. It comes from the processor's
@@ -708,7 +848,8 @@ class GuestCpu:
         self._insns[rip] = insn = insn if insn.len else None
         return insn
 
-    def _exact_fault(self, fault: Fault, regs: dict[str, int]) -> Fault:
+    def _exact_fault(self, fault: Fault, regs: dict[str, int],
+                     exact: object = _UNDECODED) -> Fault:
         """The fault with the access's own linear and guest-physical address.
 
         unicorn's TLB-fill hook is given the *page* of an access, not its address (unicorn
@@ -724,11 +865,13 @@ class GuestCpu:
         comes from translating the exact address again (a misconfiguration invalidates
         nothing, SDM 28.3.3.1, and it is not counted: it is the same reference). Found
         by differential fuzzing (fastmmio.fuzz.differential): a read of 0x401014 hit the
-        length-0 ioeventfd at 0x401000 on KVM_FAST_MMIO_BUS."""
+        length-0 ioeventfd at 0x401000 on KVM_FAST_MMIO_BUS.
+        (``exact``: the access's address when the caller has worked it out already.)"""
         page = fault.linear
         if page is None or page & 0xFFF:
             return fault
-        exact = self._exact_address(page, regs)
+        if exact is _UNDECODED:
+            exact = self._exact_address(page, regs)
         if exact is None or exact == page:
             return fault
         if fault.kind == "ept_violation":
@@ -800,7 +943,14 @@ class GuestCpu:
 
     # -- hooks (exceptions are kept and re-raised after emu_start: unicorn would lose them) ---
 
-    def _tlb_fill(self, uc: Uc, vaddr: int, mem_type: int, entry, _user) -> bool:
+    def _tlb_fill_entry(self, uc: Uc, vaddr: int, mem_type: int, entry, _user) -> bool:
+        """(the binding's form of the hook, without the C library: ``entry`` a structure)"""
+        return self._tlb_fill(uc, vaddr, mem_type, ctypes.pointer(entry), _user)  # pragma: no cover
+
+    def _tlb_fill(self, _uc, vaddr: int, mem_type: int, entry_ptr, _user) -> bool:
+        """``UC_HOOK_TLB_FILL``: the processor model translates ``vaddr`` (a page) for the
+        access; ``entry_ptr`` points at unicorn's ``uc_tlb_entry`` to fill."""
+        entry = entry_ptr.contents
         if vaddr >> 12 == _END_PAGE:
             entry.paddr = _SCRATCH_HPA
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
@@ -841,7 +991,7 @@ class GuestCpu:
             return False
 
     def _io(self, port: int, size: int, is_in: bool, value: int) -> None:
-        regs, before = self._exit_regs()
+        regs = self._exit_regs()
         rip = regs["rip"]
         key = (rip, port, size, is_in)
         info = self._io_infos.get(key)
@@ -852,7 +1002,7 @@ class GuestCpu:
         self.processor.vmexit(info)
         go_on = self.handler.io_exit(info, regs, port, size, is_in, value)
         regs["rip"] = rip  # the handler skipped the instruction; unicorn advances RIP
-        self._write_back(before, regs)
+        self._write_back(regs)
         self._resume_or_stop(go_on, info, rip + (info.instruction_length or 0))
 
     def _resume_or_stop(self, go_on: bool, info: ExitInfo, next_rip: int) -> None:
@@ -891,14 +1041,14 @@ class GuestCpu:
             self._hook_error = exc
             uc.emu_stop()
 
-    def _hook_out(self, uc: Uc, port: int, size: int, value: int, _user) -> None:
+    def _hook_out(self, _uc, port: int, size: int, value: int, _user) -> None:
         try:
             self._io(port, size, False, value)
         except BaseException as exc:  # noqa: BLE001
             self._hook_error = exc
-            uc.emu_stop()
+            self.uc.emu_stop()
 
-    def _hook_in(self, uc: Uc, port: int, size: int, _user) -> int:
+    def _hook_in(self, _uc, port: int, size: int, _user) -> int:
         """IN completes in unicorn with the value the handler left in RAX (KVM's
         complete_fast_pio_in writes it there before re-entry)."""
         try:
@@ -906,19 +1056,19 @@ class GuestCpu:
             return self.reg(_UC_RAX) & ((1 << (8 * size)) - 1)
         except BaseException as exc:  # noqa: BLE001
             self._hook_error = exc
-            uc.emu_stop()
+            self.uc.emu_stop()
             return 0
 
     def _hook_cpuid(self, uc: Uc, _user) -> int:
         try:
-            regs, before = self._exit_regs()
+            regs = self._exit_regs()
             rip = regs["rip"]
             info = ExitInfo(EXIT_CPUID, instruction_length=2)
             self.processor.vmexit(info)
             go_on = self.handler.cpuid_exit(info, regs)
             # the handler skipped the instruction (rip += 2); unicorn advances RIP itself
             regs["rip"] = rip
-            self._write_back(before, regs)
+            self._write_back(regs)
             self._resume_or_stop(go_on, info, rip + 2)
         except BaseException as exc:  # noqa: BLE001
             self._hook_error = exc

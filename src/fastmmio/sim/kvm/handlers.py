@@ -33,7 +33,6 @@ MMU requests (new root, TLB flush) are serviced on the processor before every re
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,8 +75,6 @@ from fastmmio.sim.vmx.layouts import (
 _M64 = (1 << 64) - 1
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 KVM_EPERM = 1  # EPERM, as kvm_para.h defines KVM_EPERM
-_WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
-_WRITEBACK_VALUES = operator.itemgetter(*_WRITEBACK)
 _REG_KEYS = frozenset(RegisterFile.KEYS)  # (a set: tested for every register at every exit)
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
 
@@ -146,13 +143,13 @@ class KvmVcpu:
 
     def io_exit(self, info: ExitInfo, regs: dict[str, int], port: int, size: int,
                 is_in: bool, value: int) -> bool:
-        return self._run_handler(info, regs, lambda i: self.handle_io(i))
+        return self._run_handler(info, regs, self.handle_io)
 
     def cpuid_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
-        return self._run_handler(info, regs, lambda i: self.handle_cpuid(i))
+        return self._run_handler(info, regs, self.handle_cpuid)
 
     def vmcall_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
-        return self._run_handler(info, regs, lambda i: self.handle_vmcall(i))
+        return self._run_handler(info, regs, self.handle_vmcall)
 
     def handle_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
         """Dispatch any modelled exit by basic reason (``kvm_vmx_exit_handlers``)."""
@@ -181,20 +178,27 @@ class KvmVcpu:
             self.vm.running_vcpu = None
         if go_on:
             self._before_entry()
-        regs.update(zip(_WRITEBACK, _WRITEBACK_VALUES(self.regs)))
+        regs.update(self.regs.exit_values())
         return go_on
 
     def _load_regs(self, regs: Mapping[str, int]) -> None:
+        """The exit's registers: the CPU's register file (:class:`~fastmmio.sim.cpu.
+        ExitRegisters`, read as the handler uses it) is bound; any other mapping (a caller's
+        partial set) is copied in over the current values."""
         p = self.processor
-        if regs.keys() <= _REG_KEYS:  # the CPU's register file (every exit): no filtering
-            self.regs.update(regs)
-        else:
-            self.regs.update({k: v for k, v in regs.items() if k in _REG_KEYS})
-        self.regs.update(cr0=p.cr0, cr3=p.cr3, cr4=p.cr4, efer=p.efer, cpl=p.cpl)
+        r = self.regs
+        if getattr(regs, "lazy_registers", False):
+            r.bind(regs, p.cr0, p.cr3, p.cr4, p.efer, p.cpl)
+            return
+        r.unbind()
+        r.update({k: v for k, v in regs.items() if k in _REG_KEYS})
+        r["cr0"], r["cr3"], r["cr4"], r["efer"], r["cpl"] = p.cr0, p.cr3, p.cr4, p.efer, p.cpl
 
     def _before_entry(self) -> None:
-        done = self.vm.mmu.service_requests(self.processor)
-        for d in done:
+        mmu = self.vm.mmu
+        if not mmu.requests:
+            return
+        for d in mmu.service_requests(self.processor):
             self.step(f"request:{d}")
 
     def step(self, what: str) -> None:

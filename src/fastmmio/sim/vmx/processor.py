@@ -66,6 +66,8 @@ __all__ = ["Processor", "Fault", "ExitInfo", "READ", "WRITE", "FETCH",
 INVEPT_SINGLE, INVEPT_ALL = 1, 2
 INVVPID_ADDRESS, INVVPID_SINGLE, INVVPID_ALL, INVVPID_SINGLE_RETAIN_GLOBALS = 0, 1, 2, 3
 _INVVPID_NAMES = {0: "address", 1: "single", 2: "all", 3: "single_retain_globals"}
+_EXIT_EVENTS = {reason: f"exit.{name}" for reason, name in EXIT_REASONS.items()}
+_EXIT_INFO_MEMO = 4096  # distinct EPT exits kept by exit_info
 
 
 class Processor(GuestPaging):
@@ -86,6 +88,7 @@ class Processor(GuestPaging):
 
     def __init__(self, memory: HostMemory, config: Any = "sdm-max", **kw: Any):
         super().__init__(memory, config, **kw)
+        self._exit_infos: dict[tuple, ExitInfo] = {}  # see exit_info
         if self.vpid_enabled and not 1 <= self.vpid <= 0xFFFF:
             raise VmxError(f"VPID must be 1..65535 when enabled, got {self.vpid}")
 
@@ -124,14 +127,25 @@ class Processor(GuestPaging):
         qualification (0 for a misconfiguration), GPA, GLA when qualification bit 7 is set.
         ``instruction_length`` is what the processor writes although the architecture leaves
         it undefined for these exits (bare metal fills it; pass None to model a CPU that
-        does not)."""
-        if fault.kind == "ept_violation":
+        does not). The information is immutable: the same exit (a doorbell's, again and
+        again) is built once and handed out again."""
+        kind = fault.kind
+        key = (kind, fault.qualification, fault.gpa, fault.linear, instruction_length)
+        info = self._exit_infos.get(key)
+        if info is not None:
+            return info
+        if kind == "ept_violation":
             gla = fault.linear if fault.qualification & (1 << 7) else None
-            return ExitInfo(EXIT_EPT_VIOLATION, fault.qualification, fault.gpa, gla,
+            info = ExitInfo(EXIT_EPT_VIOLATION, fault.qualification, fault.gpa, gla,
                             instruction_length)
-        if fault.kind == "ept_misconfig":
-            return ExitInfo(EXIT_EPT_MISCONFIG, 0, fault.gpa, None, instruction_length)
-        raise VmxError(f"{fault!r} is not a VM exit (a guest fault is delivered to the guest)")
+        elif kind == "ept_misconfig":
+            info = ExitInfo(EXIT_EPT_MISCONFIG, 0, fault.gpa, None, instruction_length)
+        else:
+            raise VmxError(f"{fault!r} is not a VM exit (a guest fault is delivered to the guest)")
+        if len(self._exit_infos) >= _EXIT_INFO_MEMO:
+            self._exit_infos.clear()  # (a fuzzer's many addresses: keep the memo small)
+        self._exit_infos[key] = info
+        return info
 
     def vmexit(self, info: ExitInfo | int) -> ExitInfo:
         """A VM exit: counts ``exit.<REASON>``; with "enable VPID" = 0 it invalidates linear
@@ -141,7 +155,7 @@ class Processor(GuestPaging):
             if info not in EXIT_REASONS:
                 raise VmxError(f"unknown basic exit reason {info}")
             info = ExitInfo(info, instruction_length_defined=False)
-        self._counts[f"exit.{info.name}"] += 1
+        self._counts[_EXIT_EVENTS[info.reason]] += 1
         if not self.vpid_enabled:
             self._drop_linear_combined(lambda t: t[0] == 0, "vmexit_novpid")
         return info
