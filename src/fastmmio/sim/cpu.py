@@ -178,6 +178,7 @@ _MMIO_WRITE = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint64, ctypes.c_uint, ctypes
 _uc_reg_read = _raw_entry("uc_reg_read", _VP, _I32, _VP)  # (uc, regid, value*) -> uc_err
 _uc_reg_write = _raw_entry("uc_reg_write", _VP, _I32, _VP)
 _uc_ctl = _raw_entry("uc_ctl", _VP, _I32)  # (uc, control) -> uc_err: no-argument controls only
+_uc_reg_read_batch = _raw_entry("uc_reg_read_batch", _VP, _VP, _VP, _I32)  # (uc, ids, values, n)
 
 
 class ExitRegisters(dict):
@@ -194,10 +195,16 @@ class ExitRegisters(dict):
     __slots__ = ("_read", "loaded")
     lazy_registers = True  # (KvmVcpu binds its own register file to one, see RegisterFile)
 
-    def __init__(self, read) -> None:  # read(unicorn register id) -> int
-        super().__init__()
+    def __init__(self, read, preloaded: dict[str, int] | None = None) -> None:
+        """``read(unicorn register id) -> int``; ``preloaded``: registers the caller read at
+        the exit already (one batch read of what the handler is about to use)."""
+        if preloaded:
+            super().__init__(preloaded)
+            self.loaded: dict[str, int] = dict(preloaded)
+        else:
+            super().__init__()
+            self.loaded = {}
         self._read = read
-        self.loaded: dict[str, int] = {}
 
     def __missing__(self, name: str) -> int:
         uc_id = _UC_BY_NAME.get(name)
@@ -440,6 +447,12 @@ class GuestCpu:
         self._reg_vals = (ctypes.c_uint64 * n)()
         base = ctypes.addressof(self._reg_vals)
         self._reg_ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        # RIP and RAX, read together at an I/O-instruction exit (the skip and the OUT's value)
+        self._io_ids = (ctypes.c_int * 2)(_UC_RIP, _UC_RAX)
+        self._io_vals = (ctypes.c_uint64 * 2)()
+        base = ctypes.addressof(self._io_vals)
+        self._io_ptrs = (ctypes.c_void_p * 2)(base, base + 8)
+        self._io_args = (ctypes.addressof(self._io_ids), ctypes.addressof(self._io_ptrs), 2)
         self._one = ctypes.c_uint64()
         self._one_addr = ctypes.addressof(self._one)
         self._uch = self.uc._uch.value if _uclib is not None else None
@@ -991,7 +1004,14 @@ class GuestCpu:
             return False
 
     def _io(self, port: int, size: int, is_in: bool, value: int) -> None:
-        regs = self._exit_regs()
+        if _uclib is None:  # pragma: no cover
+            regs = self._exit_regs()
+        else:
+            err = _uc_reg_read_batch(self._uch, *self._io_args)
+            if err:  # pragma: no cover
+                raise UcError(err)
+            v = self._io_vals
+            regs = ExitRegisters(self.reg, {"rip": v[0], "rax": v[1]})
         rip = regs["rip"]
         key = (rip, port, size, is_in)
         info = self._io_infos.get(key)

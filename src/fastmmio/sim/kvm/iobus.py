@@ -90,6 +90,9 @@ def kvm_io_bus_cmp(addr1: int, len1: int, addr2: int, len2: int) -> int:
     return 0
 
 
+_FIRST_DEV_MEMO = 4096  # distinct (addr, len) answers KvmIoBus keeps
+
+
 class KvmIoBus:
     """One ``struct kvm_io_bus``."""
 
@@ -99,6 +102,8 @@ class KvmIoBus:
         self.range: list[KvmIoRange] = []
         self.ioeventfd_count = 0
         self._lookup_event = f"kvm.bus.lookup.{bus.name}"
+        # get_first_dev's answers, (addr, len) -> (index, probes), until the ranges change
+        self._first: dict[tuple[int, int], tuple[int, int]] = {}
 
     @property
     def dev_count(self) -> int:
@@ -118,12 +123,14 @@ class KvmIoBus:
                 break
             i += 1
         self.range.insert(i, KvmIoRange(addr, length, dev))
+        self._first.clear()
 
     def unregister_dev(self, dev: KvmIoDevice) -> bool:
         """``kvm_io_bus_unregister_dev``: remove the device; False if it was not there."""
         for i, r in enumerate(self.range):
             if r.dev is dev:
                 del self.range[i]
+                self._first.clear()
                 return True
         return False
 
@@ -133,16 +140,31 @@ class KvmIoBus:
         """``kvm_io_bus_get_first_dev``: index of the first matching range, or -1 (-ENOENT).
 
         The binary search is lib/bsearch.c's: the pivot is ``base + num/2``; on "greater" the
-        base moves past the pivot and ``num`` loses one before halving.
+        base moves past the pivot and ``num`` loses one before halving. Each range compared
+        counts ``kvm.bus.probe``. The ranges change only by :meth:`register_dev` and
+        :meth:`unregister_dev`, so an answer (index and probes) is kept until they do.
         """
-        ev = self.events
+        key = (addr, length)
+        known = self._first.get(key)
+        if known is None:
+            known = self._first[key] = self._search(addr, length)
+            if len(self._first) > _FIRST_DEV_MEMO:
+                self._first.clear()
+        found, probes = known
+        if probes:
+            self.events["kvm.bus.probe"] += probes
+        return found
+
+    def _search(self, addr: int, length: int) -> tuple[int, int]:
+        """get_first_dev's search: (index or -1, ranges compared)."""
         rng = self.range
         base, num = 0, len(rng)
         found = -1
+        probes = 0
         while num > 0:
             pivot = base + (num >> 1)
             r = rng[pivot]
-            ev["kvm.bus.probe"] += 1
+            probes += 1
             c = kvm_io_bus_cmp(addr, length, r.addr, r.len)
             if c == 0:
                 found = pivot
@@ -152,14 +174,14 @@ class KvmIoBus:
                 num -= 1
             num >>= 1
         if found < 0:
-            return -1
+            return -1, probes
         while found > 0:
             r = rng[found - 1]
-            ev["kvm.bus.probe"] += 1
+            probes += 1
             if kvm_io_bus_cmp(addr, length, r.addr, r.len) != 0:
                 break
             found -= 1
-        return found
+        return found, probes
 
     def _matching(self, addr: int, length: int):
         idx = self.get_first_dev(addr, length)
