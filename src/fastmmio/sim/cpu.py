@@ -254,9 +254,12 @@ class ExitRegisters(dict):
         return f"ExitRegisters({dict.__repr__(self.load_all())})"
 
     def changes(self) -> dict[str, int]:
-        """The registers whose value differs from the exit's (or that were only written)."""
+        """The registers whose value differs from the exit's (or that were only written);
+        other keys a handler keeps here (the control registers KVM's model adds) are not
+        registers of this file."""
         loaded = self.loaded
-        return {k: v for k, v in dict.items(self) if loaded.get(k, _UNDECODED) != v}
+        return {k: v for k, v in dict.items(self)
+                if loaded.get(k, _UNDECODED) != v and k in _UC_BY_NAME}
 
 
 class ExitHandler(Protocol):
@@ -553,6 +556,7 @@ class GuestCpu:
         """Take the engine away from this CPU for another guest (:class:`CpuEngine`): this
         CPU's hooks are removed and it no longer has an engine (``uc``)."""
         uc = self.__dict__.pop("uc")
+        self._uch = None  # (registers are no longer this CPU's: see reg)
         for h in self._hooks:
             uc.hook_del(h)
         for h in self._native_hooks:
@@ -613,6 +617,9 @@ class GuestCpu:
         """One 64-bit register (a unicorn ``UC_X86_REG_*`` id)."""
         if _uclib is None:  # pragma: no cover
             return self.uc.reg_read(reg_id)
+        if self._uch is None:  # (never hand unicorn a closed engine: it would crash)
+            raise RuntimeError("this vCPU's engine is closed or serves another guest: "
+                               "its registers are gone")
         err = _uc_reg_read(self._uch, reg_id, self._one_addr)
         if err:
             raise UcError(err)
@@ -623,6 +630,8 @@ class GuestCpu:
             if _uclib is None:  # pragma: no cover
                 self.uc.reg_write(_UC_BY_NAME[name], value)
                 continue
+            if self._uch is None:
+                raise RuntimeError("this vCPU's engine is closed or serves another guest")
             self._one.value = value & 0xFFFF_FFFF_FFFF_FFFF
             err = _uc_reg_write(self._uch, _UC_BY_NAME[name], self._one_addr)
             if err:
@@ -1103,4 +1112,5 @@ class GuestCpu:
         """Close the unicorn engine now (:meth:`CpuEngine.close`). Idempotent."""
         if self.__dict__.pop("uc", None) is None:
             return
+        self._uch = None
         self.engine.close()

@@ -51,8 +51,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from enum import Enum
-from itertools import islice
-from typing import Any, Callable, Mapping, MutableMapping
+from typing import Callable, MutableMapping
 
 from iced_x86 import (
     Decoder,
@@ -108,106 +107,16 @@ _M64 = (1 << 64) - 1
 Translate = Callable[[int, str], "int | GuestPageFault"]
 
 
-EXIT_REGISTERS = GPR64 + ("rip", "rflags")  # what a VM exit hands over and gets back
-_EXIT_REGISTER_SET = frozenset(EXIT_REGISTERS)
-_BOUND_CONTROL = 7  # keys RegisterFile.bind puts first: CR0, CR3, CR4, EFER, CPL, FS/GS base
-
-
 class RegisterFile(dict):
     """A vCPU's registers as the emulator and the software walker read them (a dict with
-    every key present, 0 by default).
+    every key present, 0 by default)."""
 
-    At a VM exit the vCPU binds it to the exit's register file (:meth:`bind`, the CPU's
-    :class:`~fastmmio.sim.cpu.ExitRegisters`): the GPRs, RIP and RFLAGS are then taken from
-    it when first read, so an exit handled in a few steps reads the two or three registers it
-    uses rather than all of them. Every key still reads as present (``[]``, ``get``, ``in``,
-    the views); :meth:`exit_values` is what the handler read or wrote, to give back.
-    """
-
-    __slots__ = ("_source",)
     KEYS = GPR64 + ("rip", "rflags", "cr0", "cr3", "cr4", "efer", "cpl", "fs_base", "gs_base")
 
     def __init__(self, **values: int):
         super().__init__({k: 0 for k in self.KEYS})
-        self._source: Mapping[str, int] | None = None
         self["rflags"] = 0x2
         self.update(values)
-
-    def bind(self, source: Mapping[str, int], cr0: int, cr3: int, cr4: int, efer: int,
-             cpl: int) -> None:
-        """Take the GPRs, RIP and RFLAGS from ``source`` (a complete register file) when they
-        are first read from now on; the control registers and CPL are the processor's."""
-        fs, gs = dict.get(self, "fs_base", 0), dict.get(self, "gs_base", 0)
-        dict.clear(self)  # (the control state first: exit_values skips it by position)
-        dict.update(self, cr0=cr0, cr3=cr3, cr4=cr4, efer=efer, cpl=cpl, fs_base=fs, gs_base=gs)
-        self._source = source
-
-    def unbind(self) -> None:
-        """Every register present again (read from the bound source), none taken lazily."""
-        self._complete()._source = None
-
-    def exit_values(self) -> dict[str, int]:
-        """The GPRs, RIP and RFLAGS read or written since :meth:`bind` (all of them when
-        unbound)."""
-        if self._source is None:
-            return {k: v for k, v in dict.items(self) if k in _EXIT_REGISTER_SET}
-        return {k: v for k, v in islice(dict.items(self), _BOUND_CONTROL, None)
-                if k in _EXIT_REGISTER_SET}
-
-    def __missing__(self, key: str) -> int:
-        source = self._source
-        if source is None or key not in _EXIT_REGISTER_SET:
-            raise KeyError(key)
-        value = source[key]
-        dict.__setitem__(self, key, value)
-        return value
-
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        if dict.__contains__(self, key):
-            return dict.__getitem__(self, key)
-        if self._source is not None and key in _EXIT_REGISTER_SET:
-            return self[key]
-        return default
-
-    def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or (self._source is not None
-                                                and key in _EXIT_REGISTER_SET)
-
-    def _complete(self) -> "RegisterFile":
-        if self._source is not None:
-            for k in EXIT_REGISTERS:
-                if not dict.__contains__(self, k):
-                    self.__missing__(k)
-        return self
-
-    def __iter__(self):
-        return dict.__iter__(self._complete())
-
-    def __len__(self) -> int:
-        return dict.__len__(self._complete())
-
-    def keys(self):  # type: ignore[override]
-        return dict.keys(self._complete())
-
-    def values(self):  # type: ignore[override]
-        return dict.values(self._complete())
-
-    def items(self):  # type: ignore[override]
-        return dict.items(self._complete())
-
-    def copy(self) -> dict[str, int]:  # type: ignore[override]
-        return dict(self.items())
-
-    def __eq__(self, other: object) -> bool:
-        return dict.__eq__(self._complete(), other)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"RegisterFile({dict.__repr__(self._complete())})"
-
-    def __reduce__(self):
-        return (RegisterFile, (), None, None, iter(self.items()))
 
 
 class EmulationOutcome(str, Enum):

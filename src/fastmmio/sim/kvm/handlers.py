@@ -33,7 +33,8 @@ MMU requests (new root, TLB flush) are serviced on the processor before every re
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import operator
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,8 @@ from fastmmio.sim.vmx.layouts import (
 _M64 = (1 << 64) - 1
 KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 KVM_EPERM = 1  # EPERM, as kvm_para.h defines KVM_EPERM
+_WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
+_WRITEBACK_VALUES = operator.itemgetter(*_WRITEBACK)
 _REG_KEYS = frozenset(RegisterFile.KEYS)  # (a set: tested for every register at every exit)
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
 
@@ -122,7 +125,8 @@ class KvmVcpu:
         self.irqchip_in_kernel = irqchip_in_kernel
         self.cpuid = dict(cpuid or {})
         self.userspace = userspace
-        self.regs = RegisterFile()
+        self.regs: MutableMapping[str, int] = RegisterFile()  # this exit's (see _load_regs)
+        self._own_regs = self.regs
         self.walker = GuestPageWalker(self.regs, vm.guest_memory, self.events,
                                       maxphyaddr=vm.memory.maxphyaddr)
         self.emulator = X86Emulator(self.regs, vm.guest_memory, self.walker, vm.buses,
@@ -171,28 +175,40 @@ class KvmVcpu:
         self.steps = []
         self.current_exit = info
         self.vm.running_vcpu = self
-        self._load_regs(regs)
+        own = self._load_regs(regs)
         try:
             go_on = handler(info)
         finally:
             self.vm.running_vcpu = None
         if go_on:
             self._before_entry()
-        regs.update(self.regs.exit_values())
+        if own:
+            regs.update(zip(_WRITEBACK, _WRITEBACK_VALUES(self.regs)))
         return go_on
 
-    def _load_regs(self, regs: Mapping[str, int]) -> None:
-        """The exit's registers: the CPU's register file (:class:`~fastmmio.sim.cpu.
-        ExitRegisters`, read as the handler uses it) is bound; any other mapping (a caller's
-        partial set) is copied in over the current values."""
+    def _load_regs(self, regs: Mapping[str, int]) -> bool:
+        """The registers the handler, the emulator and the software walker use for this exit.
+
+        The CPU's own register file (:class:`~fastmmio.sim.cpu.ExitRegisters`: it reads a
+        register from the CPU when first used, and writes back what changed) is used as it
+        is, with the control registers and CPL added: a doorbell's handler then reads the two
+        or three registers it needs, and nothing is copied. Any other mapping (a caller's
+        partial set) is copied into the vCPU's own :class:`RegisterFile` over its current
+        values, and the result copied back after the handler: then True."""
         p = self.processor
-        r = self.regs
+        prev = self.regs
         if getattr(regs, "lazy_registers", False):
-            r.bind(regs, p.cr0, p.cr3, p.cr4, p.efer, p.cpl)
-            return
-        r.unbind()
+            dict.update(regs, cr0=p.cr0, cr3=p.cr3, cr4=p.cr4, efer=p.efer, cpl=p.cpl,
+                        fs_base=prev.get("fs_base", 0), gs_base=prev.get("gs_base", 0))
+            self.regs = self.emulator.regs = self.walker.regs = regs
+            return False
+        r = self._own_regs
+        if prev is not r:  # (after an exit from the CPU: its registers as they were)
+            r.update({k: prev[k] for k in r})
+            self.regs = self.emulator.regs = self.walker.regs = r
         r.update({k: v for k, v in regs.items() if k in _REG_KEYS})
         r["cr0"], r["cr3"], r["cr4"], r["efer"], r["cpl"] = p.cr0, p.cr3, p.cr4, p.efer, p.cpl
+        return True
 
     def _before_entry(self) -> None:
         mmu = self.vm.mmu
