@@ -66,7 +66,7 @@ import ctypes
 import weakref
 from collections import Counter
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 from iced_x86 import (
     Code,
@@ -192,8 +192,8 @@ class ExitRegisters(dict):
     (:meth:`GuestCpu._write_back` writes only those back).
     """
 
-    __slots__ = ("_read", "loaded")
-    lazy_registers = True  # (KvmVcpu binds its own register file to one, see RegisterFile)
+    __slots__ = ("_read", "loaded", "_more", "_more_names")
+    lazy_registers = True  # (KvmVcpu uses it as its register file, see KvmVcpu._load_regs)
 
     def __init__(self, read, preloaded: dict[str, int] | None = None) -> None:
         """``read(unicorn register id) -> int``; ``preloaded``: registers the caller read at
@@ -205,27 +205,41 @@ class ExitRegisters(dict):
             super().__init__()
             self.loaded = {}
         self._read = read
+        self._more: Callable[[str], int] | None = None
+        self._more_names: frozenset[str] = frozenset()
+
+    def attach(self, names: frozenset[str], provide: Callable[[str], int]) -> None:
+        """Further keys the hypervisor model reads here (its control registers and CPL),
+        taken from ``provide(name)`` when first read; never written back to the CPU."""
+        self._more_names, self._more = names, provide
 
     def __missing__(self, name: str) -> int:
         uc_id = _UC_BY_NAME.get(name)
         if uc_id is None:
-            raise KeyError(name)
+            if name not in self._more_names:
+                raise KeyError(name)
+            value = self._more(name)  # type: ignore[misc]
+            dict.__setitem__(self, name, value)
+            return value
         value = self._read(uc_id)
         self.loaded[name] = value
         dict.__setitem__(self, name, value)
         return value
 
     def load_all(self) -> "ExitRegisters":
-        for name in _REG_NAMES:
+        for name in (*_REG_NAMES, *self._more_names):
             if not dict.__contains__(self, name):
                 self.__missing__(name)
         return self
 
     def get(self, name: str, default=None):  # type: ignore[override]
-        return self[name] if name in _UC_BY_NAME else dict.get(self, name, default)
+        if name in _UC_BY_NAME or name in self._more_names:
+            return self[name]
+        return dict.get(self, name, default)
 
     def __contains__(self, name: object) -> bool:
-        return name in _UC_BY_NAME or dict.__contains__(self, name)
+        return (name in _UC_BY_NAME or name in self._more_names
+                or dict.__contains__(self, name))
 
     def __iter__(self):
         return dict.__iter__(self.load_all())

@@ -78,7 +78,9 @@ KVM_ENOSYS = 1000  # include/uapi/linux/kvm_para.h
 KVM_EPERM = 1  # EPERM, as kvm_para.h defines KVM_EPERM
 _WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
 _WRITEBACK_VALUES = operator.itemgetter(*_WRITEBACK)
-_REG_KEYS = frozenset(RegisterFile.KEYS)  # (a set: tested for every register at every exit)
+_REG_KEYS = frozenset(RegisterFile.KEYS)
+_SEGMENT_BASES = frozenset({"fs_base", "gs_base"})
+_CONTROL_KEYS = frozenset({"cr0", "cr3", "cr4", "efer", "cpl"}) | _SEGMENT_BASES  # (a set: tested for every register at every exit)
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
 
 Userspace = Callable[[ExitRecord], "int | None"]
@@ -127,6 +129,7 @@ class KvmVcpu:
         self.userspace = userspace
         self.regs: MutableMapping[str, int] = RegisterFile()  # this exit's (see _load_regs)
         self._own_regs = self.regs
+        self._control = self._control_value
         self.walker = GuestPageWalker(self.regs, vm.guest_memory, self.events,
                                       maxphyaddr=vm.memory.maxphyaddr)
         self.emulator = X86Emulator(self.regs, vm.guest_memory, self.walker, vm.buses,
@@ -198,8 +201,7 @@ class KvmVcpu:
         p = self.processor
         prev = self.regs
         if getattr(regs, "lazy_registers", False):
-            dict.update(regs, cr0=p.cr0, cr3=p.cr3, cr4=p.cr4, efer=p.efer, cpl=p.cpl,
-                        fs_base=prev.get("fs_base", 0), gs_base=prev.get("gs_base", 0))
+            regs.attach(_CONTROL_KEYS, self._control)  # type: ignore[attr-defined]
             self.regs = self.emulator.regs = self.walker.regs = regs
             return False
         r = self._own_regs
@@ -209,6 +211,14 @@ class KvmVcpu:
         r.update({k: v for k, v in regs.items() if k in _REG_KEYS})
         r["cr0"], r["cr3"], r["cr4"], r["efer"], r["cpl"] = p.cr0, p.cr3, p.cr4, p.efer, p.cpl
         return True
+
+    def _control_value(self, name: str) -> int:
+        """A control register or the CPL as the handler reads it from the CPU's register
+        file: the processor's; FS and GS base as the vCPU's own register file holds them
+        (the CPU does not report them)."""
+        if name in _SEGMENT_BASES:
+            return self._own_regs[name]
+        return getattr(self.processor, name)
 
     def _before_entry(self) -> None:
         mmu = self.vm.mmu
