@@ -75,7 +75,7 @@ from fastmmio.sim.kvm.guestmem import (
     GuestMemory,
     GuestPageFault,
 )
-from fastmmio.sim.kvm.iobus import KvmBus, KvmIoBuses
+from fastmmio.sim.kvm.iobus import KVM_MMIO_BUS, KvmIoBuses
 
 # EMULTYPE_* (arch/x86/include/asm/kvm_host.h)
 EMULTYPE_NO_DECODE = 1 << 0
@@ -427,7 +427,7 @@ class X86Emulator:
         if not is_mmio and self.mem.write_guest(gpa, value.to_bytes(size, "little")):
             return self._advance(dec, "memory")
         # vcpu_mmio_write: (no in-kernel local APIC) then KVM_MMIO_BUS
-        if self.buses.write(KvmBus.KVM_MMIO_BUS, gpa, size, value):
+        if self.buses.write(KVM_MMIO_BUS, gpa, size, value):
             return self._advance(dec, "KVM_MMIO_BUS")
         # KVM_EXIT_MMIO; writeback (RIP advance) happens before the exit for a write
         self.regs["rip"] = (self.regs["rip"] + dec.length) & _M64
@@ -447,7 +447,7 @@ class X86Emulator:
             if data is not None:
                 self._writeback_load(dec, int.from_bytes(data, "little"))
                 return self._result(dec, "memory")
-        v = self.buses.read(KvmBus.KVM_MMIO_BUS, gpa, size)
+        v = self.buses.read(KVM_MMIO_BUS, gpa, size)
         if v is not None:
             self._writeback_load(dec, v)
             return self._result(dec, "KVM_MMIO_BUS")

@@ -54,7 +54,7 @@ from fastmmio.sim.kvm.guestmem import (
     PFERR_WRITE_MASK,
     GuestPageWalker,
 )
-from fastmmio.sim.kvm.iobus import KvmBus
+from fastmmio.sim.kvm.iobus import KVM_FAST_MMIO_BUS, KVM_PIO_BUS
 from fastmmio.sim.kvm.mmu import PFERR_GUEST_FINAL_MASK, PFERR_GUEST_PAGE_MASK, RetPf
 from fastmmio.sim.vmx.exits import (
     EXIT_CPUID,
@@ -258,7 +258,7 @@ class KvmVcpu:
         gpa = info.guest_physical_address or 0
         if self.vm.variant.fast_mmio_on_misconfig:
             self.step("fast_mmio_bus")
-            if self.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+            if self.vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
                 self.step("fast_mmio_bus:hit")
                 return self.skip_emulated_instruction(info)
         return self.kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)
@@ -303,12 +303,12 @@ class KvmVcpu:
         if not is_in:
             value = self.regs["rax"] & ((1 << (8 * size)) - 1)
             self.step("pio_bus")
-            if self.vm.buses.write(KvmBus.KVM_PIO_BUS, port, size, value):
+            if self.vm.buses.write(KVM_PIO_BUS, port, size, value):
                 self.step("pio_bus:hit")
                 return self.skip_emulated_instruction(info)
             self._pending_pio = _PendingPio(False, port, size, getattr(info, "instruction_length", None))
             return self._user_exit(ExitRecord("io", port, size, True, value))
-        v = self.vm.buses.read(KvmBus.KVM_PIO_BUS, port, size)
+        v = self.vm.buses.read(KVM_PIO_BUS, port, size)
         self.step("pio_bus")
         if v is not None:
             self._complete_pio_in(size, v)

@@ -44,6 +44,13 @@ class KvmBus(IntEnum):
         return cls[bus.value]
 
 
+# the members by their kernel names, for the exit paths (an enum attribute look-up costs more
+# than the bus look-up it names)
+KVM_MMIO_BUS = KvmBus.KVM_MMIO_BUS
+KVM_PIO_BUS = KvmBus.KVM_PIO_BUS
+KVM_FAST_MMIO_BUS = KvmBus.KVM_FAST_MMIO_BUS
+
+
 class IoBusError(FastmmioError):
     """``kvm_io_bus_register_dev`` refused a device (ENOSPC, ENOMEM)."""
 
@@ -225,19 +232,22 @@ class KvmIoBus:
 
 
 class KvmIoBuses:
-    """``kvm->buses[]``: one :class:`KvmIoBus` per ``enum kvm_bus``, sharing one counter."""
+    """``kvm->buses[]``: one :class:`KvmIoBus` per ``enum kvm_bus``, sharing one counter
+    (``buses`` by member; an exit finds its bus by the member's number, as the kernel's
+    array does: hashing an enum member costs more than the look-up it serves)."""
 
     def __init__(self, events: Counter | None = None):
         self.events: Counter = events if events is not None else Counter()
         self.buses = {b: KvmIoBus(b, self.events) for b in KvmBus}
+        self._array = [self.buses[b] for b in sorted(KvmBus)]
 
     def __getitem__(self, bus: KvmBus) -> KvmIoBus:
-        return self.buses[bus]
+        return self._array[bus]
 
     def write(self, bus: KvmBus, addr: int, length: int, value: int | None) -> bool:
         """``kvm_io_bus_write(vcpu, bus, addr, len, val)``; True means it returned 0."""
-        return self.buses[bus].write(addr & _U64, length, value)
+        return self._array[bus].write(addr & _U64, length, value)
 
     def read(self, bus: KvmBus, addr: int, length: int) -> int | None:
         """``kvm_io_bus_read``; None means -EOPNOTSUPP (nobody took it)."""
-        return self.buses[bus].read(addr & _U64, length)
+        return self._array[bus].read(addr & _U64, length)

@@ -43,7 +43,7 @@ from typing import Any
 from fastmmio.sim.kvm.handlers import KvmVcpu
 from fastmmio.sim.kvm.emulator import EmulationOutcome
 from fastmmio.sim.kvm.guestmem import PFERR_RSVD_MASK
-from fastmmio.sim.kvm.iobus import KvmBus
+from fastmmio.sim.kvm.iobus import KVM_FAST_MMIO_BUS
 from fastmmio.sim.svm.exits import SvmExit
 from fastmmio.sim.svm.layouts import (
     EXIT_CPUID,
@@ -149,7 +149,7 @@ class SvmVcpu(KvmVcpu):
             # for a guest that is not SEV
             if self.nrips and info.next_rip:
                 self.step("fast_mmio_bus")
-                if self.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+                if self.vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
                     self.step("fast_mmio_bus:hit")
                     return self.skip_emulated_instruction(info)
             else:

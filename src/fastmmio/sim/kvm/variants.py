@@ -100,7 +100,7 @@ import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastmmio.errors import UsageError, did_you_mean
-from fastmmio.sim.kvm.iobus import KvmBus
+from fastmmio.sim.kvm.iobus import KVM_FAST_MMIO_BUS
 from fastmmio.sim.vmx.exits import EXIT_EPT_MISCONFIG, ExitInfo
 from fastmmio.sim.vmx.layouts import QUAL_WRITE
 
@@ -231,7 +231,7 @@ class Rfc2015(Variant2015):
     def ept_violation_prelude(self, vcpu: "KvmVcpu", info: ExitInfo) -> bool | None:
         gpa = info.guest_physical_address or 0
         vcpu.step("rfc-2015:fast_mmio_bus")
-        if vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+        if vcpu.vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
             vcpu.events[PRELUDE_EVENT] += 1
             return vcpu.skip_emulated_instruction(info)
         return None
@@ -256,7 +256,7 @@ class Rfc2015Fixed(Variant2015):
             return None
         gpa = info.guest_physical_address or 0
         vcpu.step("rfc-2015-fixed:fast_mmio_bus")
-        if not vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+        if not vcpu.vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
             return None
         vcpu.events[PRELUDE_EVENT] += 1
         r = vcpu.vm.mmu.map_readonly_page(gpa)
@@ -277,7 +277,7 @@ class BadPage(Variant2015):
         if vcpu is None:
             return False
         vcpu.step("bad-page:fast_mmio_bus")
-        if not vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+        if not vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
             return False
         vcpu.skip_emulated_instruction(vcpu.current_exit)
         return True
@@ -291,7 +291,7 @@ class ReservedWriteMostly(Variant2015):
         def write_mostly(gfn: int) -> bool:
             base = gfn << 12
             return any(base <= r.addr < base + 0x1000 and r.len == 0
-                       for r in vm.buses[KvmBus.KVM_FAST_MMIO_BUS].range)
+                       for r in vm.buses[KVM_FAST_MMIO_BUS].range)
 
         vm.mmu.mmio_spte_for_readonly_hook = write_mostly
 
@@ -426,7 +426,7 @@ class Rfc2015Svm(Variant2015):
     def npf_prelude(self, vcpu: "KvmVcpu", info: Any) -> bool | None:
         gpa = info.exitinfo2
         vcpu.step("rfc-2015-svm:fast_mmio_bus")
-        if vcpu.vm.buses.write(KvmBus.KVM_FAST_MMIO_BUS, gpa, 0, None):
+        if vcpu.vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
             vcpu.events[NPF_PRELUDE_EVENT] += 1
             return vcpu.skip_emulated_instruction(info)
         return None
