@@ -147,14 +147,16 @@ _SINK_HPA = (1 << 46) - 0x2000
 _UNDECODED = object()
 
 
-def _raw_entry(name: str, *argtypes):
-    """unicorn's C function ``name`` called through a bare ctypes prototype of integers and
-    pointers (the binding's own prototypes convert every argument through its declared
-    class, which costs more than the call on the per-exit path). None without the library."""
+def _raw_entry(name: str):
+    """unicorn's C function ``name`` (returning ``uc_err``) through a bare ctypes prototype
+    without argument types: callers pass pointers as ``c_void_p`` objects made once and
+    integers that fit a C ``int``. (The binding's prototypes convert every argument through
+    its declared class, which costs more than the call on the per-exit path.) None without
+    the library."""
     if _uclib is None:  # pragma: no cover
         return None
     address = ctypes.cast(getattr(_uclib, name), ctypes.c_void_p).value
-    return ctypes.CFUNCTYPE(ctypes.c_int, *argtypes)(address)
+    return ctypes.CFUNCTYPE(ctypes.c_int)(address)
 
 
 _VP, _I32 = ctypes.c_void_p, ctypes.c_int
@@ -169,16 +171,39 @@ class _TlbEntry(ctypes.Structure):
 # The C prototypes of the hooks every exit goes through (include/unicorn/unicorn.h: the
 # engine handle first, user data last), called by unicorn straight into GuestCpu's methods.
 _HOOK_CODE = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint64, ctypes.c_uint32, _VP)
-_HOOK_TLB_FILL = ctypes.CFUNCTYPE(ctypes.c_bool, _VP, ctypes.c_uint64, _I32,
-                                  ctypes.POINTER(_TlbEntry), _VP)
+_HOOK_TLB_FILL = ctypes.CFUNCTYPE(ctypes.c_bool, _VP, ctypes.c_uint64, _I32, _VP, _VP)
 _HOOK_OUT = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint32, _I32, ctypes.c_uint32, _VP)
 _HOOK_IN = ctypes.CFUNCTYPE(ctypes.c_uint32, _VP, ctypes.c_uint32, _I32, _VP)
 _MMIO_READ = ctypes.CFUNCTYPE(ctypes.c_uint64, _VP, ctypes.c_uint64, ctypes.c_uint, _VP)
 _MMIO_WRITE = ctypes.CFUNCTYPE(None, _VP, ctypes.c_uint64, ctypes.c_uint, ctypes.c_uint64, _VP)
-_uc_reg_read = _raw_entry("uc_reg_read", _VP, _I32, _VP)  # (uc, regid, value*) -> uc_err
-_uc_reg_write = _raw_entry("uc_reg_write", _VP, _I32, _VP)
-_uc_ctl = _raw_entry("uc_ctl", _VP, _I32)  # (uc, control) -> uc_err: no-argument controls only
-_uc_reg_read_batch = _raw_entry("uc_reg_read_batch", _VP, _VP, _VP, _I32)  # (uc, ids, values, n)
+_uc_reg_read = _raw_entry("uc_reg_read")  # (uc, int regid, void *value)
+_uc_reg_write = _raw_entry("uc_reg_write")  # (uc, int regid, const void *value)
+_uc_ctl = _raw_entry("uc_ctl")  # (uc, int control): controls without arguments only
+_uc_reg_read_batch = _raw_entry("uc_reg_read_batch")  # (uc, int *ids, void **values, int n)
+
+
+class _BatchRead:
+    """Registers read together at an exit, in one ``uc_reg_read_batch`` (what the handler is
+    about to use: one C call instead of one per register)."""
+
+    __slots__ = ("names", "_vals", "_args", "_keep")
+
+    def __init__(self, names: tuple[str, ...]):
+        n = len(names)
+        self.names = names
+        ids = (ctypes.c_int * n)(*(_UC_BY_NAME[name] for name in names))
+        self._vals = (ctypes.c_uint64 * n)()
+        base = ctypes.addressof(self._vals)
+        ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
+        self._keep = (ids, ptrs)
+        self._args = (ctypes.c_void_p(ctypes.addressof(ids)),
+                      ctypes.c_void_p(ctypes.addressof(ptrs)), n)
+
+    def read(self, uch) -> dict[str, int]:
+        err = _uc_reg_read_batch(uch, *self._args)
+        if err:  # pragma: no cover
+            raise UcError(err)
+        return dict(zip(self.names, self._vals))
 
 
 class ExitRegisters(dict):
@@ -342,6 +367,7 @@ class CpuEngine:
         self._scratch = (ctypes.c_char * PAGE_SIZE)()
         self.uc.mem_map_ptr(_SCRATCH_HPA, PAGE_SIZE, UC_PROT_READ | UC_PROT_EXEC,
                             ctypes.addressof(self._scratch))
+        self._uch = ctypes.c_void_p(self.uc._uch.value)  # (see _raw_entry)
         self.uc.ctl_exits_enabled(True)  # with no exit points: see _END
         self.uc.ctl_set_exits([])
         # the doorbell sink of exits handled without stopping (GuestCpu._fast_ept_exit): a
@@ -361,9 +387,8 @@ class CpuEngine:
         # an engine dropped without close() (a pool nobody closed) still ends its thread
         self._stop_timer = weakref.finalize(self, self.timer.close)
 
-    @staticmethod
-    def _sink_write(uch: int, _offset: int, _size: int, _value: int, _user) -> None:
-        _uc_ctl(uch, _CTL_TLB_FLUSH_W)  # (cannot fail: a control without arguments)
+    def _sink_write(self, _uc, _offset: int, _size: int, _value: int, _user) -> None:
+        _uc_ctl(self._uch, _CTL_TLB_FLUSH_W)  # (cannot fail: a control without arguments)
 
     @staticmethod
     def _sink_read(_uc, _offset: int, _size: int, _user) -> int:  # pragma: no cover
@@ -419,7 +444,8 @@ class GuestCpu:
         self._pending_access = READ  # the access type of the refused fill
         self._insns: dict[int, Instruction | None] = {}  # decoded guest instructions by RIP
         self._operands: dict[int, tuple | None] = {}  # their memory operands, by RIP
-        self._stores: dict[int, tuple[int, int] | None] = {}  # see _plain_store, by RIP
+        self._stores: dict[int, tuple | None] = {}  # see _plain_store, by RIP
+        self._batch_names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per set
         self._pending_exception: str | None = None
         self._lengths: dict[int, int] = {}
         self._io_infos: dict[tuple, ExitInfo] = {}  # I/O-instruction exits, see _io
@@ -464,15 +490,16 @@ class GuestCpu:
         self._reg_vals = (ctypes.c_uint64 * n)()
         base = ctypes.addressof(self._reg_vals)
         self._reg_ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
-        # RIP and RAX, read together at an I/O-instruction exit (the skip and the OUT's value)
-        self._io_ids = (ctypes.c_int * 2)(_UC_RIP, _UC_RAX)
-        self._io_vals = (ctypes.c_uint64 * 2)()
-        base = ctypes.addressof(self._io_vals)
-        self._io_ptrs = (ctypes.c_void_p * 2)(base, base + 8)
-        self._io_args = (ctypes.addressof(self._io_ids), ctypes.addressof(self._io_ptrs), 2)
+        # read together: RIP and RAX at an I/O-instruction exit (the skip and the OUT's
+        # value); RIP and the address registers of the last store handled in the fill hook
+        # (a doorbell loop's stores come from one instruction; any register read at the exit
+        # reads its value at the exit, so a guess that misses costs nothing but the read)
+        self._io_read = _BatchRead(("rip", "rax"))
+        self._store_read = _BatchRead(("rip",))
+        self._batch_reads: dict[tuple[str, ...], _BatchRead] = {}
         self._one = ctypes.c_uint64()
-        self._one_addr = ctypes.addressof(self._one)
-        self._uch = self.uc._uch.value if _uclib is not None else None
+        self._one_addr = ctypes.c_void_p(ctypes.addressof(self._one))
+        self._uch = ctypes.c_void_p(self.uc._uch.value) if _uclib is not None else None
         self.set_regs({"rip": boot.rip, "rsp": boot.rsp, "rflags": boot.rflags, **boot.gprs})
 
     def hook_code(self, callback, begin: int, end: int) -> int:
@@ -819,14 +846,23 @@ class GuestCpu:
         differs from letting the store complete into the sink in nothing the guest sees.
         RIP is exact in the hook because the session's code hook makes unicorn keep it per
         instruction (SimSession passes ``fast_exits``)."""
-        regs = self._exit_regs()
+        if _uclib is None:  # pragma: no cover
+            regs = self._exit_regs()
+        else:
+            regs = ExitRegisters(self.reg, self._store_read.read(self._uch))
         rip = regs["rip"]
         store = self._stores.get(rip, _UNDECODED)
         if store is _UNDECODED:
             store = self._stores[rip] = self._plain_store(rip)
         if store is None:
             return None
-        length, size = store
+        names = store[2]
+        if names is not self._store_read.names:
+            batch = self._batch_reads.get(names)
+            if batch is None:
+                batch = self._batch_reads[names] = _BatchRead(names)
+            self._store_read = batch
+        length, size, _ = store
         la = self._exact_address(page, regs)
         if la is None or (la & 0xFFF) + size > PAGE_SIZE:
             return None
@@ -844,16 +880,20 @@ class GuestCpu:
         entry.perms = UC_PROT_READ | UC_PROT_WRITE
         return True
 
-    def _plain_store(self, rip: int) -> tuple[int, int] | None:
-        """(instruction length, access size) of the instruction at ``rip`` when it is a plain
-        ``MOV`` store (the stores :meth:`_fast_ept_exit` handles), else None."""
+    def _plain_store(self, rip: int) -> tuple[int, int, tuple[str, ...]] | None:
+        """(instruction length, access size, the registers its address needs with RIP
+        first) of the instruction at ``rip`` when it is a plain ``MOV`` store (the stores
+        :meth:`_fast_ept_exit` handles), else None."""
         insn = self._decode_at(rip)
         if insn is None or insn.mnemonic != Mnemonic.MOV or insn.op0_kind != OpKind.MEMORY:
             return None
         op = self._operands.get(rip, _UNDECODED)
         if op is _UNDECODED:
             op = self._operands[rip] = self._memory_operand(rip)
-        return None if op is None else (insn.len, op[-1])
+        if op is None:
+            return None
+        names = ("rip",) + tuple(dict.fromkeys(r for r in op[2:4] if r is not None))
+        return insn.len, op[-1], self._batch_names.setdefault(names, names)
 
     def _insn_length(self, rip: int) -> int | None:
         """The VM-exit instruction length the processor writes. It comes from the processor's
@@ -981,12 +1021,12 @@ class GuestCpu:
 
     def _tlb_fill_entry(self, uc: Uc, vaddr: int, mem_type: int, entry, _user) -> bool:
         """(the binding's form of the hook, without the C library: ``entry`` a structure)"""
-        return self._tlb_fill(uc, vaddr, mem_type, ctypes.pointer(entry), _user)  # pragma: no cover
+        return self._tlb_fill(uc, vaddr, mem_type, ctypes.addressof(entry), _user)  # pragma: no cover
 
-    def _tlb_fill(self, _uc, vaddr: int, mem_type: int, entry_ptr, _user) -> bool:
+    def _tlb_fill(self, _uc, vaddr: int, mem_type: int, entry_address: int, _user) -> bool:
         """``UC_HOOK_TLB_FILL``: the processor model translates ``vaddr`` (a page) for the
-        access; ``entry_ptr`` points at unicorn's ``uc_tlb_entry`` to fill."""
-        entry = entry_ptr.contents
+        access; ``entry_address`` is that of unicorn's ``uc_tlb_entry`` to fill."""
+        entry = _TlbEntry.from_address(entry_address)
         if vaddr >> 12 == _END_PAGE:
             entry.paddr = _SCRATCH_HPA
             entry.perms = UC_PROT_READ | UC_PROT_EXEC
@@ -1030,11 +1070,7 @@ class GuestCpu:
         if _uclib is None:  # pragma: no cover
             regs = self._exit_regs()
         else:
-            err = _uc_reg_read_batch(self._uch, *self._io_args)
-            if err:  # pragma: no cover
-                raise UcError(err)
-            v = self._io_vals
-            regs = ExitRegisters(self.reg, {"rip": v[0], "rax": v[1]})
+            regs = ExitRegisters(self.reg, self._io_read.read(self._uch))
         rip = regs["rip"]
         key = (rip, port, size, is_in)
         info = self._io_infos.get(key)
