@@ -793,11 +793,17 @@ class GuestCpu:
         info, go_on = self._handle_ept_exit(fault, regs)
         self._finish_ept_exit(info, go_on, regs)
 
-    def _handle_ept_exit(self, fault: Fault, regs: dict[str, int],
-                         exact: object = _UNDECODED) -> tuple[ExitInfo, bool]:
+    def _handle_ept_exit(self, fault: Fault, regs: dict[str, int], exact: object = _UNDECODED,
+                         length: int | None = None) -> tuple[ExitInfo, bool]:
+        """(``exact``: the access's address, ``length``: the instruction's, when the caller
+        knows them already.)"""
         self._fetch_memo = None
-        length = self._insn_length(regs["rip"]) if self.fill_instruction_length else None
-        fault = self._exact_fault(fault, regs, exact)
+        if not self.fill_instruction_length:
+            length = None
+        elif length is None:
+            length = self._insn_length(regs["rip"])
+        if fault.linear != exact:
+            fault = self._exact_fault(fault, regs, exact)
         info = self.processor.exit_info(fault, length)
         self.processor.vmexit(info)
         return info, self.handler.ept_exit(info, regs)
@@ -867,7 +873,8 @@ class GuestCpu:
         if la is None or (la & 0xFFF) + size > PAGE_SIZE:
             return None
         self._pending_access = WRITE
-        info, go_on = self._handle_ept_exit(fault, regs, la if fault.linear == page else _UNDECODED)
+        info, go_on = self._handle_ept_exit(fault, regs, la if fault.linear == page else _UNDECODED,
+                                            length)
         next_rip = rip + length
         if not go_on or regs.changes() != {"rip": next_rip}:
             self._pending_outcome = (info, go_on, regs)

@@ -146,7 +146,9 @@ class KvmVcpu:
     # -- the ExitHandler protocol of fastmmio.sim.cpu ---------------------------------------
 
     def ept_exit(self, info: ExitInfo, regs: dict[str, int]) -> bool:
-        return self._run_handler(info, regs, self._dispatch_ept)
+        return self._run_handler(info, regs, self.handle_ept_misconfig
+                                 if info.reason == EXIT_EPT_MISCONFIG
+                                 else self.handle_ept_violation)
 
     def io_exit(self, info: ExitInfo, regs: dict[str, int], port: int, size: int,
                 is_in: bool, value: int) -> bool:
@@ -168,11 +170,6 @@ class KvmVcpu:
         if h is None:
             return self._run_handler(info, regs, self._unhandled)
         return self._run_handler(info, regs, h)
-
-    def _dispatch_ept(self, info: ExitInfo) -> bool:
-        if info.reason == EXIT_EPT_MISCONFIG:
-            return self.handle_ept_misconfig(info)
-        return self.handle_ept_violation(info)
 
     def _run_handler(self, info: ExitInfo, regs: dict[str, int], handler: Callable[[ExitInfo], bool]) -> bool:
         self.steps = []
