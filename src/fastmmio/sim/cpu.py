@@ -203,7 +203,7 @@ class _BatchRead:
         err = _uc_reg_read_batch(uch, *self._args)
         if err:  # pragma: no cover
             raise UcError(err)
-        return dict(zip(self.names, self._vals))
+        return dict(zip(self.names, self._vals[:]))  # (a slice: the array's fast path)
 
 
 class ExitRegisters(dict):
@@ -224,10 +224,9 @@ class ExitRegisters(dict):
         """``read(unicorn register id) -> int``; ``preloaded``: registers the caller read at
         the exit already (one batch read of what the handler is about to use)."""
         if preloaded:
-            super().__init__(preloaded)
-            self.loaded: dict[str, int] = dict(preloaded)
+            dict.update(self, preloaded)
+            self.loaded: dict[str, int] = preloaded  # (the caller's: not used by it again)
         else:
-            super().__init__()
             self.loaded = {}
         self._read = read
         self._more: Callable[[str], int] | None = None
