@@ -59,7 +59,8 @@ class EventFd:
 
     def signal(self, n: int = 1) -> None:
         """``eventfd_signal``: add ``n``, saturating at ULLONG_MAX."""
-        self.count = min(self.count + n, _ULLONG_MAX)
+        count = self.count + n
+        self.count = count if count < _ULLONG_MAX else _ULLONG_MAX
 
     def read(self) -> int:
         """``read(2)`` of a non-semaphore eventfd: the count, which is reset to 0 (0 here

@@ -243,9 +243,10 @@ class KvmVcpu:
             self.step("skip:undefined_length")
             return self._internal_error("the VM-exit instruction length is undefined for this exit "
                                         "and KVM uses it to skip the instruction")
-        self.regs["rip"] = (self.regs["rip"] + length) & _M64
+        regs = self.regs
+        regs["rip"] = (regs["rip"] + length) & _M64
         self.events["kvm.skip.vmcs_length"] += 1
-        self.step("skip:vmcs_length")
+        self.steps.append("skip:vmcs_length")
         return True
 
     # -- handlers ---------------------------------------------------------------------------
@@ -253,10 +254,11 @@ class KvmVcpu:
     def handle_ept_misconfig(self, info: ExitInfo) -> bool:
         self.events["kvm.handler.ept_misconfig"] += 1
         gpa = info.guest_physical_address or 0
-        if self.vm.variant.fast_mmio_on_misconfig:
-            self.step("fast_mmio_bus")
-            if self.vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
-                self.step("fast_mmio_bus:hit")
+        vm = self.vm
+        if vm.variant.fast_mmio_on_misconfig:
+            self.steps.append("fast_mmio_bus")
+            if vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
+                self.steps.append("fast_mmio_bus:hit")
                 return self.skip_emulated_instruction(info)
         return self.kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)
 
@@ -299,9 +301,9 @@ class KvmVcpu:
         ``KVM_PIO_BUS``, an IN read from it; otherwise ``KVM_EXIT_IO``."""
         if not is_in:
             value = self.regs["rax"] & ((1 << (8 * size)) - 1)
-            self.step("pio_bus")
+            self.steps.append("pio_bus")
             if self.vm.buses.write(KVM_PIO_BUS, port, size, value):
-                self.step("pio_bus:hit")
+                self.steps.append("pio_bus:hit")
                 return self.skip_emulated_instruction(info)
             self._pending_pio = _PendingPio(False, port, size, getattr(info, "instruction_length", None))
             return self._user_exit(ExitRecord("io", port, size, True, value))
