@@ -246,7 +246,7 @@ class KvmVcpu:
         regs = self.regs
         regs["rip"] = (regs["rip"] + length) & _M64
         self.events["kvm.skip.vmcs_length"] += 1
-        self.steps.append("skip:vmcs_length")
+        self.step("skip:vmcs_length")
         return True
 
     # -- handlers ---------------------------------------------------------------------------
@@ -256,9 +256,9 @@ class KvmVcpu:
         gpa = info.guest_physical_address or 0
         vm = self.vm
         if vm.variant.fast_mmio_on_misconfig:
-            self.steps.append("fast_mmio_bus")
+            self.step("fast_mmio_bus")
             if vm.buses.write(KVM_FAST_MMIO_BUS, gpa, 0, None):
-                self.steps.append("fast_mmio_bus:hit")
+                self.step("fast_mmio_bus:hit")
                 return self.skip_emulated_instruction(info)
         return self.kvm_mmu_page_fault(gpa, PFERR_RSVD_MASK)
 
@@ -301,9 +301,9 @@ class KvmVcpu:
         ``KVM_PIO_BUS``, an IN read from it; otherwise ``KVM_EXIT_IO``."""
         if not is_in:
             value = self.regs["rax"] & ((1 << (8 * size)) - 1)
-            self.steps.append("pio_bus")
+            self.step("pio_bus")
             if self.vm.buses.write(KVM_PIO_BUS, port, size, value):
-                self.steps.append("pio_bus:hit")
+                self.step("pio_bus:hit")
                 return self.skip_emulated_instruction(info)
             self._pending_pio = _PendingPio(False, port, size, getattr(info, "instruction_length", None))
             return self._user_exit(ExitRecord("io", port, size, True, value))
