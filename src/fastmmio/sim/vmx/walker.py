@@ -57,6 +57,7 @@ Architectural rules implemented here, with their source (SDM Vol. 3, 2016, 32538
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,7 +86,20 @@ _PSC_LEVELS = ((2, "pde"), (3, "pdpte"), (4, "pml4e"))  # look-up order: longest
 _LNAME = L.LEVEL_NAMES
 _SHIFT = L.LEVEL_SHIFT
 _LA_MASK = (1 << 48) - 1
+_U64 = struct.Struct("<Q")  # a paging-structure entry as HostMemory stores it
 _EPT_LEAF_SHIFT = {1: SHIFT_4K, 2: SHIFT_2M, 3: SHIFT_1G}
+
+# event names, built once (no string formatting on the walk's path)
+_SERVED_KEYS = {n: f"walk.served.{n}" for n in ("l1", "l2", "llc", "mem")}
+_REF_KEYS: dict[tuple[str, int], str] = {}
+
+
+def _ref_key(structure: str, level: int) -> str:
+    k = _REF_KEYS.get((structure, level))
+    if k is None:
+        k = _REF_KEYS[(structure, level)] = f"walk.ref.{structure}.{_LNAME[level]}"
+    return k
+
 
 # rights bits of a cached combined translation
 R_RW, R_US, R_XD = 1, 2, 4
@@ -213,7 +227,8 @@ class Walker:
     def __init__(self, memory: HostMemory, config: Any = "sdm-max", *,
                  maxphyaddr: int | None = None, ept: bool = True, execute_only: bool = True,
                  ept_1g: bool = True, guest_1g: bool = True, vpid_enabled: bool = True,
-                 vpid: int = 1, set_ad_bits: bool = True, seed: int = 0):
+                 vpid: int = 1, set_ad_bits: bool = True, seed: int = 0,
+                 walk_memo: bool = True):
         self.memory = memory
         self.maxphyaddr = memory.maxphyaddr if maxphyaddr is None else maxphyaddr
         if self.maxphyaddr > memory.maxphyaddr:
@@ -245,6 +260,17 @@ class Walker:
         self._epsc_order = [(lvl, c, f"{n}") for lvl, n in _PSC_LEVELS
                             if (c := self.epsc[lvl]) is not None]
         self.dcache = DataCacheModel(cfg.data_cache) if cfg.data_cache else None
+
+        # the walk memo (see _translate_slow): one epoch for every cache of this processor
+        self._epoch = [0]
+        for cache in (*self.tlb.caches, *self.gtlb.caches,
+                      *(x for x in (*self.psc.values(), *self.epsc.values()) if x is not None)):
+            cache.epoch = self._epoch
+        # only for the walk whose every memory read goes through _ref and every cache hit
+        # is logged (a subclass with its own second dimension keeps it off)
+        self.walk_memo = walk_memo and type(self)._ept_translate is Walker._ept_translate
+        self._memo: dict[tuple, tuple] = {}
+        self._rec: tuple[list, list] | None = None
 
         # architectural state
         self.cr0 = 0x8001_0011  # PG | WP | ET | PE
@@ -284,6 +310,7 @@ class Walker:
 
     def _derive_modes(self) -> None:
         """Masks and the permission table: after a change of CR0, CR4, EFER, EPTP or CPL."""
+        self._epoch[0] += 1
         M = self.maxphyaddr
         self._phys = (1 << M) - 1
         self._paging = bool(self.cr0 & (1 << 31))
@@ -318,6 +345,7 @@ class Walker:
 
     def _derive_tags(self) -> None:
         """Tags and fast-path handles: after a change of CR3, VPID or EPTP."""
+        self._epoch[0] += 1
         self._cr3_base = self.cr3 & self._phys & ~0xFFF
         vpid = self.effective_vpid
         ep4ta = self.ep4ta
@@ -389,11 +417,13 @@ class Walker:
     def _ref(self, structure: str, level: int, hpa: int) -> None:
         """Count one paging-structure reference and where the walk data-cache found it."""
         c = self._counts
-        c[f"walk.ref.{structure}.{_LNAME[level]}"] += 1
+        c[_REF_KEYS.get((structure, level)) or _ref_key(structure, level)] += 1
         served = self.dcache.access(hpa) if self.dcache is not None else "mem"
-        c[f"walk.served.{served}"] += 1
+        c[_SERVED_KEYS[served]] += 1
         if self.ref_log is not None:
             self.ref_log.append((structure, _LNAME[level], hpa, served))
+        if self._rec is not None:
+            self._rec[0].append((structure, level, hpa))
 
     # ---------------------------------------------------------------------------------------
     # translation: fast path
@@ -436,19 +466,127 @@ class Walker:
         for s in tlb.shifts:
             c, m = tlb.by_shift[s]
             key = (la >> s) | m
-            e = c.get(self._ctag, key)
+            tag = self._ctag
+            e = c.get(tag, key)
             if e is None:
-                e = c.get(self._gtag, key)
+                tag = self._gtag
+                e = c.get(tag, key)
             if e is not None:
+                if self._rec is not None:
+                    self._rec[1].append((c, tag, key))
                 return e
         return None
 
     def _translate_slow(self, la: int, access: int, user: bool) -> int | Fault:
+        """A translation that missed the fast path: answered from the walk memo when it
+        holds (below), else :meth:`_translate_uncached`.
+
+        The walk memo. SDM 28.3.2: no guest-physical or combined mapping is created from an
+        EPT paging-structure entry that is misconfigured, so a walk that ends in an EPT
+        misconfiguration caches nothing (and 28.3.3 gives such a walk nothing to
+        invalidate): repeated, it fails again. Here the walk is a function of its inputs:
+        the linear address, access and mode, the control state, the contents of the
+        translation caches (not their replacement order, which only eviction reads) and the
+        values of the paging-structure entries it reads. A walk that ended in
+        ``ept_misconfig`` having written nothing (no A/D flag, no cache insertion) is
+        recorded: the entries it read with their values, the cache hits (LRU updates), the
+        data-cache accesses in order, the event increments and the Fault. The record holds
+        while the processor-wide epoch is unchanged (every cache content change and every
+        control-state change, :meth:`_derive_modes` / :meth:`_derive_tags`, bumps it) and
+        the entries it read still hold those values (re-read on every use: guest code can
+        write its tables behind the model's back). A replay re-reads those entries, applies
+        the LRU updates, feeds the data-cache model the same references (their ``served``
+        levels counted as they come out), adds the increments and returns the same Fault:
+        exactly what the walk would have done. A walk is recorded the second time it
+        repeats at one epoch; ``walk_memo=False`` turns the memo off (the reference)."""
         self._last4 = -1  # look-ups and insertions below change LRU order
-        c = self._counts
         if self._paging and not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
-            c["fault.gp"] += 1
+            self._counts["fault.gp"] += 1
             return Fault("gp", linear=la)
+        if not self.walk_memo:
+            return self._translate_uncached(la, access, user)
+        key = (la, access, user, self.set_ad_bits, self.execute_only, self.ept_enabled)
+        epoch = self._epoch
+        ep = epoch[0]
+        m = self._memo.get(key)
+        if m is not None and m[0] == ep:
+            rec = m[1]
+            if rec is None:
+                return self._record(key, la, access, user)
+            f = self._replay(rec)
+            if f is not None:
+                return f
+        r = self._translate_uncached(la, access, user)
+        if r.__class__ is Fault and r.kind == "ept_misconfig" and epoch[0] == ep:
+            self._memo_store(key, ep, None)  # seen once: record it if it repeats
+        return r
+
+    def _memo_store(self, key: tuple, ep: int, rec: tuple | None) -> None:
+        memo = self._memo
+        if len(memo) >= 64 or (memo and next(iter(memo.values()))[0] != ep):
+            memo.clear()  # records of another epoch are dead
+        memo[key] = (ep, rec)
+
+    def _record(self, key: tuple, la: int, access: int, user: bool) -> int | Fault:
+        """Translate while recording what the walk does (see :meth:`_translate_slow`)."""
+        c = self._counts
+        before = dict(c)
+        ep = self._epoch[0]
+        refs: list[tuple[str, int, int]] = []
+        hits: list[tuple[Cache, Any, int]] = []
+        self._rec = (refs, hits)
+        try:
+            r = self._translate_uncached(la, access, user)
+        finally:
+            self._rec = None
+        if r.__class__ is not Fault or r.kind != "ept_misconfig" or self._epoch[0] != ep:
+            return r
+        inc = []
+        for k, v in c.items():
+            n = v - before.get(k, 0)
+            if n:
+                if k.startswith("walk.ad."):
+                    return r  # it wrote an A/D flag: not a pure function of what it read
+                if not k.startswith("walk.served."):  # recounted from the data cache
+                    inc.append((k, n))
+        pages = self.memory.pages
+        reads = tuple((hpa >> 12, hpa & 0xFFF,
+                       _U64.unpack_from(pages[hpa >> 12], hpa & 0xFFF)[0])
+                      for _, _, hpa in refs)
+        replay_refs = tuple((hpa, structure, _LNAME[level]) for structure, level, hpa in refs)
+        touches = tuple((cache, tag, k) for cache, tag, k in hits if cache.lru)
+        self._memo_store(key, ep, (reads, touches, tuple(inc), replay_refs, r))
+        return r
+
+    def _replay(self, rec: tuple) -> Fault | None:
+        """Replay a recorded walk (see :meth:`_translate_slow`), or None if an entry it read
+        changed (then walk)."""
+        reads, touches, inc, refs, f = rec
+        pages = self.memory.pages
+        unpack = _U64.unpack_from
+        for pfn, off, value in reads:
+            page = pages.get(pfn)
+            if page is None or unpack(page, off)[0] != value:
+                return None
+        for cache, tag, key in touches:
+            cache.touch(tag, key)
+        c = self._counts
+        for k, n in inc:
+            c[k] += n
+        dc = self.dcache
+        log = self.ref_log
+        for hpa, structure, lname in refs:
+            served = dc.access(hpa) if dc is not None else "mem"
+            c[_SERVED_KEYS[served]] += 1
+            if log is not None:
+                log.append((structure, lname, hpa, served))
+        return Fault(f.kind, f.linear, f.gpa, f.error_code, f.qualification, f.structure,
+                     f.level)
+
+    def _translate_uncached(self, la: int, access: int, user: bool) -> int | Fault:
+        """A canonical linear address that missed the fast path: a cached translation of
+        another size or tag, else the walk."""
+        c = self._counts
         kind = self._kind
         e = self._lookup_tlb(la)
         if e is not None:
@@ -512,8 +650,11 @@ class Walker:
         rights = R_RW | R_US
         level = 4
         for lvl, cache, name in self._psc_order:
-            p = cache.get(tag, (la & _LA_MASK) >> _SHIFT[lvl])
+            key = (la & _LA_MASK) >> _SHIFT[lvl]
+            p = cache.get(tag, key)
             if p is not None:
+                if self._rec is not None:
+                    self._rec[1].append((cache, tag, key))
                 c[f"psc.{kind}.{name}.hit"] += 1
                 table_gpa, table_hpa, table_perm = p.next_gpa, p.next_hpa, p.next_perm
                 rights = p.rights
@@ -648,8 +789,11 @@ class Walker:
         gtlb = self.gtlb
         for s in gtlb.shifts:
             cache, m = gtlb.by_shift[s]
-            e = cache.get(tag, (gpa >> s) | m)
+            key = (gpa >> s) | m
+            e = cache.get(tag, key)
             if e is not None:
+                if self._rec is not None:
+                    self._rec[1].append((cache, tag, key))
                 c[f"tlb.{kind}.hit"] += 1
                 if not e.perm & (1 << access):
                     q = self._qual(access, e.perm, la, translated)
@@ -670,8 +814,11 @@ class Walker:
         kind = self._gpa_kind
         tag = self._etag
         for lvl, cache, name in self._epsc_order:
-            p = cache.get(tag, gpa >> _SHIFT[lvl])
+            key = gpa >> _SHIFT[lvl]
+            p = cache.get(tag, key)
             if p is not None:
+                if self._rec is not None:
+                    self._rec[1].append((cache, tag, key))
                 c[f"psc.{kind}.{name}.hit"] += 1
                 return p.next_hpa, p.perm, lvl - 1
             c[f"psc.{kind}.{name}.miss"] += 1
