@@ -58,7 +58,7 @@ Architectural rules implemented here, with their source (SDM Vol. 3, 2016, 32538
 from __future__ import annotations
 
 import struct
-from collections import Counter
+from collections import Counter, _count_elements
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -500,11 +500,9 @@ class Walker:
         exactly what the walk would have done. A walk is recorded the second time it
         repeats at one epoch; ``walk_memo=False`` turns the memo off (the reference)."""
         self._last4 = -1  # look-ups and insertions below change LRU order
-        if self._paging and not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
-            self._counts["fault.gp"] += 1
-            return Fault("gp", linear=la)
         if not self.walk_memo:
             return self._translate_uncached(la, access, user)
+        # (only a canonical address that ended in a misconfiguration is in the memo)
         key = (la, access, user, self.set_ad_bits, self.execute_only, self.ept_enabled)
         epoch = self._epoch
         ep = epoch[0]
@@ -541,14 +539,14 @@ class Walker:
             self._rec = None
         if r.__class__ is not Fault or r.kind != "ept_misconfig" or self._epoch[0] != ep:
             return r
-        inc = []
+        inc: list[str] = []  # each event as many times as it was counted
         for k, v in c.items():
             n = v - before.get(k, 0)
             if n:
                 if k.startswith("walk.ad."):
                     return r  # it wrote an A/D flag: not a pure function of what it read
                 if not k.startswith("walk.served."):  # recounted from the data cache
-                    inc.append((k, n))
+                    inc += [k] * n
         pages = self.memory.pages
         reads = tuple((hpa >> 12, hpa & 0xFFF,
                        _U64.unpack_from(pages[hpa >> 12], hpa & 0xFFF)[0])
@@ -570,23 +568,30 @@ class Walker:
                 return None
         for cache, tag, key in touches:
             cache.touch(tag, key)
-        c = self._counts
-        for k, n in inc:
-            c[k] += n
         dc = self.dcache
+        if dc is None:
+            served = ["mem"] * len(refs)
+        else:
+            access = dc.access
+            served = [access(ref[0]) for ref in refs]
+        # the C helper of Counter.update (one count per item), without update's checks
+        c = self._counts
+        _count_elements(c, inc)
+        _count_elements(c, [_SERVED_KEYS[x] for x in served])
         log = self.ref_log
-        for hpa, structure, lname in refs:
-            served = dc.access(hpa) if dc is not None else "mem"
-            c[_SERVED_KEYS[served]] += 1
-            if log is not None:
-                log.append((structure, lname, hpa, served))
+        if log is not None:
+            for (hpa, structure, lname), x in zip(refs, served):
+                log.append((structure, lname, hpa, x))
         return Fault(f.kind, f.linear, f.gpa, f.error_code, f.qualification, f.structure,
                      f.level)
 
     def _translate_uncached(self, la: int, access: int, user: bool) -> int | Fault:
-        """A canonical linear address that missed the fast path: a cached translation of
-        another size or tag, else the walk."""
+        """A linear address that missed the fast path: #GP if it is not canonical, a cached
+        translation of another size or tag, else the walk."""
         c = self._counts
+        if self._paging and not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
+            c["fault.gp"] += 1
+            return Fault("gp", linear=la)
         kind = self._kind
         e = self._lookup_tlb(la)
         if e is not None:
