@@ -224,6 +224,8 @@ class Walker:
     (VM exit/entry, INVEPT, INVVPID, MOV to CR3, INVLPG) built on top.
     """
 
+    _gpa_kind = "guest_physical"  # event name of the second dimension's caches
+
     def __init__(self, memory: HostMemory, config: Any = "sdm-max", *,
                  maxphyaddr: int | None = None, ept: bool = True, execute_only: bool = True,
                  ept_1g: bool = True, guest_1g: bool = True, vpid_enabled: bool = True,
@@ -243,7 +245,6 @@ class Walker:
         self._fast_hits = 0
         self.ref_log: list[tuple[str, str, int, str]] | None = None
         self.listeners: list[Any] = []  # callables(kind: str) told of every invalidation
-        self._gpa_kind = "guest_physical"  # event name of the second dimension's caches
 
         cfg = self.config
         self.tlb = MultiSizeTlb("combined", cfg.combined_tlb, seed)
@@ -364,6 +365,28 @@ class Walker:
             self._c4 = None
         self._tlb_hit_ev = f"tlb.{self._kind}.hit"
         self._last4 = -1
+        # look-up tables of the slow path: each structure with the current tag's (live)
+        # table, the structure itself when its LRU order must be updated on a hit, and the
+        # event names (no per-look-up method call or string formatting)
+        kind, gkind = self._kind, self._gpa_kind
+        ctag, gtag, etag = self._ctag, self._gtag, ep4ta
+        self._tlb_look = tuple(
+            (c, m, s, c.table(ctag), c.table(gtag), c if c.lru else None)
+            for s in self.tlb.shifts for c, m in (self.tlb.by_shift[s],))
+        self._tlb_ev = (f"tlb.{kind}.hit", f"tlb.{kind}.miss", f"tlb.{kind}.dirty_assist")
+        self._psc_look = tuple(
+            (lvl, c, c.table(ctag), c if c.lru else None, _SHIFT[lvl],
+             f"psc.{kind}.{name}.hit", f"psc.{kind}.{name}.miss")
+            for lvl, c, name in self._psc_order)
+        self._gtlb_look = tuple(
+            (c, m, s, c.table(etag), c if c.lru else None)
+            for s in self.gtlb.shifts for c, m in (self.gtlb.by_shift[s],))
+        self._gtlb_ev = (f"tlb.{gkind}.hit", f"tlb.{gkind}.miss",
+                         f"tlb.{gkind}.dirty_assist")
+        self._epsc_look = tuple(
+            (lvl, c, c.table(etag), c if c.lru else None, _SHIFT[lvl],
+             f"psc.{gkind}.{name}.hit", f"psc.{gkind}.{name}.miss")
+            for lvl, c, name in self._epsc_order)
 
     def _guest_allows(self, r: int, access: int, user: bool) -> bool:
         """SDM 4.6 access rights for rights bits ``r`` (RW, US AND; XD OR)."""
@@ -462,19 +485,21 @@ class Walker:
     # ---------------------------------------------------------------------------------------
 
     def _lookup_tlb(self, la: int) -> TlbEntry | None:
-        tlb = self.tlb
-        for s in tlb.shifts:
-            c, m = tlb.by_shift[s]
+        for c, m, s, ctable, gtable, lru in self._tlb_look:
             key = (la >> s) | m
-            tag = self._ctag
-            e = c.get(tag, key)
-            if e is None:
-                tag = self._gtag
-                e = c.get(tag, key)
+            e = ctable.get(key)
             if e is not None:
-                if self._rec is not None:
-                    self._rec[1].append((c, tag, key))
-                return e
+                tag = self._ctag
+            else:
+                e = gtable.get(key)
+                if e is None:
+                    continue
+                tag = self._gtag
+            if lru is not None:
+                lru.touch(tag, key)
+            if self._rec is not None:
+                self._rec[1].append((c, tag, key))
+            return e
         return None
 
     def _translate_slow(self, la: int, access: int, user: bool) -> int | Fault:
@@ -592,10 +617,10 @@ class Walker:
         if self._paging and not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
             c["fault.gp"] += 1
             return Fault("gp", linear=la)
-        kind = self._kind
+        ev_hit, ev_miss, ev_assist = self._tlb_ev
         e = self._lookup_tlb(la)
         if e is not None:
-            c[f"tlb.{kind}.hit"] += 1
+            c[ev_hit] += 1
             r = e.rights
             if not self._guest_allows(r, access, user):
                 # SDM 4.10.2.3: the cached rights may be used; the #PF then invalidates (4.10.4.1)
@@ -608,11 +633,11 @@ class Walker:
                 q = self._qual(access, eperm, la, True)
                 return self._ept_violation(la, gpa, q, "tlb", 0)
             if access == WRITE and not r & R_DIRTY:
-                c[f"tlb.{kind}.dirty_assist"] += 1  # walk again to set the dirty flag(s)
+                c[ev_assist] += 1  # walk again to set the dirty flag(s)
             else:
                 return e.base | (la & e.mask)
         else:
-            c[f"tlb.{kind}.miss"] += 1
+            c[ev_miss] += 1
         return self._walk(la, access, user)
 
     def _pf_bits(self, access: int, user: bool) -> int:
@@ -648,24 +673,25 @@ class Walker:
             return hpa
 
         tag = self._ctag
-        kind = self._kind
         table_gpa = self._cr3_base
         table_hpa = -1
         table_perm = 7
         rights = R_RW | R_US
         level = 4
-        for lvl, cache, name in self._psc_order:
-            key = (la & _LA_MASK) >> _SHIFT[lvl]
-            p = cache.get(tag, key)
+        for lvl, cache, table, lru, shift, ev_hit, ev_miss in self._psc_look:
+            key = (la & _LA_MASK) >> shift
+            p = table.get(key)
             if p is not None:
+                if lru is not None:
+                    lru.touch(tag, key)
                 if self._rec is not None:
                     self._rec[1].append((cache, tag, key))
-                c[f"psc.{kind}.{name}.hit"] += 1
+                c[ev_hit] += 1
                 table_gpa, table_hpa, table_perm = p.next_gpa, p.next_hpa, p.next_perm
                 rights = p.rights
                 level = lvl - 1
                 break
-            c[f"psc.{kind}.{name}.miss"] += 1
+            c[ev_miss] += 1
 
         ad = self.set_ad_bits
         ps_access = WRITE if self._ept_ad else READ  # 28.2.3.2: with EPT A/D, PS accesses write
@@ -789,26 +815,25 @@ class Walker:
         from the cached permissions (28.3.3.4), or None (a miss, or a write whose cached
         dirty flag is clear: walk again). Events are named by ``_gpa_kind``."""
         c = self._counts
-        kind = self._gpa_kind
-        tag = self._etag
-        gtlb = self.gtlb
-        for s in gtlb.shifts:
-            cache, m = gtlb.by_shift[s]
+        ev_hit, ev_miss, ev_assist = self._gtlb_ev
+        for cache, m, s, table, lru in self._gtlb_look:
             key = (gpa >> s) | m
-            e = cache.get(tag, key)
+            e = table.get(key)
             if e is not None:
+                if lru is not None:
+                    lru.touch(self._etag, key)
                 if self._rec is not None:
-                    self._rec[1].append((cache, tag, key))
-                c[f"tlb.{kind}.hit"] += 1
+                    self._rec[1].append((cache, self._etag, key))
+                c[ev_hit] += 1
                 if not e.perm & (1 << access):
                     q = self._qual(access, e.perm, la, translated)
                     return self._ept_violation(la, gpa, q, "tlb", 0)
                 if access == WRITE and self._ept_ad and not e.dirty:
-                    c[f"tlb.{kind}.dirty_assist"] += 1
+                    c[ev_assist] += 1
                     return None
                 return (e.base | (gpa & e.mask), e.perm, e.shift, e.dirty)
-        if gtlb.shifts:
-            c[f"tlb.{kind}.miss"] += 1
+        if self._gtlb_look:
+            c[ev_miss] += 1
         return None
 
     def _gpa_psc_start(self, gpa: int, root: int, perm: int) -> tuple[int, int, int]:
@@ -816,17 +841,17 @@ class Walker:
         paging-structure caches, else ``root`` at level 4 with ``perm``. Returns (table
         address, permissions so far, level)."""
         c = self._counts
-        kind = self._gpa_kind
-        tag = self._etag
-        for lvl, cache, name in self._epsc_order:
-            key = gpa >> _SHIFT[lvl]
-            p = cache.get(tag, key)
+        for lvl, cache, table, lru, shift, ev_hit, ev_miss in self._epsc_look:
+            key = gpa >> shift
+            p = table.get(key)
             if p is not None:
+                if lru is not None:
+                    lru.touch(self._etag, key)
                 if self._rec is not None:
-                    self._rec[1].append((cache, tag, key))
-                c[f"psc.{kind}.{name}.hit"] += 1
+                    self._rec[1].append((cache, self._etag, key))
+                c[ev_hit] += 1
                 return p.next_hpa, p.perm, lvl - 1
-            c[f"psc.{kind}.{name}.miss"] += 1
+            c[ev_miss] += 1
         return root, perm, 4
 
     def _ept_translate(self, gpa: int, access: int, la: int | None,
