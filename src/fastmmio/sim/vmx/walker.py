@@ -53,6 +53,13 @@ Architectural rules implemented here, with their source (SDM Vol. 3, 2016, 32538
   processor "may invalidate any cached mappings at any time", 28.3.3.2). A page fault
   invalidates the TLB entries and paging-structure-cache entries for its linear address
   (4.10.4.1). A misconfiguration invalidates nothing (nothing was cached from the entry).
+
+Speed without a change in what is counted: the slow path looks its structures up through the
+current tag's live tables (built by ``_derive_tags``), and a walk that ends in an EPT
+misconfiguration having changed nothing (the doorbell on an MMIO SPTE) is recorded and
+replayed while its inputs hold (the walk memo, :meth:`Walker._translate_slow`; SDM 28.3.2:
+nothing is cached from a misconfigured entry, so the walk repeats). ``walk_memo=False`` is the
+reference, held equal by ``tests/unit/test_vmx_walk_memo.py``.
 """
 
 from __future__ import annotations
@@ -90,7 +97,6 @@ _U64 = struct.Struct("<Q")  # a paging-structure entry as HostMemory stores it
 _EPT_LEAF_SHIFT = {1: SHIFT_4K, 2: SHIFT_2M, 3: SHIFT_1G}
 
 # event names, built once (no string formatting on the walk's path)
-_SERVED_KEYS = {n: f"walk.served.{n}" for n in ("l1", "l2", "llc", "mem")}
 _REF_KEYS: dict[tuple[str, int], str] = {}
 
 
@@ -261,6 +267,8 @@ class Walker:
         self._epsc_order = [(lvl, c, f"{n}") for lvl, n in _PSC_LEVELS
                             if (c := self.epsc[lvl]) is not None]
         self.dcache = DataCacheModel(cfg.data_cache) if cfg.data_cache else None
+        self._served_keys = {n: f"walk.served.{n}"
+                             for n in (*(lv.name for lv in cfg.data_cache or ()), "mem")}
 
         # the walk memo (see _translate_slow): one epoch for every cache of this processor
         self._epoch = [0]
@@ -442,7 +450,7 @@ class Walker:
         c = self._counts
         c[_REF_KEYS.get((structure, level)) or _ref_key(structure, level)] += 1
         served = self.dcache.access(hpa) if self.dcache is not None else "mem"
-        c[_SERVED_KEYS[served]] += 1
+        c[self._served_keys[served]] += 1
         if self.ref_log is not None:
             self.ref_log.append((structure, _LNAME[level], hpa, served))
         if self._rec is not None:
@@ -602,7 +610,8 @@ class Walker:
         # the C helper of Counter.update (one count per item), without update's checks
         c = self._counts
         _count_elements(c, inc)
-        _count_elements(c, [_SERVED_KEYS[x] for x in served])
+        names = self._served_keys
+        _count_elements(c, [names[x] for x in served])
         log = self.ref_log
         if log is not None:
             for (hpa, structure, lname), x in zip(refs, served):
