@@ -167,6 +167,24 @@ class Fault:
         return self.kind in ("ept_violation", "ept_misconfig", "npf")
 
 
+class _CountLog:
+    """Stands in for the event counter while a walk is recorded: counts go through to the
+    counter, and each increment is logged in order."""
+
+    __slots__ = ("counts", "log")
+
+    def __init__(self, counts: Counter[str]):
+        self.counts = counts
+        self.log: list[tuple[str, int]] = []
+
+    def __getitem__(self, key: str) -> int:
+        return self.counts[key]
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self.log.append((key, value - self.counts[key]))
+        self.counts[key] = value
+
+
 class TlbEntry:
     """A cached combined translation (or a linear translation when EPT is off):
     linear page -> host-physical frame, with the rights the walk found."""
@@ -530,10 +548,16 @@ class Walker:
         write its tables behind the model's back). A replay re-reads those entries, applies
         the LRU updates, feeds the data-cache model the same references (their ``served``
         levels counted as they come out), adds the increments and returns the same Fault:
-        exactly what the walk would have done. A walk is recorded the second time it
-        repeats at one epoch; ``walk_memo=False`` turns the memo off (the reference)."""
+        exactly what the walk would have done, increments in the walk's order (a new event
+        name enters the counter where the walk would have put it). A walk is recorded the
+        second time it repeats at one epoch. The memo stands aside while something watches
+        the walk as it runs: a ``ref_log``, an event counter other than a plain ``Counter``
+        (one that logs increments), a listener (while recording). ``walk_memo=False`` turns
+        it off (the reference)."""
         self._last4 = -1  # look-ups and insertions below change LRU order
-        if not self.walk_memo:
+        if (not self.walk_memo or self.ref_log is not None
+                or self._counts.__class__ is not Counter):
+            # (a reference log, or a counter that logs increments, sees the walk's order)
             return self._translate_uncached(la, access, user)
         # (only a canonical address that ended in a misconfiguration is in the memo)
         key = (la, access, user, self.set_ad_bits, self.execute_only, self.ept_enabled)
@@ -559,40 +583,52 @@ class Walker:
         memo[key] = (ep, rec)
 
     def _record(self, key: tuple, la: int, access: int, user: bool) -> int | Fault:
-        """Translate while recording what the walk does (see :meth:`_translate_slow`)."""
-        c = self._counts
-        before = dict(c)
+        """Translate while recording what the walk does (see :meth:`_translate_slow`): the
+        event increments in the order they happen (through :class:`_CountLog`), the
+        paging-structure references (``_ref``) and the cache hits (``_rec``)."""
+        counts = self._counts
+        if self.listeners:  # a listener may read the events while the walk runs
+            return self._translate_uncached(la, access, user)
         ep = self._epoch[0]
         refs: list[tuple[str, int, int]] = []
         hits: list[tuple[Cache, Any, int]] = []
+        log = _CountLog(counts)
         self._rec = (refs, hits)
+        self._counts = log  # type: ignore[assignment]
         try:
             r = self._translate_uncached(la, access, user)
         finally:
             self._rec = None
+            self._counts = counts
         if r.__class__ is not Fault or r.kind != "ept_misconfig" or self._epoch[0] != ep:
             return r
-        inc: list[str] = []  # each event as many times as it was counted
-        for k, v in c.items():
-            n = v - before.get(k, 0)
-            if n:
-                if k.startswith("walk.ad."):
-                    return r  # it wrote an A/D flag: not a pure function of what it read
-                if not k.startswith("walk.served."):  # recounted from the data cache
-                    inc += [k] * n
+        # the increments in order, cut at each reference's served level (counted on replay
+        # as the data cache answers): segments[i] precede the i-th served count
+        segments: list[tuple[str, ...]] = []
+        seg: list[str] = []
+        for k, n in log.log:
+            if k.startswith("walk.ad."):
+                return r  # it wrote an A/D flag: not a pure function of what it read
+            if k.startswith("walk.served."):
+                segments.append(tuple(seg))
+                seg = []
+            else:
+                seg += [k] * n
+        if len(segments) != len(refs):
+            return r  # pragma: no cover - every reference counts one served level
         pages = self.memory.pages
         reads = tuple((hpa >> 12, hpa & 0xFFF,
                        _U64.unpack_from(pages[hpa >> 12], hpa & 0xFFF)[0])
                       for _, _, hpa in refs)
-        replay_refs = tuple((hpa, structure, _LNAME[level]) for structure, level, hpa in refs)
         touches = tuple((cache, tag, k) for cache, tag, k in hits if cache.lru)
-        self._memo_store(key, ep, (reads, touches, tuple(inc), replay_refs, r))
+        steps = tuple(zip(segments, (hpa for _, _, hpa in refs)))
+        self._memo_store(key, ep, (reads, touches, steps, tuple(seg), r))
         return r
 
     def _replay(self, rec: tuple) -> Fault | None:
         """Replay a recorded walk (see :meth:`_translate_slow`), or None if an entry it read
         changed (then walk)."""
-        reads, touches, inc, refs, f = rec
+        reads, touches, steps, tail, f = rec
         pages = self.memory.pages
         unpack = _U64.unpack_from
         for pfn, off, value in reads:
@@ -602,20 +638,14 @@ class Walker:
         for cache, tag, key in touches:
             cache.touch(tag, key)
         dc = self.dcache
-        if dc is None:
-            served = ["mem"] * len(refs)
-        else:
-            access = dc.access
-            served = [access(ref[0]) for ref in refs]
-        # the C helper of Counter.update (one count per item), without update's checks
-        c = self._counts
-        _count_elements(c, inc)
         names = self._served_keys
-        _count_elements(c, [names[x] for x in served])
-        log = self.ref_log
-        if log is not None:
-            for (hpa, structure, lname), x in zip(refs, served):
-                log.append((structure, lname, hpa, x))
+        keys: list[str] = []
+        for seg, hpa in steps:
+            keys += seg
+            keys.append(names[dc.access(hpa) if dc is not None else "mem"])
+        keys += tail
+        # the C helper of Counter.update (one count per item, in order), without its checks
+        _count_elements(self._counts, keys)
         return Fault(f.kind, f.linear, f.gpa, f.error_code, f.qualification, f.structure,
                      f.level)
 
