@@ -242,3 +242,15 @@ def test_the_simulated_doorbell_loop_counts_the_same_with_the_memo(setting, cpl)
         assert used == ("nested" not in setting and "novpid" not in setting)
         assert fast.processor.translate(layout.MMIO_BASE, WRITE) == \
             ref.processor.translate(layout.MMIO_BASE, WRITE)
+
+
+def test_a_walker_with_its_own_second_dimension_runs_without_the_memo():
+    """The memo replays only what the VMX walk logs (its reads through ``_ref``, its cache
+    hits): the SVM processor's nested walk is its own, so the memo stays off there."""
+    from fastmmio.sim.svm.processor import SvmProcessor
+    from fastmmio.sim.vmx.memory import HostMemory
+    from fastmmio.sim.vmx.processor import Processor
+
+    assert Processor(HostMemory()).walk_memo
+    assert not Processor(HostMemory(), walk_memo=False).walk_memo
+    assert not SvmProcessor(HostMemory()).walk_memo

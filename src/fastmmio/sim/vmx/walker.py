@@ -107,6 +107,10 @@ def _ref_key(structure: str, level: int) -> str:
     return k
 
 
+# the methods a recorded walk runs through (the walk memo relies on what they log)
+_MEMO_WALK = ("_translate_uncached", "_lookup_tlb", "_walk", "_guest_ad_write", "_ref",
+              "_ept_translate", "_gpa_cached", "_gpa_psc_start")
+
 # rights bits of a cached combined translation
 R_RW, R_US, R_XD = 1, 2, 4
 R_EPT_SHIFT = 3  # EPT R/W/X AND in bits 5:3
@@ -294,8 +298,9 @@ class Walker:
                       *(x for x in (*self.psc.values(), *self.epsc.values()) if x is not None)):
             cache.epoch = self._epoch
         # only for the walk whose every memory read goes through _ref and every cache hit
-        # is logged (a subclass with its own second dimension keeps it off)
-        self.walk_memo = walk_memo and type(self)._ept_translate is Walker._ept_translate
+        # is logged here (a subclass with its own walk or second dimension keeps it off)
+        self.walk_memo = walk_memo and all(
+            getattr(type(self), name) is getattr(Walker, name) for name in _MEMO_WALK)
         self._memo: dict[tuple, tuple] = {}
         self._rec: tuple[list, list] | None = None
 
