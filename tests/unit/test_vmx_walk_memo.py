@@ -38,7 +38,8 @@ def _entry(e: object) -> object:
 def _cache_state(c: Cache) -> tuple:
     return (c.name,
             {tag: {k: _entry(e) for k, e in t.items()} for tag, t in c.tables.items() if t},
-            [list(s) for s in c.sets], c.evictions, c._rng.getstate())
+            [(i, list(s)) for i, s in enumerate(c.sets) if s], c.evictions,
+            c._rng.getstate())
 
 
 def snapshot(p) -> tuple:
@@ -47,7 +48,8 @@ def snapshot(p) -> tuple:
               *(x for x in (*p.psc.values(), *p.epsc.values()) if x is not None)]
     dcache = None
     if p.dcache is not None:
-        dcache = [[list(s) for s in sets] for _, _, _, sets in p.dcache._geo]
+        dcache = [[(i, list(s)) for i, s in enumerate(sets) if s]
+                  for _, _, _, sets in p.dcache._geo]
     return [_cache_state(c) for c in caches], dcache
 
 
@@ -109,7 +111,7 @@ def _out(r):
 
 
 @pytest.mark.parametrize("config", CONFIG_IDS, ids=lambda c: c.name)
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout_=layouts(), ops=st.lists(memo_op(), min_size=20, max_size=70))
 def test_memo_is_invisible(config, layout_, ops):
     fast = build(config, layout_)
