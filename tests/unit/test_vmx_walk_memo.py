@@ -170,6 +170,38 @@ def test_the_doorbell_is_replayed_and_a_changed_entry_is_walked_again(config):
     assert done[3] == a and done[4] is None and done[6] == a and done[7] == a
 
 
+@pytest.mark.parametrize("config", ["skylake-sp", "golden-cove"])
+def test_alternating_doorbells_replay_the_lru_updates(config):
+    """Two doorbells whose paging-structure-cache entries share a set of a bounded LRU
+    structure (PDE cache: 8 sets of 4; linear addresses 16 MiB apart), written in turn:
+    each replay moves its own entry to the most recently used place, as the walk's hit
+    does; then more walks fill the set, and the evictions (which follow that order) match."""
+    layout_ = ([(0, 0, True, True, False, False)] * 4, [7] * len(DATA_GPAS), [],
+                {"nxe": True, "wp": True, "smep": False, "pge": False, "ept_ad": True,
+                 "set_ad": True, "execute_only": True, "vpid_enabled": True}, 7)
+    fast, ref = build(config, layout_), build(config, layout_)
+    ref.proc.walk_memo = False
+    base = 1 << 39
+    las = [base + i * (16 << 20) for i in range(6)]  # PDE-cache keys 8 apart: one set
+    for tb in (fast, ref):
+        for i, la in enumerate(las):
+            gpa = DATA_GPAS[2 + i % 2]
+            tb.map_guest(la, gpa)
+            tb.ept.set_entry(gpa, 1, (tb.ram_hpa + gpa) | 0b010)  # misconfigured (MMIO SPTE)
+    replays = []
+    orig = fast.proc._replay
+    fast.proc._replay = lambda rec: replays.append(orig(rec)) or replays[-1]
+    order = [0, 1] * 5 + [0, 0, 1, 0] + [2, 3, 4, 5, 1, 0]
+    for n, i in enumerate(order):
+        a = fast.proc.translate(las[i], WRITE)
+        b = ref.proc.translate(las[i], WRITE)
+        assert outcome(a) == outcome(b) and a.kind == "ept_misconfig", n
+        assert list(fast.proc.events.items()) == list(ref.proc.events.items()), n
+        assert snapshot(fast.proc) == snapshot(ref.proc), n
+    assert sum(r is not None for r in replays) >= 8
+    assert fast.proc.psc[2].evictions == ref.proc.psc[2].evictions > 0
+
+
 @pytest.mark.parametrize("watcher", ["ref_log", "logging counter", "listener"])
 def test_the_memo_stands_aside_while_the_walk_is_watched(watcher):
     """A reference log (explain's), a counter that logs each increment, a listener: they see
