@@ -124,6 +124,8 @@ class SvmProcessor(GuestPaging):
     :data:`fastmmio.sim.svm.caches.ASSUMPTIONS` values); ``seed``.
     """
 
+    _gpa_kind = "nested"  # event name of the nested dimension's caches
+
     def __init__(self, memory: HostMemory, config: Any = "apm-max", *, asid: int = 1,
                  maxphyaddr: int | None = None, nested_paging: bool = True,
                  host_nxe: bool = True, npt_1g: bool = True, guest_1g: bool = True,
@@ -152,7 +154,6 @@ class SvmProcessor(GuestPaging):
         super().__init__(memory, cfg, maxphyaddr=maxphyaddr, ept=nested_paging,
                          execute_only=True, ept_1g=npt_1g, guest_1g=guest_1g,
                          vpid_enabled=True, vpid=asid, set_ad_bits=set_ad_bits, seed=seed)
-        self._gpa_kind = "nested"
         self._npf_cache = (Cache("nested_fault", UNBOUNDED)
                            if self.assumptions["nested_fault_caching"] == "faulting" else None)
 

@@ -73,10 +73,14 @@ class Cache:
     """
 
     __slots__ = ("name", "spec", "tables", "bounded", "ways", "nsets", "sets", "lru",
-                 "_rng", "evictions")
+                 "_rng", "evictions", "epoch")
 
     def __init__(self, name: str, spec: CacheSpec, seed: int = 0):
         self.name = name
+        # epoch[0] grows on every change of the contents (put, discard, drop, clear; not on
+        # a look-up's LRU update). An owner may share one list among its caches
+        # (:class:`~fastmmio.sim.vmx.walker.Walker` does, for its walk memo).
+        self.epoch = [0]
         self.spec = spec
         self.tables: dict[Hashable, dict[int, Any]] = {}
         self.bounded = spec.entries is not None
@@ -128,6 +132,7 @@ class Cache:
         return e
 
     def put(self, tag: Hashable, key: int, entry: Any) -> None:
+        self.epoch[0] += 1
         t = self.table(tag)
         if self.bounded:
             s = self.sets[key % self.nsets]
@@ -149,6 +154,7 @@ class Cache:
         t = self.tables.get(tag)
         if t is None or key not in t:
             return False
+        self.epoch[0] += 1
         del t[key]
         if self.bounded:
             del self.sets[key % self.nsets][(tag, key)]
@@ -167,6 +173,7 @@ class Cache:
         n = 0
         for tag, t in self.tables.items():
             if t and tag_pred(tag):
+                self.epoch[0] += 1
                 n += len(t)
                 if self.bounded:
                     for key in t:
@@ -175,6 +182,7 @@ class Cache:
         return n
 
     def clear(self) -> None:
+        self.epoch[0] += 1
         for t in self.tables.values():
             t.clear()
         for s in self.sets:
@@ -223,6 +231,13 @@ class DataCacheModel:
         """Look up the line of ``addr``; fill it into every level that missed. Returns the
         name of the level that served it, or ``"mem"``."""
         line = addr >> LINE_SHIFT
+        if self._geo:
+            name, nsets, _, sets = self._geo[0]
+            s = sets[line % nsets]
+            if line in s:  # the common case: a first-level hit (only its recency changes)
+                del s[line]
+                s[line] = None
+                return name
         served = "mem"
         missed = []
         for name, nsets, ways, sets in self._geo:

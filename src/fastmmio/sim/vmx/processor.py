@@ -83,7 +83,9 @@ class Processor(GuestPaging):
     Keyword arguments: ``maxphyaddr``; ``ept`` ("enable EPT"); ``execute_only`` (EPT
     execute-only translations supported, IA32_VMX_EPT_VPID_CAP bit 0); ``ept_1g`` / ``guest_1g``
     (1 GiB pages supported); ``vpid_enabled`` and ``vpid``; ``set_ad_bits`` (write guest
-    accessed/dirty flags); ``seed`` (random replacement).
+    accessed/dirty flags); ``seed`` (random replacement); ``walk_memo`` (default True: replay
+    a walk that ended in an EPT misconfiguration while nothing it depends on changed; False:
+    walk every time, the reference; the attribute may be flipped at any time).
     """
 
     def __init__(self, memory: HostMemory, config: Any = "sdm-max", **kw: Any):

@@ -53,11 +53,19 @@ Architectural rules implemented here, with their source (SDM Vol. 3, 2016, 32538
   processor "may invalidate any cached mappings at any time", 28.3.3.2). A page fault
   invalidates the TLB entries and paging-structure-cache entries for its linear address
   (4.10.4.1). A misconfiguration invalidates nothing (nothing was cached from the entry).
+
+Speed without a change in what is counted: the slow path looks its structures up through the
+current tag's live tables (built by ``_derive_tags``), and a walk that ends in an EPT
+misconfiguration having changed nothing (the doorbell on an MMIO SPTE) is recorded and
+replayed while its inputs hold (the walk memo, :meth:`Walker._translate_slow`; SDM 28.3.2:
+nothing is cached from a misconfigured entry, so the walk repeats). ``walk_memo=False`` is the
+reference, held equal by ``tests/unit/test_vmx_walk_memo.py``.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import struct
+from collections import Counter, _count_elements
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -85,7 +93,23 @@ _PSC_LEVELS = ((2, "pde"), (3, "pdpte"), (4, "pml4e"))  # look-up order: longest
 _LNAME = L.LEVEL_NAMES
 _SHIFT = L.LEVEL_SHIFT
 _LA_MASK = (1 << 48) - 1
+_U64 = struct.Struct("<Q")  # a paging-structure entry as HostMemory stores it
 _EPT_LEAF_SHIFT = {1: SHIFT_4K, 2: SHIFT_2M, 3: SHIFT_1G}
+
+# event names, built once (no string formatting on the walk's path)
+_REF_KEYS: dict[tuple[str, int], str] = {}
+
+
+def _ref_key(structure: str, level: int) -> str:
+    k = _REF_KEYS.get((structure, level))
+    if k is None:
+        k = _REF_KEYS[(structure, level)] = f"walk.ref.{structure}.{_LNAME[level]}"
+    return k
+
+
+# the methods a recorded walk runs through (the walk memo relies on what they log)
+_MEMO_WALK = ("_translate_uncached", "_lookup_tlb", "_walk", "_guest_ad_write", "_ref",
+              "_ept_translate", "_gpa_cached", "_gpa_psc_start")
 
 # rights bits of a cached combined translation
 R_RW, R_US, R_XD = 1, 2, 4
@@ -145,6 +169,24 @@ class Fault:
     @property
     def is_vm_exit(self) -> bool:
         return self.kind in ("ept_violation", "ept_misconfig", "npf")
+
+
+class _CountLog:
+    """Stands in for the event counter while a walk is recorded: counts go through to the
+    counter, and each increment is logged in order."""
+
+    __slots__ = ("counts", "log")
+
+    def __init__(self, counts: Counter[str]):
+        self.counts = counts
+        self.log: list[tuple[str, int]] = []
+
+    def __getitem__(self, key: str) -> int:
+        return self.counts[key]
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self.log.append((key, value - self.counts[key]))
+        self.counts[key] = value
 
 
 class TlbEntry:
@@ -210,10 +252,13 @@ class Walker:
     (VM exit/entry, INVEPT, INVVPID, MOV to CR3, INVLPG) built on top.
     """
 
+    _gpa_kind = "guest_physical"  # event name of the second dimension's caches
+
     def __init__(self, memory: HostMemory, config: Any = "sdm-max", *,
                  maxphyaddr: int | None = None, ept: bool = True, execute_only: bool = True,
                  ept_1g: bool = True, guest_1g: bool = True, vpid_enabled: bool = True,
-                 vpid: int = 1, set_ad_bits: bool = True, seed: int = 0):
+                 vpid: int = 1, set_ad_bits: bool = True, seed: int = 0,
+                 walk_memo: bool = True):
         self.memory = memory
         self.maxphyaddr = memory.maxphyaddr if maxphyaddr is None else maxphyaddr
         if self.maxphyaddr > memory.maxphyaddr:
@@ -228,7 +273,6 @@ class Walker:
         self._fast_hits = 0
         self.ref_log: list[tuple[str, str, int, str]] | None = None
         self.listeners: list[Any] = []  # callables(kind: str) told of every invalidation
-        self._gpa_kind = "guest_physical"  # event name of the second dimension's caches
 
         cfg = self.config
         self.tlb = MultiSizeTlb("combined", cfg.combined_tlb, seed)
@@ -245,6 +289,20 @@ class Walker:
         self._epsc_order = [(lvl, c, f"{n}") for lvl, n in _PSC_LEVELS
                             if (c := self.epsc[lvl]) is not None]
         self.dcache = DataCacheModel(cfg.data_cache) if cfg.data_cache else None
+        self._served_keys = {n: f"walk.served.{n}"
+                             for n in (*(lv.name for lv in cfg.data_cache or ()), "mem")}
+
+        # the walk memo (see _translate_slow): one epoch for every cache of this processor
+        self._epoch = [0]
+        for cache in (*self.tlb.caches, *self.gtlb.caches,
+                      *(x for x in (*self.psc.values(), *self.epsc.values()) if x is not None)):
+            cache.epoch = self._epoch
+        # only for the walk whose every memory read goes through _ref and every cache hit
+        # is logged here (a subclass with its own walk or second dimension keeps it off)
+        self.walk_memo = walk_memo and all(
+            getattr(type(self), name) is getattr(Walker, name) for name in _MEMO_WALK)
+        self._memo: dict[tuple, tuple] = {}
+        self._rec: tuple[list, list] | None = None
 
         # architectural state
         self.cr0 = 0x8001_0011  # PG | WP | ET | PE
@@ -284,6 +342,7 @@ class Walker:
 
     def _derive_modes(self) -> None:
         """Masks and the permission table: after a change of CR0, CR4, EFER, EPTP or CPL."""
+        self._epoch[0] += 1
         M = self.maxphyaddr
         self._phys = (1 << M) - 1
         self._paging = bool(self.cr0 & (1 << 31))
@@ -318,6 +377,7 @@ class Walker:
 
     def _derive_tags(self) -> None:
         """Tags and fast-path handles: after a change of CR3, VPID or EPTP."""
+        self._epoch[0] += 1
         self._cr3_base = self.cr3 & self._phys & ~0xFFF
         vpid = self.effective_vpid
         ep4ta = self.ep4ta
@@ -336,6 +396,28 @@ class Walker:
             self._c4 = None
         self._tlb_hit_ev = f"tlb.{self._kind}.hit"
         self._last4 = -1
+        # look-up tables of the slow path: each structure with the current tag's (live)
+        # table, the structure itself when its LRU order must be updated on a hit, and the
+        # event names (no per-look-up method call or string formatting)
+        kind, gkind = self._kind, self._gpa_kind
+        ctag, gtag, etag = self._ctag, self._gtag, ep4ta
+        self._tlb_look = tuple(
+            (c, m, s, c.table(ctag), c.table(gtag), c if c.lru else None)
+            for s in self.tlb.shifts for c, m in (self.tlb.by_shift[s],))
+        self._tlb_ev = (f"tlb.{kind}.hit", f"tlb.{kind}.miss", f"tlb.{kind}.dirty_assist")
+        self._psc_look = tuple(
+            (lvl, c, c.table(ctag), c if c.lru else None, _SHIFT[lvl],
+             f"psc.{kind}.{name}.hit", f"psc.{kind}.{name}.miss")
+            for lvl, c, name in self._psc_order)
+        self._gtlb_look = tuple(
+            (c, m, s, c.table(etag), c if c.lru else None)
+            for s in self.gtlb.shifts for c, m in (self.gtlb.by_shift[s],))
+        self._gtlb_ev = (f"tlb.{gkind}.hit", f"tlb.{gkind}.miss",
+                         f"tlb.{gkind}.dirty_assist")
+        self._epsc_look = tuple(
+            (lvl, c, c.table(etag), c if c.lru else None, _SHIFT[lvl],
+             f"psc.{gkind}.{name}.hit", f"psc.{gkind}.{name}.miss")
+            for lvl, c, name in self._epsc_order)
 
     def _guest_allows(self, r: int, access: int, user: bool) -> bool:
         """SDM 4.6 access rights for rights bits ``r`` (RW, US AND; XD OR)."""
@@ -389,11 +471,13 @@ class Walker:
     def _ref(self, structure: str, level: int, hpa: int) -> None:
         """Count one paging-structure reference and where the walk data-cache found it."""
         c = self._counts
-        c[f"walk.ref.{structure}.{_LNAME[level]}"] += 1
+        c[_REF_KEYS.get((structure, level)) or _ref_key(structure, level)] += 1
         served = self.dcache.access(hpa) if self.dcache is not None else "mem"
-        c[f"walk.served.{served}"] += 1
+        c[self._served_keys[served]] += 1
         if self.ref_log is not None:
             self.ref_log.append((structure, _LNAME[level], hpa, served))
+        if self._rec is not None:
+            self._rec[0].append((structure, level, hpa))
 
     # ---------------------------------------------------------------------------------------
     # translation: fast path
@@ -432,27 +516,155 @@ class Walker:
     # ---------------------------------------------------------------------------------------
 
     def _lookup_tlb(self, la: int) -> TlbEntry | None:
-        tlb = self.tlb
-        for s in tlb.shifts:
-            c, m = tlb.by_shift[s]
+        for c, m, s, ctable, gtable, lru in self._tlb_look:
             key = (la >> s) | m
-            e = c.get(self._ctag, key)
-            if e is None:
-                e = c.get(self._gtag, key)
+            e = ctable.get(key)
             if e is not None:
-                return e
+                tag = self._ctag
+            else:
+                e = gtable.get(key)
+                if e is None:
+                    continue
+                tag = self._gtag
+            if lru is not None:
+                lru.touch(tag, key)
+            if self._rec is not None:
+                self._rec[1].append((c, tag, key))
+            return e
         return None
 
     def _translate_slow(self, la: int, access: int, user: bool) -> int | Fault:
+        """A translation that missed the fast path: answered from the walk memo when it
+        holds (below), else :meth:`_translate_uncached`.
+
+        The walk memo. SDM 28.3.2: no guest-physical or combined mapping is created from an
+        EPT paging-structure entry that is misconfigured, so a walk that ends in an EPT
+        misconfiguration caches nothing (and 28.3.3 gives such a walk nothing to
+        invalidate): repeated, it fails again. Here the walk is a function of its inputs:
+        the linear address, access and mode, the control state, the contents of the
+        translation caches (not their replacement order, which only eviction reads) and the
+        values of the paging-structure entries it reads. A walk that ended in
+        ``ept_misconfig`` having written nothing (no A/D flag, no cache insertion) is
+        recorded: the entries it read with their values, the cache hits (LRU updates), the
+        data-cache accesses in order, the event increments and the Fault. The record holds
+        while the processor-wide epoch is unchanged (every cache content change and every
+        control-state change, :meth:`_derive_modes` / :meth:`_derive_tags`, bumps it) and
+        the entries it read still hold those values (re-read on every use: guest code can
+        write its tables behind the model's back). A replay re-reads those entries, applies
+        the LRU updates, feeds the data-cache model the same references (their ``served``
+        levels counted as they come out), adds the increments and returns the same Fault:
+        exactly what the walk would have done, increments in the walk's order (a new event
+        name enters the counter where the walk would have put it). A walk is recorded the
+        second time it repeats at one epoch. The memo stands aside while something watches
+        the walk as it runs: a ``ref_log``, an event counter other than a plain ``Counter``
+        (one that logs increments), a listener (while recording). ``walk_memo=False`` turns
+        it off (the reference)."""
         self._last4 = -1  # look-ups and insertions below change LRU order
+        if (not self.walk_memo or self.ref_log is not None
+                or self._counts.__class__ is not Counter):
+            # (a reference log, or a counter that logs increments, sees the walk's order)
+            return self._translate_uncached(la, access, user)
+        # (only a canonical address that ended in a misconfiguration is in the memo)
+        key = (la, access, user, self.set_ad_bits, self.execute_only, self.ept_enabled)
+        epoch = self._epoch
+        ep = epoch[0]
+        m = self._memo.get(key)
+        if m is not None and m[0] == ep:
+            rec = m[1]
+            if rec is None:
+                return self._record(key, la, access, user)
+            f = self._replay(rec)
+            if f is not None:
+                return f
+        r = self._translate_uncached(la, access, user)
+        if r.__class__ is Fault and r.kind == "ept_misconfig" and epoch[0] == ep:
+            self._memo_store(key, ep, None)  # seen once: record it if it repeats
+        return r
+
+    def _memo_store(self, key: tuple, ep: int, rec: tuple | None) -> None:
+        memo = self._memo
+        if len(memo) >= 64 or (memo and next(iter(memo.values()))[0] != ep):
+            memo.clear()  # records of another epoch are dead
+        memo[key] = (ep, rec)
+
+    def _record(self, key: tuple, la: int, access: int, user: bool) -> int | Fault:
+        """Translate while recording what the walk does (see :meth:`_translate_slow`): the
+        event increments in the order they happen (through :class:`_CountLog`), the
+        paging-structure references (``_ref``) and the cache hits (``_rec``)."""
+        counts = self._counts
+        if self.listeners:  # a listener may read the events while the walk runs
+            return self._translate_uncached(la, access, user)
+        ep = self._epoch[0]
+        refs: list[tuple[str, int, int]] = []
+        hits: list[tuple[Cache, Any, int]] = []
+        log = _CountLog(counts)
+        self._rec = (refs, hits)
+        self._counts = log  # type: ignore[assignment]
+        try:
+            r = self._translate_uncached(la, access, user)
+        finally:
+            self._rec = None
+            self._counts = counts
+        if r.__class__ is not Fault or r.kind != "ept_misconfig" or self._epoch[0] != ep:
+            return r
+        # the increments in order, cut at each reference's served level (counted on replay
+        # as the data cache answers): segments[i] precede the i-th served count
+        segments: list[tuple[str, ...]] = []
+        seg: list[str] = []
+        for k, n in log.log:
+            if k.startswith("walk.ad."):
+                return r  # it wrote an A/D flag: not a pure function of what it read
+            if k.startswith("walk.served."):
+                segments.append(tuple(seg))
+                seg = []
+            else:
+                seg += [k] * n
+        if len(segments) != len(refs):
+            return r  # pragma: no cover - every reference counts one served level
+        pages = self.memory.pages
+        reads = tuple((hpa >> 12, hpa & 0xFFF,
+                       _U64.unpack_from(pages[hpa >> 12], hpa & 0xFFF)[0])
+                      for _, _, hpa in refs)
+        touches = tuple((cache, tag, k) for cache, tag, k in hits if cache.lru)
+        steps = tuple(zip(segments, (hpa for _, _, hpa in refs)))
+        self._memo_store(key, ep, (reads, touches, steps, tuple(seg), r))
+        return r
+
+    def _replay(self, rec: tuple) -> Fault | None:
+        """Replay a recorded walk (see :meth:`_translate_slow`), or None if an entry it read
+        changed (then walk)."""
+        reads, touches, steps, tail, f = rec
+        pages = self.memory.pages
+        unpack = _U64.unpack_from
+        for pfn, off, value in reads:
+            page = pages.get(pfn)
+            if page is None or unpack(page, off)[0] != value:
+                return None
+        for cache, tag, key in touches:
+            cache.touch(tag, key)
+        dc = self.dcache
+        names = self._served_keys
+        keys: list[str] = []
+        for seg, hpa in steps:
+            keys += seg
+            keys.append(names[dc.access(hpa) if dc is not None else "mem"])
+        keys += tail
+        # the C helper of Counter.update (one count per item, in order), without its checks
+        _count_elements(self._counts, keys)
+        return Fault(f.kind, f.linear, f.gpa, f.error_code, f.qualification, f.structure,
+                     f.level)
+
+    def _translate_uncached(self, la: int, access: int, user: bool) -> int | Fault:
+        """A linear address that missed the fast path: #GP if it is not canonical, a cached
+        translation of another size or tag, else the walk."""
         c = self._counts
         if self._paging and not (la >> 47 == 0 or la >> 47 == 0x1FFFF):
             c["fault.gp"] += 1
             return Fault("gp", linear=la)
-        kind = self._kind
+        ev_hit, ev_miss, ev_assist = self._tlb_ev
         e = self._lookup_tlb(la)
         if e is not None:
-            c[f"tlb.{kind}.hit"] += 1
+            c[ev_hit] += 1
             r = e.rights
             if not self._guest_allows(r, access, user):
                 # SDM 4.10.2.3: the cached rights may be used; the #PF then invalidates (4.10.4.1)
@@ -465,11 +677,11 @@ class Walker:
                 q = self._qual(access, eperm, la, True)
                 return self._ept_violation(la, gpa, q, "tlb", 0)
             if access == WRITE and not r & R_DIRTY:
-                c[f"tlb.{kind}.dirty_assist"] += 1  # walk again to set the dirty flag(s)
+                c[ev_assist] += 1  # walk again to set the dirty flag(s)
             else:
                 return e.base | (la & e.mask)
         else:
-            c[f"tlb.{kind}.miss"] += 1
+            c[ev_miss] += 1
         return self._walk(la, access, user)
 
     def _pf_bits(self, access: int, user: bool) -> int:
@@ -505,21 +717,25 @@ class Walker:
             return hpa
 
         tag = self._ctag
-        kind = self._kind
         table_gpa = self._cr3_base
         table_hpa = -1
         table_perm = 7
         rights = R_RW | R_US
         level = 4
-        for lvl, cache, name in self._psc_order:
-            p = cache.get(tag, (la & _LA_MASK) >> _SHIFT[lvl])
+        for lvl, cache, table, lru, shift, ev_hit, ev_miss in self._psc_look:
+            key = (la & _LA_MASK) >> shift
+            p = table.get(key)
             if p is not None:
-                c[f"psc.{kind}.{name}.hit"] += 1
+                if lru is not None:
+                    lru.touch(tag, key)
+                if self._rec is not None:
+                    self._rec[1].append((cache, tag, key))
+                c[ev_hit] += 1
                 table_gpa, table_hpa, table_perm = p.next_gpa, p.next_hpa, p.next_perm
                 rights = p.rights
                 level = lvl - 1
                 break
-            c[f"psc.{kind}.{name}.miss"] += 1
+            c[ev_miss] += 1
 
         ad = self.set_ad_bits
         ps_access = WRITE if self._ept_ad else READ  # 28.2.3.2: with EPT A/D, PS accesses write
@@ -643,23 +859,25 @@ class Walker:
         from the cached permissions (28.3.3.4), or None (a miss, or a write whose cached
         dirty flag is clear: walk again). Events are named by ``_gpa_kind``."""
         c = self._counts
-        kind = self._gpa_kind
-        tag = self._etag
-        gtlb = self.gtlb
-        for s in gtlb.shifts:
-            cache, m = gtlb.by_shift[s]
-            e = cache.get(tag, (gpa >> s) | m)
+        ev_hit, ev_miss, ev_assist = self._gtlb_ev
+        for cache, m, s, table, lru in self._gtlb_look:
+            key = (gpa >> s) | m
+            e = table.get(key)
             if e is not None:
-                c[f"tlb.{kind}.hit"] += 1
+                if lru is not None:
+                    lru.touch(self._etag, key)
+                if self._rec is not None:
+                    self._rec[1].append((cache, self._etag, key))
+                c[ev_hit] += 1
                 if not e.perm & (1 << access):
                     q = self._qual(access, e.perm, la, translated)
                     return self._ept_violation(la, gpa, q, "tlb", 0)
                 if access == WRITE and self._ept_ad and not e.dirty:
-                    c[f"tlb.{kind}.dirty_assist"] += 1
+                    c[ev_assist] += 1
                     return None
                 return (e.base | (gpa & e.mask), e.perm, e.shift, e.dirty)
-        if gtlb.shifts:
-            c[f"tlb.{kind}.miss"] += 1
+        if self._gtlb_look:
+            c[ev_miss] += 1
         return None
 
     def _gpa_psc_start(self, gpa: int, root: int, perm: int) -> tuple[int, int, int]:
@@ -667,14 +885,17 @@ class Walker:
         paging-structure caches, else ``root`` at level 4 with ``perm``. Returns (table
         address, permissions so far, level)."""
         c = self._counts
-        kind = self._gpa_kind
-        tag = self._etag
-        for lvl, cache, name in self._epsc_order:
-            p = cache.get(tag, gpa >> _SHIFT[lvl])
+        for lvl, cache, table, lru, shift, ev_hit, ev_miss in self._epsc_look:
+            key = gpa >> shift
+            p = table.get(key)
             if p is not None:
-                c[f"psc.{kind}.{name}.hit"] += 1
+                if lru is not None:
+                    lru.touch(self._etag, key)
+                if self._rec is not None:
+                    self._rec[1].append((cache, self._etag, key))
+                c[ev_hit] += 1
                 return p.next_hpa, p.perm, lvl - 1
-            c[f"psc.{kind}.{name}.miss"] += 1
+            c[ev_miss] += 1
         return root, perm, 4
 
     def _ept_translate(self, gpa: int, access: int, la: int | None,
