@@ -91,6 +91,7 @@ class Processor(GuestPaging):
     def __init__(self, memory: HostMemory, config: Any = "sdm-max", **kw: Any):
         super().__init__(memory, config, **kw)
         self._exit_infos: dict[tuple, ExitInfo] = {}  # see exit_info
+        self._last_exit: tuple = (None, None, None)  # (fault, length, its exit information)
         if self.vpid_enabled and not 1 <= self.vpid <= 0xFFFF:
             raise VmxError(f"VPID must be 1..65535 when enabled, got {self.vpid}")
 
@@ -131,10 +132,14 @@ class Processor(GuestPaging):
         it undefined for these exits (bare metal fills it; pass None to model a CPU that
         does not). The information is immutable: the same exit (a doorbell's, again and
         again) is built once and handed out again."""
+        last = self._last_exit
+        if last[0] is fault and last[1] == instruction_length:
+            return last[2]  # (the same fault again: a replayed walk's, see Walker._replay)
         kind = fault.kind
         key = (kind, fault.qualification, fault.gpa, fault.linear, instruction_length)
         info = self._exit_infos.get(key)
         if info is not None:
+            self._last_exit = (fault, instruction_length, info)
             return info
         if kind == "ept_violation":
             gla = fault.linear if fault.qualification & (1 << 7) else None
@@ -147,6 +152,7 @@ class Processor(GuestPaging):
         if len(self._exit_infos) >= _EXIT_INFO_MEMO:
             self._exit_infos.clear()  # (a fuzzer's many addresses: keep the memo small)
         self._exit_infos[key] = info
+        self._last_exit = (fault, instruction_length, info)
         return info
 
     def vmexit(self, info: ExitInfo | int) -> ExitInfo:

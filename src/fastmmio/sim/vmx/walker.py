@@ -118,7 +118,8 @@ R_DIRTY = 64
 
 
 class Fault:
-    """A translation that did not produce a host-physical address.
+    """A translation that did not produce a host-physical address (never changed once made:
+    a derived fault is a new one, so one may be handed out again).
 
     ``kind``: ``page_fault``, ``ept_violation``, ``ept_misconfig`` or ``gp``.
     ``linear``: the linear address (None for :meth:`Walker.translate_gpa`).
@@ -651,8 +652,7 @@ class Walker:
         keys += tail
         # the C helper of Counter.update (one count per item, in order), without its checks
         _count_elements(self._counts, keys)
-        return Fault(f.kind, f.linear, f.gpa, f.error_code, f.qualification, f.structure,
-                     f.level)
+        return f  # (a Fault is never changed once made: the recorded one serves every replay)
 
     def _translate_uncached(self, la: int, access: int, user: bool) -> int | Fault:
         """A linear address that missed the fast path: #GP if it is not canonical, a cached
