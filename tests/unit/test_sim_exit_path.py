@@ -69,7 +69,7 @@ def test_exit_registers_changes_are_what_the_handler_wrote():
     regs["rip"] += 3  # read, then changed
     regs["rax"] = 7  # written, same value as at the exit: still written back
     regs["rbx"]  # read only
-    regs.attach(frozenset({"cr0"}), lambda name: 0x80000011)
+    regs.more = (frozenset({"cr0"}), lambda name: 0x80000011)
     assert regs["cr0"] == 0x80000011  # the model's own key: never a register change
     assert regs.changes() == {"rip": 10, "rax": 7}
 

@@ -115,6 +115,7 @@ from fastmmio.sim.vmx.exits import (
 from fastmmio.sim.vmx.layouts import QUAL_TRANSLATED
 from fastmmio.sim.vmx.memory import PAGE_SIZE, HostMemory
 from fastmmio.sim.vmx.processor import FETCH, READ, WRITE, Fault, Processor
+from fastmmio.sim.vmx.walker import VM_EXIT_KINDS
 
 GPRS = ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi",
         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
@@ -206,6 +207,13 @@ class _BatchRead:
         return dict(zip(self.names, self._vals[:]))  # (a slice: the array's fast path)
 
 
+def _no_more(name: str) -> int:  # pragma: no cover - never called: no names
+    raise KeyError(name)
+
+
+_NO_MORE: tuple[frozenset[str], Callable[[str], int]] = (frozenset(), _no_more)
+
+
 class ExitRegisters(dict):
     """The register file a VM exit hands to the hypervisor model (:class:`ExitHandler`): the
     GPRs, ``rip`` and ``rflags`` by name, each read from unicorn when first used rather than
@@ -217,7 +225,7 @@ class ExitRegisters(dict):
     (:meth:`GuestCpu._write_back` writes only those back).
     """
 
-    __slots__ = ("_read", "loaded", "_more", "_more_names")
+    __slots__ = ("_read", "loaded", "more")
     lazy_registers = True  # (KvmVcpu uses it as its register file, see KvmVcpu._load_regs)
 
     def __init__(self, read, preloaded: dict[str, int] | None = None) -> None:
@@ -229,20 +237,17 @@ class ExitRegisters(dict):
         else:
             self.loaded = {}
         self._read = read
-        self._more: Callable[[str], int] | None = None
-        self._more_names: frozenset[str] = frozenset()
-
-    def attach(self, names: frozenset[str], provide: Callable[[str], int]) -> None:
-        """Further keys the hypervisor model reads here (its control registers and CPL),
-        taken from ``provide(name)`` when first read; never written back to the CPU."""
-        self._more_names, self._more = names, provide
+        # further keys the hypervisor model reads here (its control registers and CPL):
+        # (their names, provide(name)), read when first used and never written back
+        self.more: tuple[frozenset[str], Callable[[str], int]] = _NO_MORE
 
     def __missing__(self, name: str) -> int:
         uc_id = _UC_BY_NAME.get(name)
         if uc_id is None:
-            if name not in self._more_names:
+            names, provide = self.more
+            if name not in names:
                 raise KeyError(name)
-            value = self._more(name)  # type: ignore[misc]
+            value = provide(name)
             dict.__setitem__(self, name, value)
             return value
         value = self._read(uc_id)
@@ -251,18 +256,18 @@ class ExitRegisters(dict):
         return value
 
     def load_all(self) -> "ExitRegisters":
-        for name in (*_REG_NAMES, *self._more_names):
+        for name in (*_REG_NAMES, *self.more[0]):
             if not dict.__contains__(self, name):
                 self.__missing__(name)
         return self
 
     def get(self, name: str, default=None):  # type: ignore[override]
-        if name in _UC_BY_NAME or name in self._more_names:
+        if name in _UC_BY_NAME or name in self.more[0]:
             return self[name]
         return dict.get(self, name, default)
 
     def __contains__(self, name: object) -> bool:
-        return (name in _UC_BY_NAME or name in self._more_names
+        return (name in _UC_BY_NAME or name in self.more[0]
                 or dict.__contains__(self, name))
 
     def __iter__(self):
@@ -1055,7 +1060,7 @@ class GuestCpu:
                 entry.paddr = r & ~0xFFF
                 entry.perms = _PERMS[access]
                 return True
-            if r.is_vm_exit:
+            if r.kind in VM_EXIT_KINDS:  # (Fault.is_vm_exit, without the call)
                 if self.fast_exits and access == WRITE:
                     done = self._fast_ept_exit(r, vaddr, entry)
                     if done:

@@ -129,7 +129,7 @@ class KvmVcpu:
         self.userspace = userspace
         self.regs: MutableMapping[str, int] = RegisterFile()  # this exit's (see _load_regs)
         self._own_regs = self.regs
-        self._control = self._control_value
+        self._control = (_CONTROL_KEYS, self._control_value)  # ExitRegisters.more
         self.walker = GuestPageWalker(self.regs, vm.guest_memory, self.events,
                                       maxphyaddr=vm.memory.maxphyaddr)
         self.emulator = X86Emulator(self.regs, vm.guest_memory, self.walker, vm.buses,
@@ -175,7 +175,12 @@ class KvmVcpu:
         self.steps = []
         self.current_exit = info
         self.vm.running_vcpu = self
-        own = self._load_regs(regs)
+        if getattr(regs, "lazy_registers", False):  # (_load_regs' first case, written out)
+            regs.more = self._control  # type: ignore[attr-defined]
+            self.regs = self.emulator.regs = self.walker.regs = regs
+            own = False
+        else:
+            own = self._load_regs(regs)
         try:
             go_on = handler(info)
         finally:
@@ -198,7 +203,7 @@ class KvmVcpu:
         p = self.processor
         prev = self.regs
         if getattr(regs, "lazy_registers", False):
-            regs.attach(_CONTROL_KEYS, self._control)  # type: ignore[attr-defined]
+            regs.more = self._control  # type: ignore[attr-defined]
             self.regs = self.emulator.regs = self.walker.regs = regs
             return False
         r = self._own_regs

@@ -109,8 +109,8 @@ class KvmIoBus:
         self.range: list[KvmIoRange] = []
         self.ioeventfd_count = 0
         self._lookup_event = f"kvm.bus.lookup.{bus.name}"
-        # get_first_dev's answers, (addr, len) -> (index, probes), until the ranges change
-        self._first: dict[tuple[int, int], tuple[int, int]] = {}
+        # _look_up's answers, (addr, len) -> (index, probes, devices), until the ranges change
+        self._first: dict[tuple[int, int], tuple[int, int, tuple[KvmIoDevice, ...]]] = {}
 
     @property
     def dev_count(self) -> int:
@@ -148,22 +148,27 @@ class KvmIoBus:
 
         The binary search is lib/bsearch.c's: the pivot is ``base + num/2``; on "greater" the
         base moves past the pivot and ``num`` loses one before halving. Each range compared
-        counts ``kvm.bus.probe``. The ranges change only by :meth:`register_dev` and
-        :meth:`unregister_dev`, so an answer (index and probes) is kept until they do.
+        counts ``kvm.bus.probe``.
         """
+        return self._look_up(addr, length)[0]
+
+    def _look_up(self, addr: int, length: int) -> tuple[int, int, tuple[KvmIoDevice, ...]]:
+        """:meth:`get_first_dev` (its probes counted) with the devices of the matching ranges
+        from there on, in order (those ``__kvm_io_bus_write`` and ``__kvm_io_bus_read`` offer
+        the access to until one takes it). The ranges change only by :meth:`register_dev` and
+        :meth:`unregister_dev`, so an answer is kept until they do."""
         key = (addr, length)
         known = self._first.get(key)
         if known is None:
             known = self._first[key] = self._search(addr, length)
             if len(self._first) > _FIRST_DEV_MEMO:
                 self._first.clear()
-        found, probes = known
-        if probes:
-            self.events["kvm.bus.probe"] += probes
-        return found
+        if known[1]:
+            self.events["kvm.bus.probe"] += known[1]
+        return known
 
-    def _search(self, addr: int, length: int) -> tuple[int, int]:
-        """get_first_dev's search: (index or -1, ranges compared)."""
+    def _search(self, addr: int, length: int) -> tuple[int, int, tuple[KvmIoDevice, ...]]:
+        """get_first_dev's search: (index or -1, ranges compared, matching devices)."""
         rng = self.range
         base, num = 0, len(rng)
         found = -1
@@ -181,50 +186,37 @@ class KvmIoBus:
                 num -= 1
             num >>= 1
         if found < 0:
-            return -1, probes
+            return -1, probes, ()
         while found > 0:
             r = rng[found - 1]
             probes += 1
             if kvm_io_bus_cmp(addr, length, r.addr, r.len) != 0:
                 break
             found -= 1
-        return found, probes
-
-    def _matching(self, addr: int, length: int):
-        idx = self.get_first_dev(addr, length)
-        if idx < 0:
-            return
-        rng = self.range
-        while idx < len(rng):
-            r = rng[idx]
+        devs = []
+        for r in rng[found:]:
             if kvm_io_bus_cmp(addr, length, r.addr, r.len) != 0:
-                return
-            self.events["kvm.bus.probe"] += 1
-            yield r.dev
-            idx += 1
+                break
+            devs.append(r.dev)
+        return found, probes, tuple(devs)
 
     def write(self, addr: int, length: int, value: int | None) -> bool:
         """``kvm_io_bus_write``: True when a device accepted the write (return value 0).
-        (:meth:`_matching`'s walk, written out: a doorbell exit passes here every time.)"""
+        Each matching range offered the write counts ``kvm.bus.probe``."""
         ev = self.events
         ev[self._lookup_event] += 1
-        idx = self.get_first_dev(addr, length)
-        if idx < 0:
-            return False
-        rng = self.range
-        for i in range(idx, len(rng)):
-            r = rng[i]
-            if kvm_io_bus_cmp(addr, length, r.addr, r.len) != 0:
-                return False
+        for dev in self._look_up(addr, length)[2]:
             ev["kvm.bus.probe"] += 1
-            if r.dev.write(addr, length, value):
+            if dev.write(addr, length, value):
                 return True
         return False
 
     def read(self, addr: int, length: int) -> int | None:
         """``kvm_io_bus_read``: the value read by the first device that accepts, or None."""
-        self.events[self._lookup_event] += 1
-        for dev in self._matching(addr, length):
+        ev = self.events
+        ev[self._lookup_event] += 1
+        for dev in self._look_up(addr, length)[2]:
+            ev["kvm.bus.probe"] += 1
             v = dev.read(addr, length)
             if v is not None:
                 return v & ((1 << (8 * length)) - 1) if length else v

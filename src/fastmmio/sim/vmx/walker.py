@@ -117,6 +117,9 @@ R_EPT_SHIFT = 3  # EPT R/W/X AND in bits 5:3
 R_DIRTY = 64
 
 
+VM_EXIT_KINDS = frozenset({"ept_violation", "ept_misconfig", "npf"})  # faults that are exits
+
+
 class Fault:
     """A translation that did not produce a host-physical address (never changed once made:
     a derived fault is a new one, so one may be handed out again).
@@ -169,7 +172,7 @@ class Fault:
 
     @property
     def is_vm_exit(self) -> bool:
-        return self.kind in ("ept_violation", "ept_misconfig", "npf")
+        return self.kind in VM_EXIT_KINDS
 
 
 class _CountLog:
