@@ -185,7 +185,7 @@ class KvmVcpu:
             go_on = handler(info)
         finally:
             self.vm.running_vcpu = None
-        if go_on:
+        if go_on and self.vm.mmu.requests:  # (no request pending: nothing to do at entry)
             self._before_entry()
         if own:
             regs.update(zip(_WRITEBACK, _WRITEBACK_VALUES(self.regs)))
@@ -223,10 +223,8 @@ class KvmVcpu:
         return getattr(self.processor, name)
 
     def _before_entry(self) -> None:
-        mmu = self.vm.mmu
-        if not mmu.requests:
-            return
-        for d in mmu.service_requests(self.processor):
+        """Service the MMU's pending requests before VM entry (called when there are)."""
+        for d in self.vm.mmu.service_requests(self.processor):
             self.step(f"request:{d}")
 
     def step(self, what: str) -> None:
