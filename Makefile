@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: run test bench fuzz fuzz-diff soak clean
 
-$(STAMP): pyproject.toml setup.py src/fastmmio/real/_exitpath.c
+$(STAMP): pyproject.toml setup.py src/fastmmio/real/_exitpath.c src/fastmmio/sim/_hooks.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'

@@ -1,8 +1,10 @@
-"""Only the optional C extension lives here; everything else is in pyproject.toml.
+"""Only the optional C extensions live here; everything else is in pyproject.toml.
 
-fastmmio.real._exitpath is the run loop's per-exit path in C (see fastmmio/real/exitpath.py).
-``optional=True``: without a C compiler or the Python headers the install still succeeds and
-the run loop uses its pure-Python reference loop.
+fastmmio.real._exitpath is the run loop's per-exit path in C (see fastmmio/real/exitpath.py);
+fastmmio.sim._hooks holds C callbacks for unicorn on the simulator's exit path (see
+fastmmio/sim/_hooks.c). ``optional=True``: without a C compiler or the Python headers the
+install still succeeds, the run loop uses its pure-Python reference loop and the simulator its
+Python callbacks.
 """
 
 from setuptools import Extension, setup
@@ -14,6 +16,12 @@ setup(
             ["src/fastmmio/real/_exitpath.c"],
             optional=True,
             extra_compile_args=["-O2", "-Wall"],
-        )
+        ),
+        Extension(
+            "fastmmio.sim._hooks",
+            ["src/fastmmio/sim/_hooks.c"],
+            optional=True,
+            extra_compile_args=["-O2", "-Wall"],
+        ),
     ]
 )

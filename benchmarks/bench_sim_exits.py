@@ -78,7 +78,8 @@ def hook_floor_per_second(n: int, kind: str) -> float:
     as :mod:`fastmmio.sim.cpu` registers them), with callbacks that do nothing else.
 
     ``mmio``: a store to a page unicorn's TLB does not hold, a TLB-fill callback that maps it
-    to an MMIO sink, the sink's write callback dropping unicorn's TLB (the VM entry's flush),
+    to an MMIO sink, the sink's write callback dropping unicorn's TLB (the VM entry's flush;
+    in C when :mod:`fastmmio.sim._hooks` is built, as the simulator has it),
     and a per-block callback (the instruction count). ``pio``: an ``OUT`` callback that drops
     unicorn's TLB, and the per-block callback. Returns exits per CPU second."""
     import ctypes
@@ -111,9 +112,16 @@ def hook_floor_per_second(n: int, kind: str) -> float:
             entry.perms = UC_PROT_ALL
             return True
 
-        callbacks = (C._MMIO_READ(lambda *a: 0), C._MMIO_WRITE(flush))
+        if C._hooks is not None:  # the sink's callback in C, as CpuEngine uses it
+            data = C._SinkData(ctypes.cast(C._uclib.uc_ctl, ctypes.c_void_p).value,
+                               C._CTL_TLB_FLUSH_W)
+            callbacks = (C._hooks.SINK_READ, C._hooks.SINK_WRITE, data)
+            user = ctypes.c_void_p(ctypes.addressof(data))
+        else:
+            callbacks = (C._MMIO_READ(lambda *a: 0), C._MMIO_WRITE(flush))
+            user = None
         keep.append(callbacks)
-        C._uclib.uc_mmio_map(uc._uch, sink, 0x1000, callbacks[0], None, callbacks[1], None)
+        C._uclib.uc_mmio_map(uc._uch, sink, 0x1000, callbacks[0], None, callbacks[1], user)
         hook(UC_HOOK_TLB_FILL, C._HOOK_TLB_FILL(fill))
     else:
         code = bytes.fromhex("ee" "48ffc9" "75fa" "f4")  # out dx, al ; dec rcx ; jnz ; hlt

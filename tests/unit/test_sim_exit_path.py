@@ -72,6 +72,22 @@ def test_exit_registers_changes_are_what_the_handler_wrote():
     regs.more = (frozenset({"cr0"}), lambda name: 0x80000011)
     assert regs["cr0"] == 0x80000011  # the model's own key: never a register change
     assert regs.changes() == {"rip": 10, "rax": 7}
+    assert not regs.moved_only("rip", 10)  # RAX was written too
+
+
+@pytest.mark.parametrize("writes, expect", [
+    ({"rip": 10}, True), ({"rip": 7}, False), ({}, False), ({"rip": 10, "rbx": 7}, True),
+    ({"rip": 10, "rbx": 8}, False), ({"rip": 10, "rcx": 7}, False), ({"rip": 11}, False)])
+def test_moved_only_is_changes_equal_to_one_register(writes, expect):
+    """moved_only(name, value) is changes() == {name: value}, without building it."""
+    regs, _ = _file({n: 7 for n in NAMES})
+    regs["rbx"]
+    regs.more = (frozenset({"cr0"}), lambda name: 1)
+    regs["cr0"]
+    for k, v in writes.items():
+        regs[k] = v
+    assert regs.moved_only("rip", 10) is expect
+    assert (regs.changes() == {"rip": 10}) is expect
 
 
 def test_exit_registers_of_a_closed_cpu_raise_instead_of_reading():
@@ -149,3 +165,23 @@ def test_exit_information_is_built_once_per_exit():
     c = p.exit_info(Fault("ept_misconfig", linear=0x401000, gpa=0x401000), 2)
     assert c.guest_physical_address == 0x401000 and c is not a
     assert p.exit_info(f, None).instruction_length is None
+
+
+@pytest.mark.parametrize("route", ["mmio-eventfd-len0", "mmio-eventfd-len4", "mmio-user",
+                                   "pio-eventfd-len1"])
+def test_native_sink_counts_what_the_python_sink_counts(route, monkeypatch):
+    """The doorbell sink's callback in C (fastmmio.sim._hooks, when built) and in Python:
+    the same events, batch after batch; without the C module the Python one serves."""
+    from fastmmio.sim import cpu
+
+    def run():
+        with SimBackend(SimOptions()).open(build_machine(get_route(route), 0)) as s:
+            return [dict(s.run_batch(n).events) for n in (1, 8, 8)], s.cpu.engine.native_sink
+
+    native, used = run()
+    assert used is (cpu._hooks is not None)
+    monkeypatch.setattr(cpu, "_hooks", None)
+    python, used = run()
+    assert used is False and python == native
+    with pytest.raises(RuntimeError, match="not built"):
+        cpu.CpuEngine(native_sink=True)

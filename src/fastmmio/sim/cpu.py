@@ -163,6 +163,22 @@ def _raw_entry(name: str):
 _VP, _I32 = ctypes.c_void_p, ctypes.c_int
 
 
+try:  # C callbacks for the exit path (optional: built by pip when a C compiler is there)
+    from fastmmio.sim import _hooks
+except ImportError:  # pragma: no cover - no compiler at install time: Python callbacks
+    _hooks = None
+
+
+class _SinkData(ctypes.Structure):
+    """``struct sink`` of ``_hooks.c``: the sink callback's user data."""
+
+    _fields_ = (("ctl", ctypes.c_void_p), ("control", ctypes.c_int))
+
+
+if _hooks is not None and ctypes.sizeof(_SinkData) != _hooks.SINK_DATA_SIZE:  # pragma: no cover
+    _hooks = None  # (a layout that does not match: do not hand it to C)
+
+
 class _TlbEntry(ctypes.Structure):
     """unicorn's ``uc_tlb_entry`` (include/unicorn/unicorn.h, 2.1)."""
 
@@ -200,11 +216,17 @@ class _BatchRead:
         self._args = (ctypes.c_void_p(ctypes.addressof(ids)),
                       ctypes.c_void_p(ctypes.addressof(ptrs)), n)
 
-    def read(self, uch) -> dict[str, int]:
+    def exit_registers(self, uch, read) -> "ExitRegisters":
+        """The exit's register file with these registers read (``read``: the CPU's one
+        register read, for the others)."""
         err = _uc_reg_read_batch(uch, *self._args)
         if err:  # pragma: no cover
             raise UcError(err)
-        return dict(zip(self.names, self._vals[:]))  # (a slice: the array's fast path)
+        loaded = dict(zip(self.names, self._vals[:]))  # (a slice: the array's fast path)
+        regs = dict.__new__(ExitRegisters)  # (ExitRegisters.__init__, without its frame)
+        dict.update(regs, loaded)
+        regs._read, regs.loaded, regs.more = read, loaded, _NO_MORE
+        return regs
 
 
 def _no_more(name: str) -> int:  # pragma: no cover - never called: no names
@@ -296,6 +318,17 @@ class ExitRegisters(dict):
     def __repr__(self) -> str:
         return f"ExitRegisters({dict.__repr__(self.load_all())})"
 
+    def moved_only(self, name: str, value: int) -> bool:
+        """Whether the handler's only change is ``name``, now ``value`` (:meth:`changes` is
+        ``{name: value}``)."""
+        if dict.get(self, name) != value or self.loaded.get(name) == value:
+            return False
+        loaded = self.loaded
+        for k, v in dict.items(self):
+            if k != name and loaded.get(k, _UNDECODED) != v and k in _UC_BY_NAME:
+                return False
+        return True
+
     def changes(self) -> dict[str, int]:
         """The registers whose value differs from the exit's (or that were only written);
         other keys a handler keeps here (the control registers KVM's model adds) are not
@@ -364,7 +397,9 @@ class CpuEngine:
     its TLB. The mappings stay; the caller rewrites the memory behind them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, native_sink: bool | None = None) -> None:
+        """``native_sink``: the doorbell sink's callback in C (:mod:`fastmmio.sim._hooks`);
+        None: when that module is built. False: the Python callback (the reference)."""
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self.uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         self.mapped: dict[int, object] = {}
@@ -381,9 +416,23 @@ class CpuEngine:
             self.uc.mmio_map(_SINK_HPA, PAGE_SIZE, self._sink_read, None,
                              lambda uc, *_: uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE), None)
         else:  # C callbacks straight from unicorn (kept as long as the engine)
-            self._sink_callbacks = (_MMIO_READ(self._sink_read), _MMIO_WRITE(self._sink_write))
+            if native_sink is None:
+                native_sink = _hooks is not None
+            if native_sink and _hooks is None:
+                raise RuntimeError("the native doorbell sink needs fastmmio.sim._hooks, "
+                                   "which is not built (no C compiler at install time)")
+            self.native_sink = native_sink
+            if native_sink:  # uc_ctl(uc, flush) from C, given uc_ctl and the control word
+                self._sink_data = _SinkData(ctypes.cast(_uclib.uc_ctl, ctypes.c_void_p).value,
+                                            _CTL_TLB_FLUSH_W)
+                self._sink_callbacks = (_hooks.SINK_READ, _hooks.SINK_WRITE)
+                user = ctypes.c_void_p(ctypes.addressof(self._sink_data))
+            else:
+                self._sink_callbacks = (_MMIO_READ(self._sink_read),
+                                        _MMIO_WRITE(self._sink_write))
+                user = None
             err = _uclib.uc_mmio_map(self.uc._uch, _SINK_HPA, PAGE_SIZE,
-                                     self._sink_callbacks[0], None, self._sink_callbacks[1], None)
+                                     self._sink_callbacks[0], None, self._sink_callbacks[1], user)
             if err:  # pragma: no cover
                 raise UcError(err)
         self._pristine = self.uc.context_save()
@@ -859,7 +908,7 @@ class GuestCpu:
         if _uclib is None:  # pragma: no cover
             regs = self._exit_regs()
         else:
-            regs = ExitRegisters(self.reg, self._store_read.read(self._uch))
+            regs = self._store_read.exit_registers(self._uch, self.reg)
         rip = regs["rip"]
         store = self._stores.get(rip, _UNDECODED)
         if store is _UNDECODED:
@@ -880,7 +929,7 @@ class GuestCpu:
         info, go_on = self._handle_ept_exit(fault, regs, la if fault.linear == page else _UNDECODED,
                                             length)
         next_rip = rip + length
-        if not go_on or regs.changes() != {"rip": next_rip}:
+        if not go_on or not regs.moved_only("rip", next_rip):
             self._pending_outcome = (info, go_on, regs)
             return False
         self.processor.vmentry()
@@ -1081,7 +1130,7 @@ class GuestCpu:
         if _uclib is None:  # pragma: no cover
             regs = self._exit_regs()
         else:
-            regs = ExitRegisters(self.reg, self._io_read.read(self._uch))
+            regs = self._io_read.exit_registers(self._uch, self.reg)
         rip = regs["rip"]
         key = (rip, port, size, is_in)
         info = self._io_infos.get(key)

@@ -174,7 +174,8 @@ class KvmVcpu:
     def _run_handler(self, info: ExitInfo, regs: dict[str, int], handler: Callable[[ExitInfo], bool]) -> bool:
         self.steps = []
         self.current_exit = info
-        self.vm.running_vcpu = self
+        vm = self.vm
+        vm.running_vcpu = self
         if getattr(regs, "lazy_registers", False):  # (_load_regs' first case, written out)
             regs.more = self._control  # type: ignore[attr-defined]
             self.regs = self.emulator.regs = self.walker.regs = regs
@@ -184,8 +185,8 @@ class KvmVcpu:
         try:
             go_on = handler(info)
         finally:
-            self.vm.running_vcpu = None
-        if go_on and self.vm.mmu.requests:  # (no request pending: nothing to do at entry)
+            vm.running_vcpu = None
+        if go_on and vm.mmu.requests:  # (no request pending: nothing to do at entry)
             self._before_entry()
         if own:
             regs.update(zip(_WRITEBACK, _WRITEBACK_VALUES(self.regs)))
