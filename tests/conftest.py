@@ -39,10 +39,12 @@ def kvm_unusable_reason(device: str = KVM_DEVICE) -> str | None:
     return None
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _KVM_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.kvm)
+        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
     kvm_items = [item for item in items if item.get_closest_marker("kvm")]
     if not kvm_items:
         return
@@ -51,6 +53,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
         for item in kvm_items:
             item.add_marker(skip)
+
+
+def _xdist_group(item: pytest.Item) -> str:
+    """Which tests one worker runs together under ``pytest -n N --dist loadgroup`` (as
+    ``make test`` runs the suite): a file's tests stay together, so that its module-scoped
+    fixtures and shared draws are built once; the tests on the session's real Dask cluster
+    share one worker, so that one cluster is started, not one per worker."""
+    if "dask_real_cluster" in getattr(item, "fixturenames", ()):
+        return "dask-real-cluster"
+    return item.nodeid.split("::", 1)[0]
 
 
 @pytest.fixture
