@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml setup.py src/fastmmio/real/_exitpath.c
 run: $(STAMP)
 	$(BIN)/fastmmio compare
 
-# The suite on TEST_WORKERS pytest-xdist workers (0: serially, in this process), a test
-# file's tests together on one worker (tests/conftest.py sets the groups).
-TEST_WORKERS ?= 2
+# The suite on TEST_WORKERS pytest-xdist workers (auto: one per CPU; 0: serially, in this
+# process), a test file's tests together on one worker (tests/conftest.py sets the groups).
+TEST_WORKERS ?= auto
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
