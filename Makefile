@@ -18,10 +18,10 @@ run: $(STAMP)
 	$(BIN)/fastmmio compare
 
 # The suite on TEST_WORKERS pytest-xdist workers (auto: one per CPU; 0: serially, in this
-# process), a test file's tests together on one worker (tests/conftest.py sets the groups).
+# process), a test file's tests together on one worker (tests/conftest.py).
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -39,12 +39,14 @@ def kvm_unusable_reason(device: str = KVM_DEVICE) -> str | None:
     return None
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if _KVM_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.kvm)
-        item.add_marker(pytest.mark.xdist_group(_xdist_group(item)))
+        if ("dask_real_cluster" in getattr(item, "fixturenames", ())
+                and item.nodeid.split("::", 1)[0] not in DASK_CLUSTER_FILES):
+            raise pytest.UsageError(f"{item.nodeid} uses dask_real_cluster: add its file to "
+                                    "DASK_CLUSTER_FILES in tests/conftest.py")
     kvm_items = [item for item in items if item.get_closest_marker("kvm")]
     if not kvm_items:
         return
@@ -55,14 +57,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _xdist_group(item: pytest.Item) -> str:
-    """Which tests one worker runs together under ``pytest -n N --dist loadgroup`` (as
-    ``make test`` runs the suite): a file's tests stay together, so that its module-scoped
-    fixtures and shared draws are built once; the tests on the session's real Dask cluster
-    share one worker, so that one cluster is started, not one per worker."""
-    if "dask_real_cluster" in getattr(item, "fixturenames", ()):
-        return "dask-real-cluster"
-    return item.nodeid.split("::", 1)[0]
+# The test files whose tests use the session's real Dask cluster (dask_real_cluster below).
+DASK_CLUSTER_FILES = frozenset({"tests/kvm/test_fanout_kvm.py", "tests/unit/test_compare_dask.py",
+                                "tests/unit/test_fanout.py"})
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown when it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``pytest -n N --dist loadfile`` (as ``make test`` runs the suite): each test file runs
+    on one worker, so that its module-scoped fixtures and shared draws are built once, and the
+    files on the real Dask cluster run on one worker together, so that one cluster is started,
+    not one per worker. Other ``--dist`` modes are pytest-xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "dask-real-cluster" if path in DASK_CLUSTER_FILES else path
+
+    return FileScheduling(config, log)
 
 
 @pytest.fixture
