@@ -17,8 +17,11 @@ $(STAMP): pyproject.toml setup.py src/fastmmio/real/_exitpath.c src/fastmmio/sim
 run: $(STAMP)
 	$(BIN)/fastmmio compare
 
+# The suite on TEST_WORKERS pytest-xdist workers (auto: one per CPU; 0: serially, in this
+# process), a test file's tests together on one worker (tests/conftest.py).
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b || exit 1; done

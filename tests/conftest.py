@@ -43,6 +43,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _KVM_DIR in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.kvm)
+        if ("dask_real_cluster" in getattr(item, "fixturenames", ())
+                and item.nodeid.split("::", 1)[0] not in DASK_CLUSTER_FILES):
+            raise pytest.UsageError(f"{item.nodeid} uses dask_real_cluster: add its file to "
+                                    "DASK_CLUSTER_FILES in tests/conftest.py")
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the long files first
+        first = {path: i for i, path in enumerate(LONG_FILES)}
+        items.sort(key=lambda item: first.get(item.nodeid.split("::", 1)[0], len(first)))
     kvm_items = [item for item in items if item.get_closest_marker("kvm")]
     if not kvm_items:
         return
@@ -51,6 +58,40 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         skip = pytest.mark.skip(reason=f"needs KVM: {reason}")
         for item in kvm_items:
             item.add_marker(skip)
+
+
+# The test files whose tests use the session's real Dask cluster (dask_real_cluster below).
+DASK_CLUSTER_FILES = frozenset({"tests/kvm/test_fanout_kvm.py", "tests/unit/test_compare_dask.py",
+                                "tests/unit/test_fanout.py"})
+
+
+# The files that take longest (10-20 s each on a 2-core machine, most of it one or two tests),
+# longest first: pytest-xdist workers collect them first and so are handed them first, and
+# the many short files fill in at the end (only the order of the work changes).
+LONG_FILES = (*sorted(DASK_CLUSTER_FILES), "tests/unit/test_sim_fast_exits.py",
+              "tests/unit/test_interrupts.py", "tests/kvm/test_hostile.py",
+              "tests/unit/test_fuzz_diff_programs.py", "tests/unit/test_user_variants.py",
+              "tests/kvm/test_fuzz_differential.py", "tests/unit/test_report_html.py",
+              "tests/unit/test_svm_property.py", "tests/unit/test_vmx_property.py")
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown when it is not installed
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``pytest -n N --dist loadfile`` (as ``make test`` runs the suite): each test file runs
+    on one worker, so that its module-scoped fixtures and shared draws are built once, and the
+    files on the real Dask cluster run on one worker together, so that one cluster is started,
+    not one per worker. Other ``--dist`` modes are pytest-xdist's own."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    config.option.loadscopereorder = False  # the workers' order (LONG_FILES first), not by count
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return "dask-real-cluster" if path in DASK_CLUSTER_FILES else path
+
+    return FileScheduling(config, log)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,3 +105,4 @@ def real_cluster(n_workers: int = 2) -> Iterator[RealCluster]:
         for p in reversed(procs):
             _stop(p)
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fastmmio.real.binding import KVM_RUN
 from tests.conftest import KVM_DEVICE
 
 
@@ -37,6 +38,19 @@ def test_fuzz_diff_leaves_no_hypothesis_folder_in_the_cwd(tmp_path: Path):
     assert (tmp_path / "cache" / "fastmmio" / "hypothesis").is_dir()
 
 
+def _in_kvm_run(pid: int) -> bool:
+    """A thread of ``pid`` is in ioctl(2) (x86-64 syscall 16) with request KVM_RUN, as
+    /proc/PID/task/TID/syscall shows it (proc(5): number, then the arguments)."""
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            fields = (task / "syscall").read_text().split()
+        except OSError:  # the thread ended, or its syscall is not readable
+            continue
+        if fields[:1] == ["16"] and len(fields) > 2 and int(fields[2], 16) == KVM_RUN:
+            return True
+    return False
+
+
 def _interrupt_long_bench(tmp_path: Path, signum: int) -> tuple[int, float, str]:
     """A batch of 10^8 userspace exits (minutes), signalled once it runs."""
     import time
@@ -45,7 +59,15 @@ def _interrupt_long_bench(tmp_path: Path, signum: int) -> tuple[int, float, str]
                              "-n", "100000000", "-r", "1", "pio-user"], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(4.0)  # started, inside KVM_RUN / the compiled run loop
+        # started, inside KVM_RUN / the compiled run loop: a vCPU thread was seen in KVM_RUN,
+        # and the batch has gone on for a moment since (a signal sooner would be caught by
+        # whatever came before the batch)
+        deadline = time.monotonic() + 60
+        while not _in_kvm_run(proc.pid):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "the bench never entered KVM_RUN"
+            time.sleep(0.01)
+        time.sleep(0.5)
         assert proc.poll() is None, proc.stderr.read()
         t0 = time.monotonic()
         proc.send_signal(signum)

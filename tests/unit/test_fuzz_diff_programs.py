@@ -5,6 +5,7 @@ tests/kvm/test_fuzz_differential.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 
 import pytest
@@ -97,7 +98,14 @@ def test_collides_is_the_kernels_collision_rule(a, b):
     assert collides(a, b) == (b in refused)
 
 
-def _collect(n: int):
+# programs drawn for the tests that look across many (forms covered, forms kept away)
+COVERAGE_PROGRAMS = 400
+
+
+@functools.lru_cache(maxsize=None)
+def _collect(n: int) -> tuple[DiffProgram, ...]:
+    """``n`` programs drawn by the generator (derandomized: the same ones on every call; the
+    tests that only read them share one draw)."""
     seen: list[DiffProgram] = []
 
     @fast(n)
@@ -106,14 +114,14 @@ def _collect(n: int):
         seen.append(p)
 
     grab()
-    return seen
+    return tuple(seen)
 
 
 def test_generator_covers_every_form():
     """Across a few hundred programs: every access kind, width, region, load/store form,
     addressing form, port form, every kind of ioeventfd (MMIO, read-only slot, PIO;
     lengths 0/1/2/4/8; wildcard and DATAMATCH) and both kinds of coalesced zone appear."""
-    progs = _collect(400)
+    progs = _collect(COVERAGE_PROGRAMS)
     c: Counter = Counter()
     for p in progs:
         for op in p.ops:
@@ -305,7 +313,7 @@ def test_movsxd_r16_page_end_exclusion_is_needed_and_enforced():
     with pytest.raises(UsageError, match="movsxd r16"):
         DiffProgram(ops=(bad,)).validate()
     assert not any(op.form == "movsxd" and op.width == 2 and op.addr & 0xFFF == 0xFFE
-                   for p in _collect(200) for op in p.ops)
+                   for p in _collect(COVERAGE_PROGRAMS) for op in p.ops)
 
 
 def test_excluded_only_where_the_fast_mmio_bus_decides(monkeypatch):

@@ -93,6 +93,7 @@ def test_chromium_renders_the_report(report, tmp_path):
     proc = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-extensions", "--window-size=1100,900", f"--screenshot={png}",
+         f"--user-data-dir={tmp_path / 'profile'}",  # not one shared with another run
          path.resolve().as_uri()],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert png.exists(), proc.stderr[-2000:]

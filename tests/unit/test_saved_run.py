@@ -135,7 +135,10 @@ def test_a_saved_run_without_a_needed_simulation_is_refused(saved, tmp_path):
         load_run(p)
 
 
-def test_report_command_writes_the_folder(saved, tmp_path, capsys):
+def test_report_command_writes_the_folder(saved, tmp_path, capsys, monkeypatch):
+    # wide enough that the header, which holds the saved file's path (longer in a pytest-xdist
+    # worker's temporary folder), is not wrapped into the words looked for below
+    monkeypatch.setenv("COLUMNS", "400")
     path, _ = saved
     out = tmp_path / "rep"
     assert main(["report", str(path), "--profile", "pci-testdev-2013", "--out", str(out)]) == 0
