@@ -36,6 +36,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -47,6 +48,7 @@ from fastmmio.errors import HostError, UsageError
 
 SCHEDULER_ENV = "DASK_SCHEDULER_ADDRESS"
 CONNECT_TIMEOUT_S = 10.0
+_TRACKER_FILTER = "ignore:resource_tracker:UserWarning"  # see _quiet_resource_tracker
 _ADDRESS = re.compile(r"^(tcp|tls)://(\[[0-9A-Fa-f:]+\]|[A-Za-z0-9.\-]+):(\d{1,5})$")
 
 
@@ -105,6 +107,16 @@ def _quiet_logs() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _quiet_resource_tracker() -> None:
+    """multiprocessing's resource tracker (a process of its own, started for the cluster's
+    worker processes) says on stderr at its exit that semaphores of workers stopped by a
+    Ctrl-C "appear to be leaked", and then removes them: a second line after the command's
+    one-line message, about nothing left behind. The tracker and the workers get this
+    process's warning options on their command line, so the filter goes there."""
+    if _TRACKER_FILTER not in sys.warnoptions:
+        sys.warnoptions.append(_TRACKER_FILTER)
+
+
 @contextmanager
 def _workers_ignore_sigint() -> Iterator[None]:
     """SIGINT ignored while the LocalCluster starts its worker processes: they inherit the
@@ -145,6 +157,7 @@ def open_client(workers: int | None = 0, scheduler: str | None = None) -> Iterat
 
         # Dask's statistical profiler samples each worker's stacks every 10 ms: CPU the
         # simulations need (the workers are ours alone; nobody reads the profile).
+        _quiet_resource_tracker()
         with _workers_ignore_sigint(), dask.config.set({"distributed.worker.profile.enabled": False}):
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    host="127.0.0.1", dashboard_address="127.0.0.1:0",

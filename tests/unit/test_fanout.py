@@ -127,3 +127,28 @@ def test_fuzz_options_reject_bad_values(argv, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and ("--workers" in err or "--scheduler" in err), err
+
+
+def test_resource_tracker_leak_report_is_silenced_in_the_processes_it_starts():
+    """After a Ctrl-C the cluster's resource tracker reports the stopped workers' semaphores
+    as leaked (and removes them): a second stderr line after the command's one line. The
+    filter travels on the command line multiprocessing gives its processes."""
+    import subprocess
+    import sys
+    from multiprocessing import util
+
+    from fastmmio import fanout
+
+    saved = list(sys.warnoptions)
+    try:
+        fanout._quiet_resource_tracker()
+        fanout._quiet_resource_tracker()  # (once is enough: not added twice)
+        args = util._args_from_interpreter_flags()
+    finally:
+        sys.warnoptions[:] = saved
+    assert args.count("-W" + fanout._TRACKER_FILTER) == 1
+    code = ("import warnings; warnings.warn('resource_tracker: There appear to be 1 leaked "
+            "semaphore objects to clean up at shutdown', UserWarning); "
+            "warnings.warn('another warning', UserWarning)")
+    r = subprocess.run([sys.executable, *args, "-c", code], capture_output=True, text=True)
+    assert "leaked semaphore" not in r.stderr and "another warning" in r.stderr
