@@ -58,6 +58,35 @@ def test_compare_serial_local_cluster_and_real_cluster_agree(cluster, tmp_path, 
     assert remote == serial
 
 
+def test_user_variants_and_routes_on_the_clusters_agree(cluster, tmp_path, monkeypatch):
+    """A --variant-file and a --routes-file reach the workers (a task carries its routes whole
+    and the variant file's text), so a LocalCluster and a real cluster give the serial
+    results; the registries of the workers are as they were after each task."""
+    monkeypatch.delenv("DASK_SCHEDULER_ADDRESS", raising=False)
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    argv = ["compare", "--no-kvm", "--no-review", "--variants", "upstream,rfc-writes-only",
+            "-n", "16", "--variant-file", str(examples / "variants" / "rfc_writes_only.py"),
+            "--routes-file", str(examples / "routes" / "mmio-virtio-notify.toml"),
+            "mmio-virtio-notify", "mmio-eventfd-len0"]
+    serial = run([*argv, "--workers", "0"], tmp_path / "serial")
+    simulated = serial["results.json"]["simulated"]
+    assert {r["extra"]["variant"] for r in simulated} >= {"rfc-writes-only"}
+    assert {r["route"] for r in simulated} >= {"mmio-virtio-notify"}
+    assert run([*argv, "--workers", "2"], tmp_path / "local") == serial
+    assert run([*argv, "--scheduler", cluster.address], tmp_path / "remote") == serial
+
+    def registered():
+        from fastmmio.sim.kvm.variants import ALL_VARIANTS
+
+        return sorted(ALL_VARIANTS)
+
+    from distributed import Client
+
+    with Client(cluster.address, set_as_default=False) as client:
+        assert all("rfc-writes-only" not in names
+                   for names in client.run(registered).values())
+
+
 def test_sweep_on_the_real_cluster_agrees(cluster, tmp_path, monkeypatch):
     serial = run([*SWEEP, "--workers", "0"], tmp_path / "serial")
     monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", cluster.address)  # the environment's address

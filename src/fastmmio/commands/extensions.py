@@ -75,14 +75,6 @@ def extensions(args: argparse.Namespace) -> Iterator[None]:
     from fastmmio.sim.kvm.plugins import load_installed_variants, load_variant_file
     from fastmmio.sim.kvm.variants import restore_variants, snapshot_variants
 
-    if ((getattr(args, "variant_file", None) or getattr(args, "routes_file", None))
-            and hasattr(args, "workers")):
-        from fastmmio.fanout import resolve
-
-        workers, scheduler = resolve(args.workers, getattr(args, "scheduler", None))
-        if workers or scheduler:
-            raise UsageError("--variant-file and --routes-file are loaded in this process only, "
-                             "not in Dask workers: run them with --workers 0 and no --scheduler")
     saved = snapshot_variants()
     try:
         load_installed_variants()

@@ -4,7 +4,8 @@ plug-in (the ``fastmmio.variants`` entry-point group), registered in
 (:func:`~fastmmio.sim.kvm.variants.register_variant`). docs/variants.md describes the API
 and walks through examples/variants/rfc_writes_only.py.
 
-A file is imported with :mod:`importlib` under a private module name; every
+A file is read and run as a module under a private name (its text can travel to a Dask
+worker on another host: :class:`VariantSource`); every
 :class:`~fastmmio.sim.kvm.variants.Variant` subclass it *defines* (not one it imports) and that
 sets its own ``name`` is registered. An entry point names either such a class
 (``my-variant = "mypkg.kvm:MyVariant"``) or a module, whose classes are taken as a file's are.
@@ -16,9 +17,10 @@ line naming the file or the entry point.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import sys
 import types
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastmmio.errors import FastmmioError, UsageError
@@ -54,15 +56,35 @@ def load_variant_file(path: str | Path) -> list[str]:
     if not p.is_file():
         why = "no such file" if not p.exists() else "not a regular file"
         raise UsageError(f"{origin}: {why}")
-    module_name = "fastmmio_user_variants_" + hashlib.sha1(
-        str(p.resolve()).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(module_name, p)
-    if spec is None or spec.loader is None:
-        raise UsageError(f"{origin}: cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(spec)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{origin}: cannot be read: {exc}") from None
+    return load_variant_source(VariantSource(source, origin, str(p.resolve())))
+
+
+@dataclass(frozen=True)
+class VariantSource:
+    """A ``--variant-file`` as text (what a Dask worker on any host is given to register the
+    same variants: :func:`load_variant_source`). ``filename``: the file's resolved path, for
+    tracebacks and the private module name."""
+
+    source: str
+    origin: str
+    filename: str
+
+
+def load_variant_source(vs: VariantSource) -> list[str]:
+    """Run a variant file's text as a module under a private name and register the variants
+    it defines; their names. Each such class keeps its :class:`VariantSource`
+    (:func:`variant_sources`)."""
+    origin = vs.origin
+    module_name = "fastmmio_user_variants_" + hashlib.sha1(vs.filename.encode()).hexdigest()[:12]
+    module = types.ModuleType(module_name)
+    module.__file__ = vs.filename
     sys.modules[module_name] = module  # classes and dataclasses look their module up
     try:
-        spec.loader.exec_module(module)
+        exec(compile(vs.source, vs.filename, "exec"), module.__dict__)  # noqa: S102 - the user's file
     except SyntaxError as exc:
         sys.modules.pop(module_name, None)
         raise UsageError(f"{origin}: syntax error at line {exc.lineno}: {exc.msg}") from None
@@ -76,7 +98,22 @@ def load_variant_file(path: str | Path) -> list[str]:
     if not classes:
         raise UsageError(f"{origin}: defines no variant (a subclass of "
                          "fastmmio.sim.kvm.variants.Variant with its own name = '...')")
+    for cls in classes:
+        cls._variant_source = vs  # type: ignore[attr-defined]
     return _register_all(classes, origin)
+
+
+def variant_sources(names: Iterable[str]) -> tuple[VariantSource, ...]:
+    """The files (as text) of the registered variants among ``names`` that came from a
+    ``--variant-file``, each once, in order; bundled and installed variants need none."""
+    from fastmmio.sim.kvm.variants import ALL_VARIANTS
+
+    found: dict[str, VariantSource] = {}
+    for name in names:
+        vs = ALL_VARIANTS[name].__dict__.get("_variant_source") if name in ALL_VARIANTS else None
+        if vs is not None:
+            found.setdefault(vs.filename, vs)
+    return tuple(found.values())
 
 
 def load_installed_variants() -> list[str]:
