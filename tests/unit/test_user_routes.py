@@ -145,11 +145,3 @@ def test_a_user_route_may_need_a_user_variant(tmp_path, capsys):
     assert status == 0, err
     status, _, err = run_cli(["explain", "mine", "--routes-file", str(path)], capsys)
     assert status == 2 and "needs variant 'rfc-writes-only'" in one_line(err)
-
-
-def test_user_files_refuse_dask_workers(tmp_path, capsys):
-    """The user's variants and routes live in this process: a run fanned out to Dask workers
-    could not find them, so the combination is refused in one line."""
-    status, _, err = run_cli(["compare", "--no-kvm", "--routes-file", str(EXAMPLE), "--workers",
-                              "2", "--out", str(tmp_path / "o")], capsys)
-    assert status == 2 and "run them with --workers 0" in one_line(err)
