@@ -3,7 +3,7 @@
 * the CPU's exit register file (:class:`fastmmio.sim.cpu.ExitRegisters`) reads a register
   from unicorn when first used, behaves as the complete register file, and writes back only
   what the handler changed;
-* KVM's model works on that file directly (:meth:`KvmVcpu._load_regs`): same registers and
+* KVM's model works on that file directly (:meth:`KvmVcpu._run_handler`): same registers and
   events as with a plain dict copied in and out;
 * ``kvm_io_bus_get_first_dev`` (virt/kvm/kvm_main.c) keeps its answers until a device is
   registered or unregistered: the index and the ranges compared are those of a new search;

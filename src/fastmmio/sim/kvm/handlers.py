@@ -80,7 +80,9 @@ _WRITEBACK = GPR64 + ("rip", "rflags")  # what the CPU gets back after an exit
 _WRITEBACK_VALUES = operator.itemgetter(*_WRITEBACK)
 _REG_KEYS = frozenset(RegisterFile.KEYS)
 _SEGMENT_BASES = frozenset({"fs_base", "gs_base"})
-_CONTROL_KEYS = frozenset({"cr0", "cr3", "cr4", "efer", "cpl"}) | _SEGMENT_BASES  # (a set: tested for every register at every exit)
+# what KVM's model reads from the CPU's exit register file besides the registers (see
+# _control_value): a set, tested at every first read of a key the file does not have
+_CONTROL_KEYS = frozenset({"cr0", "cr3", "cr4", "efer", "cpl"}) | _SEGMENT_BASES
 _EPT_VIOLATION_PROT_MASK = 0x38  # qualification bits 5:3
 
 Userspace = Callable[[ExitRecord], "int | None"]
@@ -127,7 +129,7 @@ class KvmVcpu:
         self.irqchip_in_kernel = irqchip_in_kernel
         self.cpuid = dict(cpuid or {})
         self.userspace = userspace
-        self.regs: MutableMapping[str, int] = RegisterFile()  # this exit's (see _load_regs)
+        self.regs: MutableMapping[str, int] = RegisterFile()  # this exit's (see _run_handler)
         self._own_regs = self.regs
         self._control = (_CONTROL_KEYS, self._control_value)  # ExitRegisters.more
         self.walker = GuestPageWalker(self.regs, vm.guest_memory, self.events,
@@ -176,12 +178,17 @@ class KvmVcpu:
         self.current_exit = info
         vm = self.vm
         vm.running_vcpu = self
-        if getattr(regs, "lazy_registers", False):  # (_load_regs' first case, written out)
+        # The CPU's own exit register file (fastmmio.sim.cpu.ExitRegisters: it reads a
+        # register from the CPU when first used and writes back what changed) is used as it
+        # is, the control registers and CPL read from the processor when first used
+        # (_control_value): a doorbell's handler reads the two or three registers it needs,
+        # and nothing is copied. Any other mapping goes through the vCPU's own file.
+        own = not getattr(regs, "lazy_registers", False)
+        if own:
+            self._load_regs(regs)
+        else:
             regs.more = self._control  # type: ignore[attr-defined]
             self.regs = self.emulator.regs = self.walker.regs = regs
-            own = False
-        else:
-            own = self._load_regs(regs)
         try:
             go_on = handler(info)
         finally:
@@ -192,28 +199,19 @@ class KvmVcpu:
             regs.update(zip(_WRITEBACK, _WRITEBACK_VALUES(self.regs)))
         return go_on
 
-    def _load_regs(self, regs: Mapping[str, int]) -> bool:
-        """The registers the handler, the emulator and the software walker use for this exit.
-
-        The CPU's own register file (:class:`~fastmmio.sim.cpu.ExitRegisters`: it reads a
-        register from the CPU when first used, and writes back what changed) is used as it
-        is, with the control registers and CPL added: a doorbell's handler then reads the two
-        or three registers it needs, and nothing is copied. Any other mapping (a caller's
-        partial set) is copied into the vCPU's own :class:`RegisterFile` over its current
-        values, and the result copied back after the handler: then True."""
+    def _load_regs(self, regs: Mapping[str, int]) -> None:
+        """A caller's register mapping (a partial set, not the CPU's exit register file) copied
+        into the vCPU's own :class:`RegisterFile` over its current values, with the processor's
+        control registers and CPL; :meth:`_run_handler` copies the result back after the
+        handler."""
         p = self.processor
         prev = self.regs
-        if getattr(regs, "lazy_registers", False):
-            regs.more = self._control  # type: ignore[attr-defined]
-            self.regs = self.emulator.regs = self.walker.regs = regs
-            return False
         r = self._own_regs
         if prev is not r:  # (after an exit from the CPU: its registers as they were)
             r.update({k: prev[k] for k in r})
             self.regs = self.emulator.regs = self.walker.regs = r
         r.update({k: v for k, v in regs.items() if k in _REG_KEYS})
         r["cr0"], r["cr3"], r["cr4"], r["efer"], r["cpl"] = p.cr0, p.cr3, p.cr4, p.efer, p.cpl
-        return True
 
     def _control_value(self, name: str) -> int:
         """A control register or the CPL as the handler reads it from the CPU's register
