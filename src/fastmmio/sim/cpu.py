@@ -218,12 +218,12 @@ class _BatchRead:
 
     def exit_registers(self, uch, read) -> "ExitRegisters":
         """The exit's register file with these registers read (``read``: the CPU's one
-        register read, for the others)."""
+        register read, for the others). ``uch``: a live engine's handle."""
         err = _uc_reg_read_batch(uch, *self._args)
         if err:  # pragma: no cover
             raise UcError(err)
         loaded = dict(zip(self.names, self._vals[:]))  # (a slice: the array's fast path)
-        regs = dict.__new__(ExitRegisters)  # (ExitRegisters.__init__, without its frame)
+        regs = dict.__new__(ExitRegisters)  # (what ExitRegisters(read) sets, and these read)
         dict.update(regs, loaded)
         regs._read, regs.loaded, regs.more = read, loaded, _NO_MORE
         return regs
@@ -248,16 +248,12 @@ class ExitRegisters(dict):
     """
 
     __slots__ = ("_read", "loaded", "more")
-    lazy_registers = True  # (KvmVcpu uses it as its register file, see KvmVcpu._load_regs)
+    lazy_registers = True  # (KvmVcpu uses it as its register file, see KvmVcpu._run_handler)
 
-    def __init__(self, read, preloaded: dict[str, int] | None = None) -> None:
-        """``read(unicorn register id) -> int``; ``preloaded``: registers the caller read at
-        the exit already (one batch read of what the handler is about to use)."""
-        if preloaded:
-            dict.update(self, preloaded)
-            self.loaded: dict[str, int] = preloaded  # (the caller's: not used by it again)
-        else:
-            self.loaded = {}
+    def __init__(self, read) -> None:
+        """``read(unicorn register id) -> int``. (:meth:`_BatchRead.exit_registers` makes one
+        with some registers read already.)"""
+        self.loaded: dict[str, int] = {}
         self._read = read
         # further keys the hypervisor model reads here (its control registers and CPL):
         # (their names, provide(name)), read when first used and never written back
@@ -498,7 +494,6 @@ class GuestCpu:
         self._insns: dict[int, Instruction | None] = {}  # decoded guest instructions by RIP
         self._operands: dict[int, tuple | None] = {}  # their memory operands, by RIP
         self._stores: dict[int, tuple | None] = {}  # see _plain_store, by RIP
-        self._batch_names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple per set
         self._pending_exception: str | None = None
         self._lengths: dict[int, int] = {}
         self._io_infos: dict[tuple, ExitInfo] = {}  # I/O-instruction exits, see _io
@@ -535,24 +530,18 @@ class GuestCpu:
         self._fetch_filled: int | None = None  # page of unicorn's last counted fetch fill
         if self.walk_every_access:
             self._hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_fetch))
-        # Register file buffers for uc_reg_read_batch / uc_reg_read / uc_reg_write (x86-64
-        # GPRs, RIP and RFLAGS are all 64-bit values in unicorn).
-        n = len(_UC_REGS)
-        self._nregs = n
-        self._reg_ids = (ctypes.c_int * n)(*_UC_REGS)
-        self._reg_vals = (ctypes.c_uint64 * n)()
-        base = ctypes.addressof(self._reg_vals)
-        self._reg_ptrs = (ctypes.c_void_p * n)(*(base + 8 * i for i in range(n)))
         # read together: RIP and RAX at an I/O-instruction exit (the skip and the OUT's
         # value); RIP and the address registers of the last store handled in the fill hook
         # (a doorbell loop's stores come from one instruction; any register read at the exit
         # reads its value at the exit, so a guess that misses costs nothing but the read)
+        # (x86-64 GPRs, RIP and RFLAGS are all 64-bit values in unicorn)
         self._io_read = _BatchRead(("rip", "rax"))
         self._store_read = _BatchRead(("rip",))
-        self._batch_reads: dict[tuple[str, ...], _BatchRead] = {}
-        self._one = ctypes.c_uint64()
+        self._batch_reads: dict[tuple[str, ...], _BatchRead] = {}  # by register names
+        self._all_read = _BatchRead(_REG_NAMES)  # (regs)
+        self._one = ctypes.c_uint64()  # uc_reg_read / uc_reg_write's value
         self._one_addr = ctypes.c_void_p(ctypes.addressof(self._one))
-        self._uch = ctypes.c_void_p(self.uc._uch.value) if _uclib is not None else None
+        self._uch = engine._uch if _uclib is not None else None  # None once detached or closed
         self.set_regs({"rip": boot.rip, "rsp": boot.rsp, "rflags": boot.rflags, **boot.gprs})
 
     def hook_code(self, callback, begin: int, end: int) -> int:
@@ -694,13 +683,11 @@ class GuestCpu:
     # -- registers -----------------------------------------------------------------------------
 
     def regs(self) -> dict[str, int]:
-        """The GPRs, RIP and RFLAGS by name (one ``uc_reg_read_batch`` into fixed buffers)."""
+        """The GPRs, RIP and RFLAGS by name (one ``uc_reg_read_batch``)."""
         if _uclib is None:  # pragma: no cover
             return dict(zip(_REG_NAMES, self.uc.reg_read_batch(_UC_REGS)))
-        err = _uclib.uc_reg_read_batch(self.uc._uch, self._reg_ids, self._reg_ptrs, self._nregs)
-        if err:
-            raise UcError(err)
-        return dict(zip(_REG_NAMES, self._reg_vals[:]))
+        self._live_handle()
+        return dict(self._all_read.exit_registers(self._uch, self.reg).loaded)
 
     def _exit_regs(self) -> ExitRegisters:
         """The register file for a handler: read from unicorn as the handler uses it; what it
@@ -711,10 +698,7 @@ class GuestCpu:
         """One 64-bit register (a unicorn ``UC_X86_REG_*`` id)."""
         if _uclib is None:  # pragma: no cover
             return self.uc.reg_read(reg_id)
-        if self._uch is None:  # (never hand unicorn a closed engine: it would crash)
-            raise RuntimeError("this vCPU's engine is closed or serves another guest: "
-                               "its registers are gone")
-        err = _uc_reg_read(self._uch, reg_id, self._one_addr)
+        err = _uc_reg_read(self._live_handle(), reg_id, self._one_addr)
         if err:
             raise UcError(err)
         return self._one.value
@@ -724,12 +708,18 @@ class GuestCpu:
             if _uclib is None:  # pragma: no cover
                 self.uc.reg_write(_UC_BY_NAME[name], value)
                 continue
-            if self._uch is None:
-                raise RuntimeError("this vCPU's engine is closed or serves another guest")
             self._one.value = value & 0xFFFF_FFFF_FFFF_FFFF
-            err = _uc_reg_write(self._uch, _UC_BY_NAME[name], self._one_addr)
+            err = _uc_reg_write(self._live_handle(), _UC_BY_NAME[name], self._one_addr)
             if err:
                 raise UcError(err)
+
+    def _live_handle(self):
+        """The engine's handle for unicorn's C calls; never that of a closed engine (unicorn
+        would crash) or of one serving another guest."""
+        if self._uch is None:
+            raise RuntimeError("this vCPU's engine is closed or serves another guest: "
+                               "its registers are gone")
+        return self._uch
 
     def _write_back(self, regs: ExitRegisters) -> None:
         """Write the registers the handler changed."""
@@ -915,13 +905,7 @@ class GuestCpu:
             store = self._stores[rip] = self._plain_store(rip)
         if store is None:
             return None
-        names = store[2]
-        if names is not self._store_read.names:
-            batch = self._batch_reads.get(names)
-            if batch is None:
-                batch = self._batch_reads[names] = _BatchRead(names)
-            self._store_read = batch
-        length, size, _ = store
+        length, size, self._store_read = store
         la = self._exact_address(page, regs)
         if la is None or (la & 0xFFF) + size > PAGE_SIZE:
             return None
@@ -940,10 +924,10 @@ class GuestCpu:
         entry.perms = UC_PROT_READ | UC_PROT_WRITE
         return True
 
-    def _plain_store(self, rip: int) -> tuple[int, int, tuple[str, ...]] | None:
-        """(instruction length, access size, the registers its address needs with RIP
-        first) of the instruction at ``rip`` when it is a plain ``MOV`` store (the stores
-        :meth:`_fast_ept_exit` handles), else None."""
+    def _plain_store(self, rip: int) -> tuple[int, int, _BatchRead] | None:
+        """(instruction length, access size, the batch read of RIP and the registers its
+        address needs) of the instruction at ``rip`` when it is a plain ``MOV`` store (the
+        stores :meth:`_fast_ept_exit` handles), else None."""
         insn = self._decode_at(rip)
         if insn is None or insn.mnemonic != Mnemonic.MOV or insn.op0_kind != OpKind.MEMORY:
             return None
@@ -953,7 +937,10 @@ class GuestCpu:
         if op is None:
             return None
         names = ("rip",) + tuple(dict.fromkeys(r for r in op[2:4] if r is not None))
-        return insn.len, op[-1], self._batch_names.setdefault(names, names)
+        batch = self._batch_reads.get(names)
+        if batch is None:
+            batch = self._batch_reads[names] = _BatchRead(names)
+        return insn.len, op[-1], batch
 
     def _insn_length(self, rip: int) -> int | None:
         """The VM-exit instruction length the processor writes. It comes from the processor's
