@@ -97,7 +97,7 @@ def kvm_io_bus_cmp(addr1: int, len1: int, addr2: int, len2: int) -> int:
     return 0
 
 
-_FIRST_DEV_MEMO = 4096  # distinct (addr, len) answers KvmIoBus keeps
+_LOOK_UP_MEMO = 4096  # distinct (addr, len) answers KvmIoBus keeps
 
 
 class KvmIoBus:
@@ -110,7 +110,7 @@ class KvmIoBus:
         self.ioeventfd_count = 0
         self._lookup_event = f"kvm.bus.lookup.{bus.name}"
         # _look_up's answers, (addr, len) -> (index, probes, devices), until the ranges change
-        self._first: dict[tuple[int, int], tuple[int, int, tuple[KvmIoDevice, ...]]] = {}
+        self._looked_up: dict[tuple[int, int], tuple[int, int, tuple[KvmIoDevice, ...]]] = {}
 
     @property
     def dev_count(self) -> int:
@@ -130,14 +130,14 @@ class KvmIoBus:
                 break
             i += 1
         self.range.insert(i, KvmIoRange(addr, length, dev))
-        self._first.clear()
+        self._looked_up.clear()
 
     def unregister_dev(self, dev: KvmIoDevice) -> bool:
         """``kvm_io_bus_unregister_dev``: remove the device; False if it was not there."""
         for i, r in enumerate(self.range):
             if r.dev is dev:
                 del self.range[i]
-                self._first.clear()
+                self._looked_up.clear()
                 return True
         return False
 
@@ -158,11 +158,11 @@ class KvmIoBus:
         the access to until one takes it). The ranges change only by :meth:`register_dev` and
         :meth:`unregister_dev`, so an answer is kept until they do."""
         key = (addr, length)
-        known = self._first.get(key)
+        known = self._looked_up.get(key)
         if known is None:
-            known = self._first[key] = self._search(addr, length)
-            if len(self._first) > _FIRST_DEV_MEMO:
-                self._first.clear()
+            known = self._looked_up[key] = self._search(addr, length)
+            if len(self._looked_up) > _LOOK_UP_MEMO:
+                self._looked_up.clear()
         if known[1]:
             self.events["kvm.bus.probe"] += known[1]
         return known

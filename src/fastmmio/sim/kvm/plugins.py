@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fastmmio.errors import FastmmioError, UsageError
-from fastmmio.sim.kvm.variants import Variant, register_variant
+from fastmmio.sim.kvm.variants import ALL_VARIANTS, Variant, register_variant
 
 ENTRY_POINT_GROUP = "fastmmio.variants"
 
@@ -106,8 +106,6 @@ def load_variant_source(vs: VariantSource) -> list[str]:
 def variant_sources(names: Iterable[str]) -> tuple[VariantSource, ...]:
     """The files (as text) of the registered variants among ``names`` that came from a
     ``--variant-file``, each once, in order; bundled and installed variants need none."""
-    from fastmmio.sim.kvm.variants import ALL_VARIANTS
-
     found: dict[str, VariantSource] = {}
     for name in names:
         vs = ALL_VARIANTS[name].__dict__.get("_variant_source") if name in ALL_VARIANTS else None
